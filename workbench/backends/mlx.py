@@ -1,0 +1,141 @@
+"""MLX ops (CPU, Metal, CUDA) with MLX's fast kernels: mx.fast.rms_norm, mx.fast.rope,
+mx.fast.scaled_dot_product_attention."""
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+
+from .base import BackendSpec, Ops
+
+_MD = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+class MLXOps(Ops):
+    framework = "mlx"
+
+    def __init__(self, spec: BackendSpec, dtype: str):
+        self.spec = spec
+        self.dtype = dtype
+        self.mdtype = _MD[dtype]
+        self.device = mx.gpu if spec.device == "gpu" else mx.cpu
+        mx.set_default_device(self.device)
+        self._freqs_cache: dict = {}
+
+    # ------------------------------------------------------------ data movement
+    def asarray(self, a, dtype=None):
+        if isinstance(a, mx.array):
+            return a.astype(_MD[dtype] if dtype else self.mdtype)
+        a = np.asarray(a)
+        if a.dtype == np.float64:
+            a = a.astype(np.float32)
+        return mx.array(a).astype(_MD[dtype] if dtype else self.mdtype)
+
+    def asids(self, a):
+        return mx.array(np.asarray(a, dtype=np.int32))
+
+    def asmask(self, m: np.ndarray):
+        return mx.array(m)
+
+    def numpy(self, x):
+        if x.dtype in (mx.bfloat16, mx.float16):
+            x = x.astype(mx.float32)
+        return np.array(x)
+
+    def synchronize(self):
+        mx.synchronize() if hasattr(mx, "synchronize") else None
+
+    def peak_memory(self) -> int | None:
+        try:
+            return int(mx.get_peak_memory())
+        except Exception:
+            return None
+
+    # ------------------------------------------------------------ shape
+    def reshape(self, x, shape):
+        return x.reshape(shape)
+
+    def transpose(self, x, axes):
+        return x.transpose(axes)
+
+    def concat(self, xs, axis):
+        return mx.concatenate(xs, axis=axis)
+
+    def take_rows(self, w, ids):
+        return w[ids]
+
+    def shape(self, x):
+        return tuple(x.shape)
+
+    # ------------------------------------------------------------ math
+    def linear(self, x, w):
+        return x @ w.T
+
+    def rms_norm(self, x, w, eps):
+        if w is None:
+            return mx.fast.rms_norm(x, None, eps)
+        return mx.fast.rms_norm(x, w.astype(x.dtype), eps)
+
+    def gelu(self, x, approximate=True):
+        if approximate:
+            return 0.5 * x * (1 + mx.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+        return x * (1 + mx.erf(x / math.sqrt(2))) / 2
+
+    def softcap(self, x, cap):
+        return mx.tanh(x / cap) * cap
+
+    def scale(self, x, s: float):
+        return x * mx.array(s, dtype=x.dtype)
+
+    def _freqs(self, inv_freq: np.ndarray):
+        key = inv_freq.tobytes()
+        f = self._freqs_cache.get(key)
+        if f is None:
+            with np.errstate(divide="ignore"):
+                periods = np.where(inv_freq > 0, 1.0 / np.where(inv_freq > 0, inv_freq, 1.0), np.inf)
+            f = mx.array(periods.astype(np.float32))
+            self._freqs_cache[key] = f
+        return f
+
+    def rope(self, x, inv_freq, start):
+        D = x.shape[-1]
+        return mx.fast.rope(x, D, traditional=False, base=None, scale=1.0, offset=int(start),
+                            freqs=self._freqs(inv_freq))
+
+    def rope_positions(self, x, inv_freq, positions: np.ndarray):
+        ang = positions.astype(np.float64)[:, None] * inv_freq.astype(np.float64)[None, :]
+        emb = np.concatenate([ang, ang], -1)
+        cos = mx.array(np.cos(emb).astype(np.float32)).astype(x.dtype)
+        sin = mx.array(np.sin(emb).astype(np.float32)).astype(x.dtype)
+        h = x.shape[-1] // 2
+        rot = mx.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+        return x * cos + rot * sin
+
+    def attention(self, q, k, v, mask, scale, softcap, want_probs):
+        H, Hkv = q.shape[1], k.shape[1]
+        if softcap is None and not want_probs:
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask), None
+        if H != Hkv:
+            k = mx.repeat(k, H // Hkv, axis=1)
+            v = mx.repeat(v, H // Hkv, axis=1)
+        s = (q @ k.swapaxes(-1, -2)) * scale
+        if softcap is not None:
+            s = mx.tanh(s / softcap) * softcap
+        if mask is not None:
+            s = mx.where(mask, s, mx.array(-mx.inf, dtype=s.dtype))
+        p = mx.softmax(s.astype(mx.float32), axis=-1).astype(q.dtype)
+        return p @ v, p
+
+    def softmax_f32(self, x):
+        return mx.softmax(x.astype(mx.float32), axis=-1)
+
+    def topk(self, x, k):
+        idx = mx.argsort(-x, axis=-1)[..., :k]
+        return mx.take_along_axis(x, idx, axis=-1), idx
+
+    def take_along(self, x, idx):
+        return mx.take_along_axis(x, idx, axis=-1)
+
+    def cast(self, x, dtype: str | None = None):
+        return x.astype(_MD[dtype] if dtype else self.mdtype)

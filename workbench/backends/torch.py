@@ -1,0 +1,158 @@
+"""torch ops: CPU, CUDA (and ROCm, which torch exposes as cuda), MPS. Attention goes through SDPA unless
+the probabilities are tapped or a softcap is needed (Gemma 2), where the explicit path runs."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .base import BackendSpec, Ops
+
+_TD = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+class TorchOps(Ops):
+    framework = "torch"
+
+    def __init__(self, spec: BackendSpec, dtype: str):
+        self.spec = spec
+        self.dtype = dtype
+        self.tdtype = _TD[dtype]
+        dev = spec.device if spec.index is None else f"{spec.device}:{spec.index}"
+        self.device = torch.device(dev)
+        # norms and softmax accumulate in float32 (float64 for the reference), as HF does
+        self.acc = torch.float64 if dtype == "float64" else torch.float32
+        self._rope_cache: dict = {}
+
+    # ------------------------------------------------------------ data movement
+    def asarray(self, a, dtype=None):
+        if isinstance(a, torch.Tensor):
+            return a.to(self.device, _TD[dtype] if dtype else self.tdtype)
+        a = np.ascontiguousarray(a)
+        if not a.flags.writeable:
+            a = a.copy()
+        t = torch.from_numpy(a)
+        return t.to(device=self.device, dtype=_TD[dtype] if dtype else self.tdtype)
+
+    def asids(self, a):
+        return torch.as_tensor(np.asarray(a, dtype=np.int64), device=self.device)
+
+    def asmask(self, m: np.ndarray):
+        return torch.as_tensor(m, device=self.device)
+
+    def numpy(self, x):
+        x = x.detach()
+        if x.dtype in (torch.bfloat16, torch.float16):
+            x = x.float()
+        return x.cpu().numpy()
+
+    def synchronize(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.device.type == "mps":
+            torch.mps.synchronize()
+
+    def peak_memory(self) -> int | None:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return None
+
+    # ------------------------------------------------------------ shape
+    def reshape(self, x, shape):
+        return x.reshape(shape)
+
+    def transpose(self, x, axes):
+        return x.permute(*axes)
+
+    def concat(self, xs, axis):
+        return torch.cat(xs, dim=axis)
+
+    def take_rows(self, w, ids):
+        return F.embedding(ids, w)
+
+    def shape(self, x):
+        return tuple(x.shape)
+
+    # ------------------------------------------------------------ math
+    def linear(self, x, w):
+        return F.linear(x, w)
+
+    def rms_norm(self, x, w, eps):
+        xf = x.to(self.acc)
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        if w is not None:
+            y = y * w
+        return y.to(x.dtype)
+
+    def gelu(self, x, approximate=True):
+        return F.gelu(x, approximate="tanh" if approximate else "none")
+
+    def softcap(self, x, cap):
+        return torch.tanh(x / cap) * cap
+
+    def scale(self, x, s: float):
+        """x * s with s rounded to x's dtype first (as HF does for the embedding scale)."""
+        return x * torch.tensor(s, dtype=x.dtype, device=x.device)
+
+    def _cos_sin(self, inv_freq: np.ndarray, start: int, T: int):
+        key = (inv_freq.tobytes(), start, T)
+        hit = self._rope_cache.get(key)
+        if hit is not None:
+            return hit
+        pos = torch.arange(start, start + T, dtype=self.acc, device=self.device)
+        inv = torch.as_tensor(inv_freq, dtype=self.acc, device=self.device)
+        ang = pos[:, None] * inv[None, :]
+        emb = torch.cat([ang, ang], dim=-1)
+        cs = (emb.cos().to(self.tdtype), emb.sin().to(self.tdtype))
+        if len(self._rope_cache) > 64:
+            self._rope_cache.clear()
+        self._rope_cache[key] = cs
+        return cs
+
+    def rope(self, x, inv_freq, start):
+        # x: [B, H, T, D]; NeoX rotate_half pairing (i, i + D/2) as HF's apply_rotary_pos_emb
+        T = x.shape[2]
+        cos, sin = self._cos_sin(inv_freq, start, T)
+        h = x.shape[-1] // 2
+        rot = torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+        return x * cos + rot * sin
+
+    def rope_positions(self, x, inv_freq, positions: np.ndarray):
+        pos = torch.as_tensor(positions, dtype=self.acc, device=self.device)
+        inv = torch.as_tensor(inv_freq, dtype=self.acc, device=self.device)
+        ang = pos[:, None] * inv[None, :]
+        emb = torch.cat([ang, ang], dim=-1)
+        cos, sin = emb.cos().to(self.tdtype), emb.sin().to(self.tdtype)
+        h = x.shape[-1] // 2
+        rot = torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+        return x * cos + rot * sin
+
+    def attention(self, q, k, v, mask, scale, softcap, want_probs):
+        # q [B,H,T,D], k/v [B,Hkv,S,D]; mask: bool [T,S] (True = attend) or None
+        H, Hkv = q.shape[1], k.shape[1]
+        if softcap is None and not want_probs:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                  enable_gqa=H != Hkv), None
+        if H != Hkv:
+            k = k.repeat_interleave(H // Hkv, dim=1)
+            v = v.repeat_interleave(H // Hkv, dim=1)
+        s = torch.matmul(q, k.transpose(-1, -2)) * scale
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        p = torch.softmax(s.to(self.acc), dim=-1).to(q.dtype)
+        return torch.matmul(p, v), p
+
+    def softmax_f32(self, x):
+        return torch.softmax(x.to(self.acc), dim=-1)
+
+    def topk(self, x, k):
+        vals, idx = torch.topk(x, k, dim=-1)
+        return vals, idx
+
+    def take_along(self, x, idx):
+        return torch.gather(x, -1, idx)
+
+    def cast(self, x, dtype: str | None = None):
+        return x.to(_TD[dtype] if dtype else self.tdtype)

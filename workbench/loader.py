@@ -1,0 +1,74 @@
+"""``workbench.load``: a source (HF dir, .gguf file, registered name) -> a Gemma model on one backend."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from .backends import base as backends
+from .config import ConfigError, GemmaConfig
+from .model.gemma import Gemma
+
+
+def resolve_source(source) -> Path:
+    """A path to an HF checkpoint dir or a .gguf file; registered names resolve through the registry."""
+    p = Path(os.path.expanduser(str(source)))
+    if p.exists():
+        return p
+    from .weights import registry
+    if str(source) in registry.names():
+        return registry.resolve(str(source))
+    raise FileNotFoundError(f"model source {source!r}: no such file or directory, and not a registered name "
+                            f"(registered: {', '.join(registry.names())})")
+
+
+def read_source(source, dtype: str = "float32", progress: bool = True):
+    """(GemmaConfig, canonical numpy tensors, resolved path, tokenizer or None)."""
+    p = resolve_source(source)
+    if p.is_file() and p.suffix == ".gguf":
+        from .weights.gguf import load_gguf
+        hf_cfg, tensors = load_gguf(p, dtype="float64" if dtype == "float64" else "float32", progress=progress)
+        cfg = GemmaConfig.from_dict(hf_cfg, where=str(p))
+        tok = _tokenizer(p)
+        return cfg, tensors, p, tok
+    if p.is_dir():
+        cfg = GemmaConfig.from_file(p)
+        from .weights.safetensors import load_hf_checkpoint
+        tensors = load_hf_checkpoint(p, cfg.model_type)
+        tok = _tokenizer(p) if (p / "tokenizer.json").exists() else None
+        return cfg, tensors, p, tok
+    raise ConfigError(f"{p}: expected a Hugging Face checkpoint directory or a .gguf file")
+
+
+def _tokenizer(p: Path):
+    try:
+        from .tokenizer import Tokenizer
+    except ImportError:
+        return None
+    return Tokenizer.from_source(p)
+
+
+def source_hash(p: Path) -> str:
+    """A cheap content hash: sizes + first/last MiB of every weight file."""
+    h = hashlib.sha256()
+    files = [p] if p.is_file() else sorted(x for x in p.iterdir() if x.suffix in (".safetensors", ".json", ".gguf"))
+    for f in files:
+        st = f.stat()
+        h.update(f.name.encode())
+        h.update(str(st.st_size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if st.st_size > 2 << 20:
+                fh.seek(-(1 << 20), 2)
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def load(source, backend: str = "torch:cpu", dtype: str = "float32", progress: bool = True) -> Gemma:
+    ops = backends.get_ops(backend, dtype)
+    cfg, tensors, p, tok = read_source(source, dtype=ops.dtype, progress=progress)
+    m = Gemma(cfg, tensors, ops, where=str(p))
+    m.tokenizer = tok
+    m.source = str(source)
+    m.source_path = p
+    return m

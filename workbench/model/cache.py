@@ -1,0 +1,127 @@
+"""KV cache that follows the per-layer accessors.
+
+* full layers: preallocated to ``max_len`` positions, written in place;
+* sliding layers: a ring of ``sliding_window(i)`` slots (slot = position mod window), never more;
+* KV-shared layers: no storage — they read their source layer's K/V (``kv_source(i)``);
+* k_eq_v layers: one tensor (the V-normed raw keys); K is rebuilt from it (K = rope(V * k_norm.w)).
+
+Each layer's cache records the absolute position held by every slot (-1 = empty); attention masks come
+from those positions, so ring order never matters.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class ContextOverflow(ValueError):
+    pass
+
+
+class LayerCache:
+    def __init__(self, ops, batch: int, kv_heads: int, head_dim: int, slots: int, ring: bool, one_tensor: bool):
+        self.ops = ops
+        self.slots = slots
+        self.ring = ring
+        self.one_tensor = one_tensor
+        z = np.zeros((batch, kv_heads, slots, head_dim), dtype=np.float32)
+        self.k = None if one_tensor else ops.asarray(z)
+        self.v = ops.asarray(z)
+        self.pos = np.full(slots, -1, dtype=np.int64)
+
+    def _write(self, buf, new, slots_idx):
+        ops = self.ops
+        if ops.framework == "torch":
+            import torch
+            idx = torch.as_tensor(slots_idx, device=buf.device)
+            buf.index_copy_(2, idx, new)
+            return buf
+        import mlx.core as mx
+        if len(slots_idx) and np.all(np.diff(slots_idx) == 1):
+            a = int(slots_idx[0])
+            buf[:, :, a:a + len(slots_idx), :] = new
+        else:
+            buf[:, :, mx.array(slots_idx.astype(np.int32)), :] = new
+        return buf
+
+    def update(self, k, v, positions: np.ndarray):
+        """Store new K/V (k may be None for one-tensor layers) at absolute ``positions``; return
+        (K, V, kpos) to attend over — for sliding layers with several new tokens, the old ring entries
+        plus all new ones, so no query loses a key it needs."""
+        ops = self.ops
+        T = len(positions)
+        if not self.ring:
+            if positions[-1] >= self.slots:
+                raise ContextOverflow(f"position {positions[-1]} is past the cache's {self.slots} slots "
+                                      "(max_len); start a longer cache or shorten the prompt")
+            if self.k is not None:
+                self.k = self._write(self.k, k, positions)
+            self.v = self._write(self.v, v, positions)
+            self.pos[positions] = positions
+            n = int(positions[-1]) + 1
+            K = None if self.k is None else self.k[:, :, :n]
+            return K, self.v[:, :, :n], self.pos[:n].copy()
+        W = self.slots
+        if T == 1:
+            s = positions % W
+            if self.k is not None:
+                self.k = self._write(self.k, k, s)
+            self.v = self._write(self.v, v, s)
+            self.pos[s] = positions
+            return self.k, self.v, self.pos.copy()
+        # several new tokens: attend over (old ring entries, all new), then keep the last W
+        valid = np.nonzero(self.pos >= 0)[0]
+        order = valid[np.argsort(self.pos[valid])]
+        kpos = np.concatenate([self.pos[order], positions])
+        if len(order):
+            if ops.framework == "torch":
+                import torch
+                ti = torch.as_tensor(order, device=self.v.device)
+                oldv = self.v.index_select(2, ti)
+                oldk = None if self.k is None else self.k.index_select(2, ti)
+            else:
+                import mlx.core as mx
+                mi = mx.array(order.astype(np.int32))
+                oldv = self.v[:, :, mi]
+                oldk = None if self.k is None else self.k[:, :, mi]
+            V = ops.concat([oldv, v], 2)
+            K = None if self.k is None else ops.concat([oldk, k], 2)
+        else:
+            K, V = k, v
+        keep = slice(max(0, T - W), T)
+        kp = positions[keep]
+        s = kp % W
+        if self.k is not None:
+            self.k = self._write(self.k, k[:, :, keep], s)
+        self.v = self._write(self.v, v[:, :, keep], s)
+        self.pos[s] = kp
+        return K, V, kpos
+
+
+class KVCache:
+    """Per-layer caches for one model and batch size. ``offset`` is the number of positions processed."""
+
+    def __init__(self, model, batch: int = 1, max_len: int | None = None):
+        cfg = model.config
+        self.max_len = int(max_len or cfg.max_position_embeddings)
+        self.batch = batch
+        self.offset = 0
+        self.layers: list[LayerCache | None] = []
+        for i in range(cfg.num_hidden_layers):
+            if cfg.kv_shared(i):
+                self.layers.append(None)
+                continue
+            w = cfg.sliding_window(i)
+            ring = w is not None and cfg.causal and w < self.max_len
+            slots = w if ring else self.max_len
+            self.layers.append(LayerCache(model.ops, batch, cfg.num_kv_heads(i), cfg.head_dim(i), slots, ring,
+                                          one_tensor=cfg.k_eq_v(i)))
+
+    def nbytes(self) -> int:
+        tot = 0
+        for c in self.layers:
+            if c is None:
+                continue
+            for t in (c.k, c.v):
+                if t is not None:
+                    tot += int(np.prod(t.shape)) * (t.element_size() if hasattr(t, "element_size") else t.itemsize)
+        return tot

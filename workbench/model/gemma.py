@@ -1,0 +1,417 @@
+"""The Gemma forward pass — written once, for Gemma 1-4, against the ops of ``workbench.backends``.
+
+Read top to bottom: ``Gemma.forward`` embeds, runs ``_block`` per layer (attention, MLP or MLP+MoE, PLE,
+layer scalar), then the final norm and the tied head. Every per-layer difference comes from the config's
+accessors; every named point goes through ``pts.visit`` so taps and hooks work the same on each backend.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..config import GemmaConfig
+from .cache import ContextOverflow, KVCache
+from .taps import Points, point_names
+
+_BTHD = (0, 2, 1, 3)   # [B,H,T,D] <-> [B,T,H,D]
+
+
+class WeightError(ValueError):
+    """Missing, unexpected or wrongly shaped tensors for a config."""
+
+
+class InputError(ValueError):
+    """Bad token ids or prompt (empty, out of the vocabulary, past the context)."""
+
+
+@dataclass
+class ForwardOutput:
+    logits: np.ndarray | None
+    taps: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def expected_shapes(cfg: GemmaConfig) -> dict[str, tuple]:
+    """The canonical tensors a config needs, with their shapes."""
+    D, V, H = cfg.hidden_size, cfg.vocab_size, cfg.num_attention_heads
+    s = {"embed_tokens.weight": (V, D), "norm.weight": (D,)}
+    if not cfg.tie_word_embeddings:
+        s["lm_head.weight"] = (V, D)
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}."
+        hd, kv, F = cfg.head_dim(i), cfg.num_kv_heads(i), cfg.intermediate(i)
+        s[p + "input_layernorm.weight"] = (D,)
+        s[p + "pre_feedforward_layernorm.weight"] = (D,)
+        if cfg.has_post_norms:
+            s[p + "post_attention_layernorm.weight"] = (D,)
+            s[p + "post_feedforward_layernorm.weight"] = (D,)
+        s[p + "self_attn.q_proj.weight"] = (H * hd, D)
+        s[p + "self_attn.o_proj.weight"] = (D, H * hd)
+        if cfg.has_qk_norm:
+            s[p + "self_attn.q_norm.weight"] = (hd,)
+        if not cfg.kv_shared(i):
+            s[p + "self_attn.k_proj.weight"] = (kv * hd, D)
+            if not cfg.k_eq_v(i):
+                s[p + "self_attn.v_proj.weight"] = (kv * hd, D)
+            if cfg.has_qk_norm:
+                s[p + "self_attn.k_norm.weight"] = (hd,)
+        s[p + "mlp.gate_proj.weight"] = (F, D)
+        s[p + "mlp.up_proj.weight"] = (F, D)
+        s[p + "mlp.down_proj.weight"] = (D, F)
+        if cfg.has_layer_scalar:
+            s[p + "layer_scalar"] = (1,)
+        if cfg.has_ple:
+            P = cfg.hidden_size_per_layer_input
+            s[p + "per_layer_input_gate.weight"] = (P, D)
+            s[p + "per_layer_projection.weight"] = (D, P)
+            s[p + "post_per_layer_input_norm.weight"] = (D,)
+        if cfg.arch == "gemma4" and cfg.enable_moe_block:
+            E, Fm = cfg.num_experts, cfg.moe_intermediate_size
+            s[p + "router.proj.weight"] = (E, D)
+            s[p + "router.scale"] = (D,)
+            s[p + "router.per_expert_scale"] = (E,)
+            s[p + "experts.gate_up_proj"] = (E, 2 * Fm, D)
+            s[p + "experts.down_proj"] = (E, D, Fm)
+            for n in ("post_feedforward_layernorm_1", "pre_feedforward_layernorm_2", "post_feedforward_layernorm_2"):
+                s[p + n + ".weight"] = (D,)
+    if cfg.has_ple:
+        L, P = cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
+        s["embed_tokens_per_layer.weight"] = (cfg.vocab_size_per_layer_input, L * P)
+        s["per_layer_model_projection.weight"] = (L * P, D)
+        s["per_layer_projection_norm.weight"] = (P,)
+    return s
+
+
+_NORM_SUFFIXES = ("layernorm.weight", "norm.weight", "_norm.weight")
+_MM_PREFIXES = ("vision_tower.", "embed_vision.", "audio_tower.", "embed_audio.", "multi_modal_projector.",
+                "vision_embedder.")
+
+
+def check_tensors(cfg: GemmaConfig, tensors: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """Validate names and shapes against the config; returns the text-model tensors. Never invents
+    a missing tensor."""
+    want = expected_shapes(cfg)
+    t = dict(tensors)
+    if "lm_head.weight" in t and cfg.tie_word_embeddings:
+        head = t.pop("lm_head.weight")
+        emb = t.get("embed_tokens.weight")
+        if emb is not None and (head.shape != emb.shape or not np.array_equal(head, emb)):
+            raise WeightError(f"{where}: lm_head.weight differs from embed_tokens.weight but the config says "
+                              "tie_word_embeddings=true; set it to false to use the separate head")
+    if cfg.arch == "gemma4":   # HF drops k/v weights of KV-shared layers on load; so do we
+        for i in range(cfg.num_hidden_layers):
+            if cfg.kv_shared(i):
+                for n in ("k_proj.weight", "v_proj.weight", "k_norm.weight"):
+                    t.pop(f"layers.{i}.self_attn.{n}", None)
+    text = {k: v for k, v in t.items() if not k.startswith(_MM_PREFIXES)}
+    missing = sorted(set(want) - set(text))
+    if missing:
+        raise WeightError(f"{where}: {len(missing)} tensor(s) the config needs are missing: {missing[:6]}"
+                          f"{' ...' if len(missing) > 6 else ''} — the checkpoint does not match its config.json "
+                          "(or is incomplete); nothing is initialised at random")
+    extra = sorted(set(text) - set(want))
+    if extra:
+        raise WeightError(f"{where}: {len(extra)} unexpected tensor(s) for this config: {extra[:6]}"
+                          f"{' ...' if len(extra) > 6 else ''} — config.json and the weights disagree "
+                          "(wrong model_type, layer count or Gemma 4 sharing settings?)")
+    for k, shp in want.items():
+        got = tuple(text[k].shape)
+        if k.endswith("layer_scalar") and got in ((), (1,)):
+            continue
+        if got != tuple(shp):
+            raise WeightError(f"{where}: tensor {k!r} has shape {got}, expected {tuple(shp)} from the config")
+    return text
+
+
+class Gemma:
+    """One Gemma model on one backend and dtype. Built by ``workbench.load``."""
+
+    def __init__(self, config: GemmaConfig, tensors: dict[str, np.ndarray], ops, where: str = "checkpoint"):
+        self.config = cfg = config
+        self.ops = ops
+        self.dtype = ops.dtype
+        self.backend = ops.spec.name
+        text = check_tensors(cfg, tensors, where)
+        self._nan_check(text, where)
+        off = cfg.norm_offset
+        acc = "float64" if ops.dtype == "float64" else "float32"
+        w = {}
+        for k, v in text.items():
+            v = np.asarray(v)
+            if self._is_norm(k):
+                # Gemma 1-3 scale by (1 + w): fold the offset once, in float32/64 as HF computes it
+                w[k] = ops.asarray(v.astype(np.float64) + off, dtype=acc)
+            elif k.endswith(("layer_scalar", "router.scale", "router.per_expert_scale")):
+                w[k] = ops.asarray(v.reshape(-1) if k.endswith("layer_scalar") else v)
+            else:
+                w[k] = ops.asarray(v)
+        self.w = w
+        self.n_params = int(sum(int(np.prod(v.shape)) for v in text.values()))
+        self.weight_bytes = self.n_params * {"float64": 8, "float32": 4}.get(ops.dtype, 2)
+        self._inv_freq = [cfg.rope(i).inv_freq(np.float64) for i in range(cfg.num_hidden_layers)]
+        self.tokenizer = None
+        self.source = where
+        self.perturb = None     # test-only fault injection: fn(layer, name, x) -> x
+
+    @staticmethod
+    def _is_norm(k: str) -> bool:
+        return k.endswith(("norm.weight",)) or "layernorm" in k
+
+    @staticmethod
+    def _nan_check(text, where):
+        for k, v in text.items():
+            if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
+                raise WeightError(f"{where}: tensor {k!r} contains NaN or inf")
+
+    # ------------------------------------------------------------------ public
+    def tap_names(self) -> list[str]:
+        return point_names(self.config)
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
+        return KVCache(self, batch=batch, max_len=max_len)
+
+    def check_ids(self, ids) -> np.ndarray:
+        if isinstance(ids, str):
+            if self.tokenizer is None:
+                raise InputError("a text prompt needs a tokenizer; this model has none — pass token ids")
+            ids = self.tokenizer.encode(ids)
+        a = np.asarray(ids)
+        if a.size == 0:
+            raise InputError("empty prompt: at least one token id is needed")
+        if not np.issubdtype(a.dtype, np.integer):
+            raise InputError(f"token ids must be integers, got dtype {a.dtype}")
+        if a.ndim == 1:
+            a = a[None, :]
+        if a.ndim != 2:
+            raise InputError(f"token ids must be [T] or [B, T], got shape {a.shape}")
+        bad = (a < 0) | (a >= self.config.vocab_size)
+        if bad.any():
+            j = tuple(np.argwhere(bad)[0])
+            raise InputError(f"token id {int(a[j])} at position {j} is outside the vocabulary "
+                             f"[0, {self.config.vocab_size})")
+        return a.astype(np.int64)
+
+    def forward(self, ids, taps=None, hooks=None, cache: KVCache | None = None, last_only: bool = False,
+                **mm) -> ForwardOutput:
+        """Run token ids [T] or [B, T] (or a text prompt) through the model.
+
+        taps: names or wildcard patterns (``blocks.*.hook_resid_post``); hooks: {pattern: fn(np, name)}.
+        cache: a KVCache to continue from (prefill/decode); last_only: logits of the last position only."""
+        if mm.get("images") or mm.get("audio"):
+            raise NotImplementedError("multimodal inputs need a Gemma 4 multimodal checkpoint and the "
+                                      "multimodal runner (workbench.multimodal)")
+        a = self.check_ids(ids)
+        B, T = a.shape
+        start = cache.offset if cache is not None else 0
+        limit = cache.max_len if cache is not None else self.config.max_position_embeddings
+        if start + T > limit:
+            raise ContextOverflow(f"prompt of {T} tokens at position {start} needs {start + T} positions but the "
+                                  f"{'cache' if cache is not None else 'model context'} holds {limit}")
+        pts = Points(self.config, taps, hooks)
+        logits = self._forward(a, pts, cache, start, last_only)
+        if cache is not None:
+            cache.offset = start + T
+        out = None
+        if logits is not None:
+            out = self.ops.numpy(logits)
+            if out.dtype != np.float64:
+                out = out.astype(np.float32)
+        return ForwardOutput(logits=out, taps=pts.values)
+
+    __call__ = forward
+
+    # ------------------------------------------------------------------ the pass
+    def _forward(self, a: np.ndarray, pts: Points, cache, start: int, last_only: bool):
+        cfg, ops, w = self.config, self.ops, self.w
+        B, T = a.shape
+        ids = ops.asids(a)
+        x = ops.scale(ops.take_rows(w["embed_tokens.weight"], ids), cfg.embed_scale)
+        x = pts.visit(ops, "hook_embed", x)
+        ple = self._per_layer_inputs(ids, x) if cfg.has_ple else None
+        positions = np.arange(start, start + T, dtype=np.int64)
+        shared: dict[int, tuple] = {}
+        for i in range(cfg.num_hidden_layers):
+            x = self._block(i, x, positions, pts, cache, shared, ple)
+        x = ops.rms_norm(x, w["norm.weight"], cfg.rms_norm_eps)
+        if last_only:
+            x = x[:, -1:]
+        x = pts.visit(ops, "ln_final.hook_normalized", x)
+        head = w.get("lm_head.weight", w["embed_tokens.weight"])
+        logits = ops.linear(x, head)
+        if cfg.final_logit_softcapping:
+            logits = ops.softcap(logits, cfg.final_logit_softcapping)
+        logits = pts.visit(ops, "logits", logits)
+        return logits
+
+    def _per_layer_inputs(self, ids, x):
+        """Gemma 4 PLE: token-identity embedding + projection of the main embedding, per layer."""
+        cfg, ops, w = self.config, self.ops, self.w
+        L, P = cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
+        B, T = x.shape[0], x.shape[1]
+        tok = ops.scale(ops.take_rows(w["embed_tokens_per_layer.weight"], ids), math.sqrt(P))
+        tok = ops.reshape(tok, (B, T, L, P))
+        proj = ops.linear(x, w["per_layer_model_projection.weight"]) * (cfg.hidden_size ** -0.5)
+        proj = ops.rms_norm(ops.reshape(proj, (B, T, L, P)), w["per_layer_projection_norm.weight"], cfg.rms_norm_eps)
+        return (proj + tok) * (2.0 ** -0.5)
+
+    def _block(self, i, x, positions, pts: Points, cache, shared, ple):
+        cfg, ops, w = self.config, self.ops, self.w
+        p = f"layers.{i}."
+        b = f"blocks.{i}."
+        eps = cfg.rms_norm_eps
+        x = pts.visit(ops, b + "hook_resid_pre", x)
+        h = ops.rms_norm(x, w[p + "input_layernorm.weight"], eps)
+        h = pts.visit(ops, b + "ln1.hook_normalized", h)
+        attn = self._attention(i, h, positions, pts, cache, shared)
+        if cfg.has_post_norms:
+            attn = ops.rms_norm(attn, w[p + "post_attention_layernorm.weight"], eps)
+        attn = self._perturb(i, "hook_attn_out", attn)
+        attn = pts.visit(ops, b + "hook_attn_out", attn)
+        x = x + attn
+        x = pts.visit(ops, b + "hook_resid_mid", x)
+
+        h = ops.rms_norm(x, w[p + "pre_feedforward_layernorm.weight"], eps)
+        h = pts.visit(ops, b + "ln2.hook_normalized", h)
+        m = self._mlp(i, h, pts)
+        if cfg.arch == "gemma4" and cfg.enable_moe_block:
+            m = ops.rms_norm(m, w[p + "post_feedforward_layernorm_1.weight"], eps)
+            m = m + self._moe(i, x, pts)
+        if cfg.has_post_norms:
+            m = ops.rms_norm(m, w[p + "post_feedforward_layernorm.weight"], eps)
+        m = self._perturb(i, "hook_mlp_out", m)
+        m = pts.visit(ops, b + "hook_mlp_out", m)
+        x = x + m
+        if ple is not None:
+            pin = pts.visit(ops, b + "hook_ple_in", ple[:, :, i, :])
+            g = ops.gelu(ops.linear(x, w[p + "per_layer_input_gate.weight"]),
+                         approximate=cfg.hidden_activation != "gelu")
+            g = ops.linear(g * pin, w[p + "per_layer_projection.weight"])
+            g = ops.rms_norm(g, w[p + "post_per_layer_input_norm.weight"], eps)
+            g = pts.visit(ops, b + "hook_ple_out", g)
+            x = x + g
+        if cfg.has_layer_scalar:
+            x = x * w[p + "layer_scalar"]
+        x = self._perturb(i, "hook_resid_post", x)
+        x = pts.visit(ops, b + "hook_resid_post", x)
+        return x
+
+    def _perturb(self, i, name, x):
+        return self.perturb(i, name, x) if self.perturb is not None else x
+
+    def _attention(self, i, h, positions, pts: Points, cache, shared):
+        cfg, ops, w = self.config, self.ops, self.w
+        p = f"layers.{i}.self_attn."
+        b = f"blocks.{i}.attn."
+        B, T = h.shape[0], h.shape[1]
+        H, hd, kvh = cfg.num_attention_heads, cfg.head_dim(i), cfg.num_kv_heads(i)
+        eps = cfg.rms_norm_eps
+        inv = self._inv_freq[i]
+        start = int(positions[0])
+        tap_t = lambda a: a.transpose(_BTHD)  # noqa: E731  [B,H,T,D] -> tap layout [B,T,H,D]
+
+        q = ops.reshape(ops.linear(h, w[p + "q_proj.weight"]), (B, T, H, hd))
+        if cfg.has_qk_norm:
+            q = ops.rms_norm(q, w[p + "q_norm.weight"], eps)
+        q = ops.rope(ops.transpose(q, _BTHD), inv, start)
+        q = pts.visit(ops, b + "hook_q", q, tap_t, tap_t)
+
+        if cfg.kv_shared(i):
+            K, V, kpos = shared[cfg.kv_source(i)]
+        else:
+            k_raw = ops.reshape(ops.linear(h, w[p + "k_proj.weight"]), (B, T, kvh, hd))
+            v = k_raw if cfg.k_eq_v(i) else ops.reshape(ops.linear(h, w[p + "v_proj.weight"]), (B, T, kvh, hd))
+            if cfg.has_v_norm:
+                v = ops.rms_norm(v, None, eps)
+            k = ops.rms_norm(k_raw, w[p + "k_norm.weight"], eps) if cfg.has_qk_norm else k_raw
+            k = ops.rope(ops.transpose(k, _BTHD), inv, start)
+            v = ops.transpose(v, _BTHD)
+            k = pts.visit(ops, b + "hook_k", k, tap_t, tap_t)
+            v = pts.visit(ops, b + "hook_v", v, tap_t, tap_t)
+            lc = cache.layers[i] if cache is not None else None
+            if lc is None:
+                K, V, kpos = k, v, positions
+            elif lc.one_tensor:
+                # k_eq_v: store V only; K = rope(V * k_norm.w) is the same tensor up to rounding
+                _, V, kpos = lc.update(None, v, positions)
+                if self._hooked_kv(pts, i):
+                    raise NotImplementedError("hooks on hook_k of a k_eq_v layer with a cache")
+                Kn = V * ops.cast(w[p + "k_norm.weight"], None) if cfg.has_qk_norm else V
+                K = ops.rope(Kn, inv, 0)
+            else:
+                K, V, kpos = lc.update(k, v, positions)
+            shared[i] = (K, V, kpos)
+
+        mask = self._mask(i, positions, kpos)
+        z, probs = ops.attention(q, K, V, mask, cfg.attn_scale(i), cfg.attn_logit_softcapping,
+                                 want_probs=pts.wants(f"blocks.{i}.attn.hook_pattern"))
+        if probs is not None:
+            pts.visit(ops, b + "hook_pattern", probs)
+        z = pts.visit(ops, b + "hook_z", z, tap_t, tap_t)
+        z = ops.reshape(ops.transpose(z, _BTHD), (B, T, H * hd))
+        return ops.linear(z, w[p + "o_proj.weight"])
+
+    @staticmethod
+    def _hooked_kv(pts, i):
+        return f"blocks.{i}.attn.hook_k" in pts.hooked
+
+    def _mask(self, i, qpos: np.ndarray, kpos: np.ndarray):
+        """Boolean [T, S] mask from absolute positions: causal, sliding window (W keys including the
+        query itself, HF's ``kv > q - W``), bidirectional where the config says so; empty slots masked."""
+        cfg = self.config
+        d = qpos[:, None] - kpos[None, :]
+        ok = kpos[None, :] >= 0
+        win = cfg.sliding_window(i)
+        if cfg.causal:
+            ok = ok & (d >= 0)
+            if win is not None:
+                ok = ok & (d < win)
+        elif win is not None:
+            ok = ok & (np.abs(d) < win)
+        if ok.all():
+            return None
+        return self.ops.asmask(ok)
+
+    def _mlp(self, i, h, pts):
+        cfg, ops, w = self.config, self.ops, self.w
+        p = f"layers.{i}.mlp."
+        g = ops.gelu(ops.linear(h, w[p + "gate_proj.weight"]), approximate=cfg.hidden_activation != "gelu")
+        a = g * ops.linear(h, w[p + "up_proj.weight"])
+        a = pts.visit(ops, f"blocks.{i}.mlp.hook_post", a)
+        return ops.linear(a, w[p + "down_proj.weight"])
+
+    def _moe(self, i, res, pts):
+        """Gemma 4 MoE branch on the pre-MLP residual: router (scale-free norm, scale, softmax, top-k,
+        renormalise, per-expert scale) and experts on pre_feedforward_layernorm_2(res)."""
+        cfg, ops, w = self.config, self.ops, self.w
+        p = f"layers.{i}."
+        b = f"blocks.{i}.moe."
+        eps = cfg.rms_norm_eps
+        E, k = cfg.num_experts, cfg.top_k_experts
+        r = ops.rms_norm(res, None, eps) * w[p + "router.scale"] * (cfg.hidden_size ** -0.5)
+        probs = ops.softmax_f32(ops.linear(r, w[p + "router.proj.weight"]))
+        probs = pts.visit(ops, b + "hook_router_probs", probs)
+        topv, topi = ops.topk(probs, k)
+        topv = topv / topv.sum(-1, keepdims=True) if ops.framework == "mlx" else topv / topv.sum(-1, keepdim=True)
+        if pts.active and b + "hook_expert_ids" in pts.tapped:
+            pts.values[b + "hook_expert_ids"] = np.asarray(ops.numpy(topi)).astype(np.int64)
+        scale = w[p + "router.per_expert_scale"]
+        topv = topv * (scale[topi] if ops.framework == "mlx" else scale[topi])
+        topv = pts.visit(ops, b + "hook_expert_weights", topv)
+        xin = ops.rms_norm(res, w[p + "pre_feedforward_layernorm_2.weight"], eps)
+        gu, dn = w[p + "experts.gate_up_proj"], w[p + "experts.down_proj"]
+        Fm = cfg.moe_intermediate_size
+        out = None
+        topv = ops.cast(topv, None)
+        for e in range(E):
+            # dense over tokens: weight is zero where expert e is not among a token's top-k
+            sel = (topi == e)
+            we = (topv * ops.cast(sel, None)).sum(-1, keepdims=True) if ops.framework == "mlx" else \
+                (topv * sel.to(topv.dtype)).sum(-1, keepdim=True)
+            g_u = ops.linear(xin, gu[e])
+            a = ops.gelu(g_u[..., :Fm], approximate=cfg.hidden_activation != "gelu") * g_u[..., Fm:]
+            y = ops.linear(a, dn[e]) * we
+            out = y if out is None else out + y
+        out = ops.rms_norm(out, w[p + "post_feedforward_layernorm_2.weight"], eps)
+        out = pts.visit(ops, b + "hook_out", out)
+        return out

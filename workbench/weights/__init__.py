@@ -1,0 +1,1 @@
+"""Weight loaders: HF safetensors, GGUF; one canonical naming (names.py)."""
