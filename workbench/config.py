@@ -257,7 +257,7 @@ class GemmaConfig:
 
     def sliding_window(self, i: int) -> int | None:
         """Number of keys a query sees on a sliding layer (itself included), None on full layers.
-        For bidirectional ("all") Gemma 3/4 this is HF's *halved* window: |q - k| < window."""
+        For bidirectional ("all") Gemma 3/4 this is HF's *halved* window W//2+1 and |q - k| <= it."""
         if not self.is_sliding(i):
             return None
         w = self.sliding_window_

@@ -367,7 +367,7 @@ class Gemma:
             if win is not None:
                 ok = ok & (d < win)
         elif win is not None:
-            ok = ok & (np.abs(d) < win)
+            ok = ok & (np.abs(d) <= win)   # HF: |q - k| <= the halved window
         if ok.all():
             return None
         return self.ops.asmask(ok)
