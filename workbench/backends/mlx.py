@@ -32,6 +32,9 @@ class MLXOps(Ops):
             a = a.astype(np.float32)
         return mx.array(a).astype(_MD[dtype] if dtype else self.mdtype)
 
+    def zeros(self, shape, dtype=None):
+        return mx.zeros(shape, dtype=_MD[dtype] if dtype else self.mdtype)
+
     def asids(self, a):
         return mx.array(np.asarray(a, dtype=np.int32))
 

@@ -34,6 +34,9 @@ class TorchOps(Ops):
         t = torch.from_numpy(a)
         return t.to(device=self.device, dtype=_TD[dtype] if dtype else self.tdtype)
 
+    def zeros(self, shape, dtype=None):
+        return torch.zeros(shape, dtype=_TD[dtype] if dtype else self.tdtype, device=self.device)
+
     def asids(self, a):
         return torch.as_tensor(np.asarray(a, dtype=np.int64), device=self.device)
 

@@ -23,9 +23,9 @@ class LayerCache:
         self.slots = slots
         self.ring = ring
         self.one_tensor = one_tensor
-        z = np.zeros((batch, kv_heads, slots, head_dim), dtype=np.float32)
-        self.k = None if one_tensor else ops.asarray(z)
-        self.v = ops.asarray(z)
+        shape = (batch, kv_heads, slots, head_dim)
+        self.k = None if one_tensor else ops.zeros(shape)
+        self.v = ops.zeros(shape)
         self.pos = np.full(slots, -1, dtype=np.int64)
 
     def _write(self, buf, new, slots_idx):
