@@ -221,6 +221,13 @@ class Gemma:
 
     __call__ = forward
 
+    def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k=None, top_p=None,
+                 seed=0, stop=None, stream: bool = False, **kw):
+        """Continue a text prompt or token ids; see ``workbench.generate.generate``."""
+        from ..generate import generate
+        return generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, seed=seed, stop=stop, stream=stream, **kw)
+
     # ------------------------------------------------------------------ the pass
     def _forward(self, a: np.ndarray, pts: Points, cache, start: int, last_only: bool):
         cfg, ops, w = self.config, self.ops, self.w

@@ -1,0 +1,184 @@
+"""Generation: chunked prefill into a KV cache, then one decode step per token.
+
+Greedy (temperature 0) is deterministic; sampling uses temperature, top-k and top-p with a seeded
+generator. ``stream=True`` yields text pieces as they are produced.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from .model.gemma import InputError
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_ids: list[int]
+    stats: dict = field(default_factory=dict)
+    stopped_by: str = "length"
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def sample(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None,
+           rng: np.random.Generator) -> int:
+    """One token id from last-position logits [V] (float32/64)."""
+    if not np.isfinite(logits).any():
+        raise FloatingPointError("logits are all NaN/inf: the model diverged (try float32 or bfloat16)")
+    if temperature is None or temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    if top_k:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-p)
+        cum = np.cumsum(p[order])
+        cut = np.searchsorted(cum, top_p) + 1
+        keep = order[:cut]
+        q = np.zeros_like(p)
+        q[keep] = p[keep]
+        p = q / q.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+def prompt_ids(model, prompt, chat: bool = False) -> list[int]:
+    if isinstance(prompt, str):
+        if model.tokenizer is None:
+            raise InputError("a text prompt needs a tokenizer; this checkpoint has none — pass token ids")
+        if not prompt:
+            raise InputError("empty prompt: give at least one character or token id")
+        if chat:
+            return list(model.tokenizer.encode_chat([{"role": "user", "content": prompt}]))
+        return list(model.tokenizer.encode(prompt))
+    ids = np.asarray(prompt).reshape(-1).tolist()
+    if not ids:
+        raise InputError("empty prompt: at least one token id is needed")
+    return [int(i) for i in ids]
+
+
+def _stop_ids(model, stop) -> set[int]:
+    out: set[int] = set()
+    tok = model.tokenizer
+    if tok is not None:
+        out |= set(getattr(tok, "stop_ids", []) or [])
+    eos = model.config.eos_token_id
+    if isinstance(eos, int):
+        out.add(eos)
+    elif isinstance(eos, list):
+        out |= set(eos)
+    for s in stop or []:
+        if isinstance(s, int):
+            out.add(s)
+    return out
+
+
+def generate_iter(model, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+                  top_p: float | None = None, seed: int | None = 0, stop=None, chat: bool = False,
+                  ignore_eos: bool = False, prefill_chunk: int = 512, max_len: int | None = None,
+                  stats: dict | None = None) -> Iterator[int]:
+    """Yield generated token ids one by one; fills ``stats`` (timings) as it goes."""
+    ids = prompt_ids(model, prompt, chat)
+    model.check_ids(ids)
+    ctx = model.config.max_position_embeddings
+    need = len(ids) + max_new_tokens
+    if len(ids) >= ctx:
+        raise InputError(f"prompt of {len(ids)} tokens does not fit the model's context of {ctx} tokens")
+    max_len = min(max_len or need, ctx)
+    cache = model.new_cache(batch=1, max_len=max_len)
+    stops = set() if ignore_eos else _stop_ids(model, stop)
+    rng = np.random.default_rng(seed)
+    st = stats if stats is not None else {}
+    ops = model.ops
+    t0 = time.perf_counter()
+    logits = None
+    for a in range(0, len(ids), prefill_chunk):
+        chunk = ids[a:a + prefill_chunk]
+        logits = model.forward(np.asarray(chunk)[None], cache=cache, last_only=True).logits
+    ops.synchronize()
+    t1 = time.perf_counter()
+    st.update(prompt_tokens=len(ids), prefill_s=t1 - t0, ttft_s=t1 - t0,
+              prompt_tok_s=len(ids) / max(t1 - t0, 1e-9))
+    n = 0
+    t_dec = time.perf_counter()
+    while n < max_new_tokens:
+        tok = sample(logits[0, -1], temperature, top_k, top_p, rng)
+        if tok in stops:            # EOS / end_of_turn: not part of the continuation
+            st["stopped_by"] = "eos"
+            break
+        n += 1
+        st["generated_tokens"] = n
+        yield tok
+        if n >= max_new_tokens or cache.offset >= max_len:
+            if cache.offset >= max_len and n < max_new_tokens:
+                st["stopped_by"] = "context"
+            break
+        logits = model.forward(np.asarray([[tok]]), cache=cache, last_only=True).logits
+    ops.synchronize()
+    t2 = time.perf_counter()
+    steps = max(n - 1, 0)
+    st.update(decode_s=t2 - t_dec, gen_tok_s=(steps / (t2 - t_dec)) if steps and t2 > t_dec else float("nan"),
+              peak_memory=ops.peak_memory() if hasattr(ops, "peak_memory") else None)
+    st.setdefault("stopped_by", "length")
+
+
+def generate(model, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = 0, stop=None, stream: bool = False, chat: bool = False,
+             ignore_eos: bool = False, **kw):
+    """``m.generate``: a Generation, or with ``stream=True`` an iterator of text pieces."""
+    stop_strings = [s for s in (stop or []) if isinstance(s, str)]
+    if stream:
+        return _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, ignore_eos,
+                       stop_strings, kw)
+    stats: dict = {}
+    out: list[int] = []
+    text = ""
+    for tok in generate_iter(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat,
+                             ignore_eos, stats=stats, **kw):
+        out.append(tok)
+        if stop_strings and model.tokenizer is not None:
+            text = model.tokenizer.decode(out)
+            hit = [s for s in stop_strings if s in text]
+            if hit:
+                text = text[:text.index(hit[0])]
+                stats["stopped_by"] = "stop"
+                break
+    if model.tokenizer is not None and stats.get("stopped_by") != "stop":
+        text = model.tokenizer.decode(out)
+    return Generation(text=text, token_ids=out, prompt_ids=prompt_ids(model, prompt, chat), stats=stats,
+                      stopped_by=stats.get("stopped_by", "length"))
+
+
+def _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, ignore_eos, stop_strings,
+            kw):
+    tok = model.tokenizer
+    out: list[int] = []
+    shown = ""
+    stats: dict = {}
+    for t in generate_iter(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, ignore_eos,
+                           stats=stats, **kw):
+        if tok is None:
+            yield str(t)
+            continue
+        out.append(t)
+        text = tok.decode(out)
+        if text.endswith("\ufffd"):      # an incomplete UTF-8 sequence: wait for the next token
+            continue
+        for s in stop_strings:
+            if s in text:
+                text = text[:text.index(s)]
+                if len(text) > len(shown):
+                    yield text[len(shown):]
+                return
+        if len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text
+    model.last_stats = stats
