@@ -1,0 +1,438 @@
+"""Cross-backend parity: the same token ids through every backend x dtype, every tap compared with a
+reference (float64 on the CPU by default), per layer, for the prefill pass and for KV-cache decode steps.
+
+Checks follow llama.cpp's test-backend-ops: NaN and inf are counted before any norm of the error (NaN never
+passes; inf must match the reference in position and sign); then max|Δ|, relative max error
+(max|Δ| / max|ref|), relative L2, NMSE and cosine. The tolerance applies to the relative max error and comes
+from one table keyed by (backend kind, dtype) — see TOLERANCES and the README for the reasoning.
+"""
+from __future__ import annotations
+
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backends import base as _bk
+
+# Relative max error (max|Δ| / max|ref|) allowed per tap, by (backend kind, dtype), against the float64
+# reference. Reasoning (README "Tolerance policy"): float32 has eps 1.2e-7; a Gemma layer is a few
+# reductions of length ~hidden and the residual stream carries error forward, so measured drift on the real
+# 270M over 18 layers stays ~1e-5 on CPU; 1e-4 leaves a decade of headroom and still catches a wrong norm
+# offset, RoPE layout or mask (those give 1e-2..1). bfloat16 keeps 8 mantissa bits (eps 7.8e-3); errors
+# compound through 18 layers to a few 1e-2 on the residual stream. float16 has 11 bits but a narrow range:
+# Gemma's residual stream overflows it (the hazard check flags the first inf). CUDA float32 defaults are
+# set from the H100 measurements in the README (TF32 is off in workbench's torch backend).
+TOLERANCES: dict[tuple[str, str], float] = {
+    ("torch:cpu", "float64"): 1e-10,
+    ("torch:cpu", "float32"): 1e-4,
+    ("mlx:cpu", "float32"): 1e-4,
+    ("torch:mps", "float32"): 1e-3,
+    ("mlx:gpu", "float32"): 1e-3,
+    ("torch:cuda", "float32"): 1e-3,
+    ("torch:cpu", "bfloat16"): 1.5e-1,
+    ("mlx:cpu", "bfloat16"): 1.5e-1,
+    ("torch:cuda", "bfloat16"): 1.5e-1,
+    ("mlx:gpu", "bfloat16"): 1.5e-1,
+    ("torch:mps", "bfloat16"): 1.5e-1,
+    ("torch:cpu", "float16"): 5e-2,
+    ("mlx:cpu", "float16"): 5e-2,
+    ("torch:cuda", "float16"): 5e-2,
+    ("mlx:gpu", "float16"): 5e-2,
+    ("torch:mps", "float16"): 5e-2,
+    # independent references compared with our float64 (same dequantised weights for HF; llama.cpp runs
+    # the quantised weights with 8-bit activations, so only its logits' shape is comparable)
+    ("hf", "float32"): 1e-4,
+    ("llamacpp", "gguf"): 2.5e-1,
+}
+
+DEFAULT_TAPS = ["hook_embed", "blocks.*.hook_attn_out", "blocks.*.hook_mlp_out", "blocks.*.hook_resid_post",
+                "ln_final.hook_normalized", "logits"]
+DEFAULT_PROMPT = ("The quick brown fox jumps over the lazy dog. In 1905, Albert Einstein published four papers "
+                  "that changed physics: def f(x): return x**2  # ünïcödé ✓")
+_LAYER_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def tolerance_for(kind: str, dtype: str, overrides: dict | None = None) -> float:
+    if overrides:
+        for key in ((kind, dtype), kind, dtype):
+            if key in overrides:
+                return float(overrides[key])
+    if (kind, dtype) in TOLERANCES:
+        return TOLERANCES[(kind, dtype)]
+    by_dtype = [v for (k, d), v in TOLERANCES.items() if d == dtype]
+    return max(by_dtype) if by_dtype else 1e-3
+
+
+def split_tap(name: str) -> tuple[str, int | None]:
+    m = _LAYER_RE.match(name)
+    return (m.group(2), int(m.group(1))) if m else (name, None)
+
+
+def metrics(ref: np.ndarray, x: np.ndarray) -> dict:
+    """Error statistics of x against ref. NaN/inf are counted first; the norms use finite entries."""
+    ref = np.asarray(ref, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    if ref.shape != x.shape:
+        raise ValueError(f"shape mismatch: reference {ref.shape} vs {x.shape}")
+    nan = int(np.isnan(x).sum())
+    xinf, rinf = np.isinf(x), np.isinf(ref)
+    inf = int(xinf.sum())
+    inf_mismatch = int((xinf != rinf).sum() + (xinf & rinf & (np.sign(x) != np.sign(ref))).sum())
+    fin = np.isfinite(x) & np.isfinite(ref)
+    d = np.where(fin, x - ref, 0.0)
+    r = np.where(fin, ref, 0.0)
+    max_abs = float(np.abs(d).max()) if d.size else 0.0
+    scale = float(np.abs(r).max()) if r.size else 0.0
+    rel_max = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    l2r = float(np.linalg.norm(r))
+    rel_l2 = float(np.linalg.norm(d)) / l2r if l2r > 0 else (0.0 if max_abs == 0 else math.inf)
+    msr = float(np.mean(r * r)) if r.size else 0.0
+    nmse = float(np.mean(d * d)) / msr if msr > 0 else (0.0 if max_abs == 0 else math.inf)
+    xf = np.where(fin, x, 0.0)
+    den = float(np.linalg.norm(xf) * l2r)
+    cosine = float((xf * r).sum()) / den if den > 0 else (1.0 if max_abs == 0 else 0.0)
+    bad = nan > 0 or inf_mismatch > 0
+    return dict(max_abs=max_abs, ref_scale=scale, rel_max=rel_max if not bad else math.inf, rel_l2=rel_l2,
+                nmse=nmse, cosine=cosine, nan_count=nan, inf_count=inf, inf_mismatch=inf_mismatch,
+                min_tol=rel_max if not bad else math.inf)
+
+
+def _topk_agree(ref_logits: np.ndarray, logits: np.ndarray, k: int = 5) -> tuple[float, float]:
+    r = ref_logits.reshape(-1, ref_logits.shape[-1])
+    x = logits.reshape(-1, logits.shape[-1])
+    top1 = float(np.mean(np.argmax(r, -1) == np.argmax(x, -1)))
+    rk = np.argsort(-r, -1)[:, :k]
+    xk = np.argsort(-x, -1)[:, :k]
+    overlap = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(rk, xk)]))
+    return top1, overlap
+
+
+@dataclass
+class ParityReport:
+    rows: list[dict]
+    meta: dict
+    skipped: dict[str, str] = field(default_factory=dict)
+    run_id: str | None = None
+
+    # ---------------------------------------------------------------- verdicts
+    @property
+    def passed(self) -> bool:
+        """True when every compared tap of every run backend is within tolerance. Skipped backends do not
+        count as passed: with nothing compared, this is False."""
+        return bool(self.rows) and all(r["passed"] for r in self.rows)
+
+    @property
+    def first_divergence(self) -> dict | None:
+        """The first tap/layer (in forward order, prefill before decode) over tolerance, over all targets."""
+        divs = self.divergences()
+        if not divs:
+            return None
+        return min(divs.values(), key=lambda r: (r["phase"] != "prefill", r["order"]))
+
+    def divergences(self) -> dict[str, dict]:
+        """First failing row per target (backend:dtype)."""
+        out: dict[str, dict] = {}
+        for r in sorted(self.rows, key=lambda r: (r["phase"] != "prefill", r["order"])):
+            key = f"{r['backend']}:{r['dtype']}"
+            if not r["passed"] and key not in out:
+                out[key] = r
+        return out
+
+    def hazards(self) -> dict[str, dict]:
+        """Per target, the first tap where a NaN or inf appears (float16 overflow and the like)."""
+        out: dict[str, dict] = {}
+        for r in sorted(self.rows, key=lambda r: (r["phase"] != "prefill", r["order"])):
+            key = f"{r['backend']}:{r['dtype']}"
+            if (r["nan_count"] or r["inf_count"]) and key not in out:
+                out[key] = r
+        return out
+
+    # ---------------------------------------------------------------- views
+    def to_frame(self):
+        import pandas as pd
+        cols = ["backend", "dtype", "phase", "tap", "layer", "max_abs", "rel_max", "rel_l2", "nmse", "cosine",
+                "nan_count", "inf_count", "inf_mismatch", "min_tol", "tol", "passed", "ref_scale", "top1",
+                "top5_overlap", "target", "order"]
+        df = pd.DataFrame(self.rows)
+        return df[[c for c in cols if c in df.columns]]
+
+    def summary(self) -> str:
+        """A Polygraphy-style table: per target the tolerance used, the worst error, the minimum tolerance
+        that would pass, the first divergence, and PASSED/FAILED; skipped targets with their reason."""
+        lines = [f"Parity of {self.meta.get('model')} against {self.meta.get('reference')} "
+                 f"({self.meta.get('n_tokens')} tokens, {self.meta.get('decode_steps', 0)} decode steps)"]
+        hdr = f"{'target':24s} {'phase':8s} {'tol':>8s} {'max rel':>10s} {'min tol':>10s} {'rel L2':>10s} " \
+              f"{'cos min':>9s} {'top1':>6s}  {'first divergence':28s} result"
+        lines += [hdr, "-" * len(hdr)]
+        groups: dict[tuple, list] = {}
+        for r in self.rows:
+            groups.setdefault((r["backend"], r["dtype"], r["phase"]), []).append(r)
+        for (b, d, ph), rs in groups.items():
+            worst = max(r["rel_max"] for r in rs)
+            l2 = max(r["rel_l2"] for r in rs)
+            cmin = min(r["cosine"] for r in rs)
+            lg = [r for r in rs if r["tap"] == "logits" and r.get("top1") is not None]
+            top1 = f"{lg[0]['top1']:.2f}" if lg else "  -"
+            fails = sorted([r for r in rs if not r["passed"]], key=lambda r: r["order"])
+            fd = "-" if not fails else (f"{fails[0]['tap']}" + (f" @ layer {fails[0]['layer']}"
+                                                                 if fails[0]["layer"] is not None else ""))
+            ok = "PASSED" if not fails else "FAILED"
+            lines.append(f"{b + ':' + d:24s} {ph:8s} {rs[0]['tol']:8.1e} {worst:10.2e} {worst:10.2e} {l2:10.2e} "
+                         f"{cmin:9.6f} {top1:>6s}  {fd:28s} {ok}")
+        for k, why in self.skipped.items():
+            lines.append(f"{k:24s} {'-':8s} {'':>8s} {'':>10s} {'':>10s} {'':>10s} {'':>9s} {'':>6s}  "
+                         f"{'':28s} SKIPPED ({why})")
+        hz = self.hazards()
+        for k, r in hz.items():
+            lines.append(f"precision hazard on {k}: first NaN/inf at {r['tap']}"
+                         + (f" layer {r['layer']}" if r['layer'] is not None else "") + f" ({r['phase']})")
+        lines.append(f"Overall: {'PASSED' if self.passed else 'FAILED'}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+    def heatmap(self, metric: str = "rel_max", by: str = "taps", backend: str | None = None,
+                dtype: str | None = None, tap: str = "hook_resid_post", phase: str = "prefill", ax=None):
+        """Per-layer Δ heatmap. by="taps": layers x taps for one target (backend/dtype); by="backends":
+        layers x targets for one tap. Log colour scale; failing cells outlined; tolerance in the title."""
+        return heatmap(self.to_frame(), metric=metric, by=by, backend=backend, dtype=dtype, tap=tap,
+                       phase=phase, ax=ax)
+
+
+def heatmap(df, metric="rel_max", by="taps", backend=None, dtype=None, tap="hook_resid_post", phase="prefill",
+            ax=None):
+    import matplotlib
+    matplotlib.use("Agg") if "matplotlib.pyplot" not in sys.modules else None
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+    d = df[(df["phase"] == phase) & df["layer"].notna()].copy()
+    d["target"] = d["backend"] + ":" + d["dtype"]
+    if by == "taps":
+        tgt = d["target"].iloc[0] if backend is None and len(d) else f"{backend}:{dtype or d['dtype'].iloc[0]}"
+        if backend is not None and dtype is None:
+            tgt = d[d["backend"] == backend]["target"].iloc[0]
+        d = d[d["target"] == tgt]
+        piv = d.pivot_table(index="layer", columns="tap", values=metric, aggfunc="max")
+        passed = d.pivot_table(index="layer", columns="tap", values="passed", aggfunc="min")
+        title = f"{metric} per layer × tap — {tgt} (tol {d['tol'].iloc[0]:.0e})" if len(d) else tgt
+    else:
+        d = d[d["tap"] == tap]
+        piv = d.pivot_table(index="layer", columns="target", values=metric, aggfunc="max")
+        passed = d.pivot_table(index="layer", columns="target", values="passed", aggfunc="min")
+        title = f"{metric} per layer × backend — {tap}"
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(1.6 + 1.3 * max(1, piv.shape[1]), 1.2 + 0.32 * max(1, piv.shape[0])))
+    else:
+        fig = ax.figure
+    vals = piv.to_numpy(dtype=float)
+    finite = vals[np.isfinite(vals) & (vals > 0)]
+    vmin = max(finite.min(), 1e-12) if finite.size else 1e-12
+    vmax = max(finite.max(), vmin * 10) if finite.size else 1.0
+    plot = np.where(np.isfinite(vals), np.maximum(vals, vmin), vmax)
+    im = ax.imshow(plot, aspect="auto", cmap="magma_r", norm=LogNorm(vmin=vmin, vmax=vmax))
+    ax.set_xticks(range(piv.shape[1]), [str(c) for c in piv.columns], rotation=30, ha="right")
+    ax.set_yticks(range(piv.shape[0]), [str(int(i)) for i in piv.index])
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=10)
+    pv = passed.reindex(index=piv.index, columns=piv.columns).to_numpy()
+    for (yy, xx), ok in np.ndenumerate(pv):
+        if ok is not None and not (isinstance(ok, float) and np.isnan(ok)) and not bool(ok):
+            ax.add_patch(plt.Rectangle((xx - 0.5, yy - 0.5), 1, 1, fill=False, ec="cyan", lw=2))
+    fig.colorbar(im, ax=ax, label=metric)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ the engine
+def _targets(backends_arg, dtypes_arg) -> list[tuple[str, str]]:
+    if backends_arg in (None, "all"):
+        bl = [b for b in _bk.all_backends() if not b.startswith("torch:cuda:")]
+    elif isinstance(backends_arg, str):
+        bl = [b.strip() for b in backends_arg.split(",") if b.strip()]
+    else:
+        bl = list(backends_arg)
+    dl = ["float32"] if dtypes_arg is None else (
+        [d.strip() for d in dtypes_arg.split(",")] if isinstance(dtypes_arg, str) else list(dtypes_arg))
+    return [(b, d) for b in bl for d in dl]
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int):
+        self.enabled = enabled
+        self.total = total
+        self.i = 0
+        self.t0 = time.perf_counter()
+
+    def step(self, what: str):
+        self.i += 1
+        if self.enabled:
+            print(f"[{self.i}/{self.total}] {what} ({time.perf_counter() - self.t0:.1f}s)", file=sys.stderr,
+                  flush=True)
+
+
+def _rows_for(ref_taps: dict, taps: dict, backend: str, dtype: str, kind: str, phase: str, tol: float,
+              order_of: dict, positions: slice | None = None) -> list[dict]:
+    rows = []
+    for name, x in taps.items():
+        if name not in ref_taps:
+            continue
+        r = ref_taps[name]
+        if positions is not None:
+            r = r[:, positions] if name != "logits" else r[:, positions]
+        m = metrics(r, x)
+        tap, layer = split_tap(name)
+        row = dict(backend=backend, dtype=dtype, kind=kind, phase=phase, tap=tap, layer=layer, tol=tol,
+                   order=order_of.get(name, 10**6), **m)
+        row["passed"] = bool(m["rel_max"] <= tol and m["nan_count"] == 0 and m["inf_mismatch"] == 0)
+        if tap == "logits":
+            row["top1"], row["top5_overlap"] = _topk_agree(r, x)
+        rows.append(row)
+    return rows
+
+
+def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "torch:cpu:float64",
+            prompt: str | list[int] | None = None, taps=None, decode_steps: int = 4, references=("hf",),
+            tolerances: dict | None = None, db=None, store: bool = True, progress: bool = True,
+            fault: dict | None = None, max_tokens: int = 64) -> ParityReport:
+    """Compare every backend x dtype with the reference, tap by tap and layer by layer.
+
+    source: HF dir, .gguf or registered name. backends: list, comma string or "all". dtypes: list or comma
+    string (default float32). reference: "torch:cpu:float64" (default) or another "backend:dtype".
+    references: independent implementations compared with the same reference ("hf", "llamacpp").
+    decode_steps: the last N prompt tokens are also fed one by one through the KV cache and compared.
+    tolerances: overrides {(kind, dtype): tol} or {dtype: tol}. fault: test-only perturbation
+    {"backend": "mlx:cpu", "layer": 3, "tap": "hook_mlp_out", "scale": 1e-2}.
+    Stores the run in the results store (``db`` or the default) unless store=False."""
+    from .loader import read_source, source_hash
+    from .model.gemma import Gemma
+    from .model.taps import point_names
+
+    targets = _targets(backends, dtypes)
+    cfg, tensors, path, tok = read_source(source, dtype="float64", progress=progress)
+    if prompt is None:
+        prompt = DEFAULT_PROMPT
+    if isinstance(prompt, str):
+        if tok is None:
+            raise ValueError(f"{source}: no tokenizer for a text prompt; pass token ids")
+        ids = tok.encode(prompt)[:max_tokens]
+    else:
+        ids = [int(i) for i in np.asarray(prompt).reshape(-1)]
+    ids_arr = np.asarray(ids, dtype=np.int64)[None]
+    T = ids_arr.shape[1]
+    decode_steps = max(0, min(decode_steps, T - 1))
+    taps = list(taps or DEFAULT_TAPS)
+    order_of = {n: k for k, n in enumerate(point_names(cfg))}
+    prog = _Progress(progress, 1 + len(targets) + len(references or ()))
+
+    ref_parts = reference.split(":")
+    ref_backend, ref_dtype = ":".join(ref_parts[:-1]), ref_parts[-1]
+    ref_model = Gemma(cfg, tensors, _bk.get_ops(ref_backend, ref_dtype), where=str(path))
+    ref_out = ref_model.forward(ids_arr, taps=taps)
+    ref_taps = dict(ref_out.taps)
+    ref_taps["logits"] = ref_out.logits
+    del ref_model
+    prog.step(f"reference {reference}")
+
+    rows: list[dict] = []
+    skipped: dict[str, str] = {}
+    devices: dict[str, str] = {}
+    for b, d in targets:
+        key = f"{b}:{d}"
+        try:
+            spec = _bk.parse(b)
+            ok, why = _bk.status(b)
+            if not ok:
+                skipped[key] = why
+                prog.step(f"{key} skipped: {why}")
+                continue
+            _bk.check_dtype(d, spec)
+        except _bk.BackendError as e:
+            skipped[key] = str(e)
+            prog.step(f"{key} skipped")
+            continue
+        ops = _bk.get_ops(b, d)
+        devices[key] = ok and why
+        m = Gemma(cfg, tensors, ops, where=str(path))
+        if fault and _bk.parse(fault["backend"]).name == spec.name and fault.get("dtype", d) == d:
+            m.perturb = _make_fault(fault)
+        tol = tolerance_for(spec.kind, d, tolerances)
+        out = m.forward(ids_arr, taps=taps)
+        got = dict(out.taps)
+        got["logits"] = out.logits
+        rows += _rows_for(ref_taps, got, spec.name, d, spec.kind, "prefill", tol, order_of)
+        if decode_steps:
+            P = T - decode_steps
+            cache = m.new_cache(batch=1, max_len=T)
+            m.forward(ids_arr[:, :P], cache=cache)
+            steps = [m.forward(ids_arr[:, t:t + 1], taps=taps, cache=cache) for t in range(P, T)]
+            dec = {n: np.concatenate([s.taps[n] for s in steps], axis=1) for n in steps[0].taps}
+            dec["logits"] = np.concatenate([s.logits for s in steps], axis=1)
+            rows += _rows_for(ref_taps, dec, spec.name, d, spec.kind, "decode", tol, order_of,
+                              positions=slice(P, T))
+        del m
+        prog.step(f"{key}")
+
+    for ext in references or ():
+        try:
+            rows += _external_rows(ext, path, cfg, ids_arr, ref_taps, tolerances, order_of)
+        except Exception as e:  # missing package, non-GGUF source ...
+            skipped[ext] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        prog.step(f"reference {ext}")
+
+    meta = dict(model=str(source), source=str(path), source_hash=source_hash(path), reference=reference,
+                backends=sorted({b for b, _ in targets}), dtypes=sorted({d for _, d in targets}),
+                n_tokens=T, decode_steps=decode_steps, prompt=prompt if isinstance(prompt, str) else None,
+                token_ids=ids, taps=taps, skipped=skipped, devices=devices, arch=cfg.arch)
+    rep = ParityReport(rows=rows, meta=meta, skipped=skipped)
+    meta["passed"] = rep.passed
+    if store:
+        from . import runs
+        st = runs.RunStore(db)
+        meta_store = dict(meta, versions=runs.collect_versions(), git_commit=runs.git_commit(),
+                          machine=runs.machine_info(), device=", ".join(sorted(set(devices.values()))) or None,
+                          params=dict(decode_steps=decode_steps, taps=taps, tolerances=_jsonable(tolerances),
+                                      fault=fault))
+        rep.run_id = st.save("parity", meta_store, rows)
+    return rep
+
+
+def _jsonable(t):
+    if not t:
+        return None
+    return {":".join(k) if isinstance(k, tuple) else str(k): v for k, v in t.items()}
+
+
+def _make_fault(fault: dict):
+    layer, tap, scale = int(fault["layer"]), fault.get("tap", "hook_mlp_out"), float(fault.get("scale", 1e-2))
+
+    def perturb(i, name, x):
+        if i == layer and name == tap:
+            return x * (1.0 + scale)
+        return x
+    return perturb
+
+
+def _external_rows(ext: str, path, cfg, ids_arr, ref_taps, tolerances, order_of) -> list[dict]:
+    if ext == "hf":
+        from .references.hf import HFReference
+        ref = HFReference(str(path), dtype="float32")
+        got = {"logits": ref.logits(ids_arr)}
+        rp = ref.resid_post(ids_arr)
+        for i in range(rp.shape[0]):
+            got[f"blocks.{i}.hook_resid_post"] = rp[i]
+        tol = tolerance_for("hf", "float32", tolerances)
+        return _rows_for(ref_taps, got, "hf", "float32", "hf", "prefill", tol, order_of)
+    if ext == "llamacpp":
+        if not str(path).endswith(".gguf"):
+            raise ValueError("llama.cpp compares GGUF sources only")
+        from .references.llamacpp import LlamaCppReference
+        ref = LlamaCppReference(str(path), n_ctx=max(512, ids_arr.shape[1] + 8))
+        got = {"logits": np.asarray(ref.logits(ids_arr[0].tolist()))[None]}
+        tol = tolerance_for("llamacpp", "gguf", tolerances)
+        return _rows_for(ref_taps, got, "llamacpp", "gguf", "llamacpp", "prefill", tol, order_of)
+    raise ValueError(f"unknown external reference {ext!r}; use 'hf' or 'llamacpp'")

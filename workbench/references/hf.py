@@ -1,0 +1,415 @@
+"""Hugging Face ``transformers`` as an independent reference for Gemma 1-4.
+
+``HFReference(source)`` loads either an HF checkpoint directory (``config.json`` + safetensors; model types
+``gemma``, ``gemma2``, ``gemma3_text``, ``gemma3`` (nested), ``gemma4_text``, ``gemma4`` (nested)) or a single
+``.gguf`` file (transformers dequantises GGUF tensors to the requested dtype on load). Always
+``attn_implementation="eager"``, eval mode, no grad.
+
+Loading a GGUF through transformers is slow (its GGUF reader parses the 262k-entry vocabulary field by field,
+three times: tokenizer, config, tensors; about 90 s for Gemma 3 270M on a 2-core CPU). Pass ``gguf_cache=True``
+(or a directory) to dequantise once into an HF directory with :func:`export_hf_dir_from_gguf` and load from
+there afterwards (a few seconds); the same directory feeds mlx-lm (see ``workbench.references.mlxlm``), so both
+references see identical weights.
+
+``transformers`` is imported lazily; without it the constructor raises ``ImportError`` with the install hint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+INSTALL_HINT = "pip install gemma-workbench[reference]"
+DEFAULT_GGUF_CACHE = Path(os.environ.get("WORKBENCH_HF_GGUF_CACHE", Path.home() / ".cache" / "gemma-workbench" / "hf-from-gguf"))
+_EXPORT_MARKER = "workbench_export.json"
+
+
+def _import_transformers():
+    try:
+        import torch  # noqa: F401
+        import transformers
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            f"HFReference needs torch and transformers ({e}); install them with `{INSTALL_HINT}`"
+        ) from e
+    return transformers
+
+
+def _torch_dtype(dtype: Any):
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).replace("torch.", "")
+    aliases = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16",
+               "fp64": "float64", "f64": "float64", "half": "float16", "float": "float32", "double": "float64"}
+    name = aliases.get(name, name)
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return dt
+
+
+def _as_batch(ids) -> np.ndarray:
+    """list[int] | np [T] | [B, T] (or a torch tensor) -> int64 [B, T]."""
+    if hasattr(ids, "detach"):
+        ids = ids.detach().cpu().numpy()
+    a = np.asarray(ids, dtype=np.int64)
+    if a.ndim == 1:
+        a = a[None, :]
+    if a.ndim != 2 or a.shape[1] == 0:
+        raise ValueError(f"ids must be a non-empty [T] or [B, T] sequence of token ids, got shape {a.shape}")
+    return a
+
+
+def _is_gguf(source: Path) -> bool:
+    return source.suffix.lower() == ".gguf" and source.is_file()
+
+
+def _find_decoder_layers(model):
+    """The text decoder's layer list: the ModuleList of ``*DecoderLayer`` modules outside vision/audio towers."""
+    import torch
+
+    best = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.ModuleList) or len(mod) == 0:
+            continue
+        if not name.endswith("layers") or any(k in name for k in ("vision", "audio", "multi_modal", "encoder")):
+            continue
+        if not type(mod[0]).__name__.endswith("DecoderLayer"):
+            continue
+        key = (0 if "language_model" in name else 1, name.count("."))
+        if best is None or key < best[0]:
+            best = (key, name, mod)
+    if best is None:
+        raise RuntimeError(f"no decoder layer list found in {type(model).__name__}")
+    return best[2]
+
+
+def _source_fingerprint(gguf: Path) -> dict:
+    st = gguf.stat()
+    return {"source": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def export_hf_dir_from_gguf(gguf_path, out_dir, dtype="float32", *, overwrite: bool = False) -> Path:
+    """Dequantise a GGUF with transformers and write an HF checkpoint directory (safetensors + config + tokenizer).
+
+    Idempotent: if ``out_dir`` already holds an export of the same file (path, size, mtime) in the same dtype it
+    is reused. The GGUF ``quantization_config`` is dropped from the saved config, so the directory loads as a
+    plain checkpoint (in transformers, mlx-lm, or our own loader). ``float32`` keeps the dequantised values exact.
+    """
+    transformers = _import_transformers()
+    gguf = Path(gguf_path).expanduser()
+    out = Path(out_dir).expanduser()
+    if not _is_gguf(gguf):
+        raise FileNotFoundError(f"not a .gguf file: {gguf}")
+    tdt = _torch_dtype(dtype)
+    want = {**_source_fingerprint(gguf), "dtype": str(tdt).replace("torch.", "")}
+    marker = out / _EXPORT_MARKER
+    if marker.is_file() and not overwrite:
+        try:
+            if json.loads(marker.read_text()) == want:
+                return out
+        except (OSError, ValueError):
+            pass
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=tdt, attn_implementation="eager"
+        )
+        # transformers marks GGUF-loaded models as "quantized" (not serialisable); the tensors are plain dense
+        # dequantised weights, so detach the quantizer and save them as an ordinary checkpoint.
+        model.hf_quantizer = None
+        if hasattr(model, "is_quantized"):
+            model.is_quantized = False
+        for cfg in (model.config, getattr(model.config, "text_config", None)):
+            if cfg is not None and hasattr(cfg, "quantization_config"):
+                delattr(cfg, "quantization_config")
+        model.config.dtype = tdt
+        model.save_pretrained(str(tmp))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / _EXPORT_MARKER).write_text(json.dumps(want, indent=1))
+        del model
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+class _Timer:
+    """A ``generate`` streamer that timestamps each put(): the first put is the prompt, then one per new token."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+class HFReference:
+    """Gemma via Hugging Face transformers (eager attention, eval, no grad) as an independent reference.
+
+    ``source``: an HF checkpoint directory or a ``.gguf`` file. ``gguf_cache``: for a GGUF source, ``None`` (load
+    the GGUF directly), ``True`` (export once to ``DEFAULT_GGUF_CACHE/<stem>-<dtype>`` and load from there) or
+    a directory path for that export.
+    """
+
+    def __init__(self, source, dtype="float32", device="cpu", *, gguf_cache=None):
+        transformers = _import_transformers()
+        import torch
+
+        self.source = Path(source).expanduser()
+        self.dtype = _torch_dtype(dtype)
+        self.device = torch.device(device)
+        self._tokenizer = None
+        t0 = time.perf_counter()
+        load_dir, gguf_file = self.source, None
+        if _is_gguf(self.source):
+            if gguf_cache:
+                # Export in float32 (exact dequantised values) and cast on load.
+                cache = DEFAULT_GGUF_CACHE if gguf_cache is True else Path(gguf_cache).expanduser()
+                load_dir = export_hf_dir_from_gguf(self.source, cache / f"{self.source.stem}-float32", "float32")
+            else:
+                load_dir, gguf_file = self.source.parent, self.source.name
+        elif not (self.source.is_dir() and (self.source / "config.json").is_file()):
+            raise FileNotFoundError(f"{self.source} is neither an HF checkpoint directory (config.json) nor a .gguf file")
+        self._load_dir, self._gguf_file = load_dir, gguf_file
+        kw = {"gguf_file": gguf_file} if gguf_file else {}
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(load_dir), dtype=self.dtype, attn_implementation="eager", **kw
+        )
+        self.model = model.to(self.device).eval()
+        self.load_seconds = time.perf_counter() - t0
+        self.config = self.model.config
+        self.text_config = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        self.layers = _find_decoder_layers(self.model)
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            transformers = _import_transformers()
+            kw = {"gguf_file": self._gguf_file} if self._gguf_file else {}
+            self._tokenizer = transformers.AutoTokenizer.from_pretrained(str(self._load_dir), **kw)
+        return self._tokenizer
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.text_config.vocab_size)
+
+    def _tensor(self, ids):
+        import torch
+
+        return torch.from_numpy(_as_batch(ids)).to(self.device)
+
+    def _forward(self, ids):
+        import torch
+
+        x = self._tensor(ids)
+        with torch.inference_mode():
+            return self.model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
+
+    # ------------------------------------------------------------------ activations
+    def logits(self, ids) -> np.ndarray:
+        """float32 logits [B, T, V] for every position (final soft-capping included, as HF applies it)."""
+        out = self._forward(ids)
+        return out.logits.float().cpu().numpy()
+
+    def _capture(self, ids):
+        """Run one forward; return (input to layer 0 [B,T,D], every layer's output [L,B,T,D]) as float32."""
+        got_in: list = []
+        got_out: dict[int, Any] = {}
+
+        def pre(mod, args, kwargs):
+            h = args[0] if args else kwargs.get("hidden_states")
+            got_in.append(h.detach().float().cpu())
+
+        def post_for(i):
+            def post(mod, args, output):
+                h = output[0] if isinstance(output, (tuple, list)) else output
+                got_out[i] = h.detach().float().cpu()
+
+            return post
+
+        handles = [self.layers[0].register_forward_pre_hook(pre, with_kwargs=True)]
+        handles += [layer.register_forward_hook(post_for(i)) for i, layer in enumerate(self.layers)]
+        try:
+            self._forward(ids)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [i for i in range(len(self.layers)) if i not in got_out]
+        if missing or not got_in:
+            raise RuntimeError(f"decoder hooks did not fire for layers {missing}")
+        return got_in[0].numpy(), np.stack([got_out[i].numpy() for i in range(len(self.layers))])
+
+    def embed(self, ids) -> np.ndarray:
+        """The input to decoder layer 0 (scaled token embeddings for Gemma), float32 [B, T, D]."""
+        return self._capture(ids)[0]
+
+    def resid_post(self, ids) -> np.ndarray:
+        """Every decoder layer's output (residual stream after the layer, before the final norm): [L, B, T, D]."""
+        return self._capture(ids)[1]
+
+    # ------------------------------------------------------------------ generation
+    def eos_ids(self) -> list[int]:
+        """End-of-generation ids (generation config, model config, tokenizer, ``<end_of_turn>``)."""
+        ids: set[int] = set()
+
+        def add(v):
+            if v is None:
+                return
+            if isinstance(v, (list, tuple, set)):
+                for x in v:
+                    add(x)
+            else:
+                ids.add(int(v))
+
+        gc = getattr(self.model, "generation_config", None)
+        add(getattr(gc, "eos_token_id", None))
+        add(getattr(self.text_config, "eos_token_id", None))
+        try:
+            tok = self.tokenizer
+            add(tok.eos_token_id)
+            eot = tok.convert_tokens_to_ids("<end_of_turn>")
+            if isinstance(eot, int) and eot != tok.unk_token_id:
+                ids.add(eot)
+        except Exception:  # noqa: BLE001 - a tokenizer problem must not break generation
+            pass
+        return sorted(i for i in ids if 0 <= i < self.vocab_size)
+
+    def _gen_kwargs(self, n: int, ignore_eos: bool) -> dict:
+        kw: dict[str, Any] = dict(do_sample=False, max_new_tokens=n, num_beams=1, top_k=None, top_p=None,
+                                  temperature=None)
+        pad = getattr(getattr(self.model, "generation_config", None), "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self.text_config, "pad_token_id", None)
+        if pad is None:
+            pad = (self.eos_ids() or [0])[0]
+        kw["pad_token_id"] = pad
+        if ignore_eos:
+            # Like llama.cpp's --ignore-eos: end-of-generation tokens get -inf, generation runs to n tokens.
+            kw["min_new_tokens"] = n
+            eos = self.eos_ids()
+            if eos:
+                kw["suppress_tokens"] = eos
+        return kw
+
+    def generate_greedy(self, ids, max_new_tokens: int, ignore_eos: bool = False):
+        """Greedy continuation; returns only the new ids (list[int], or list of lists for a batch of B > 1)."""
+        import torch
+
+        x = self._tensor(ids)
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x),
+                                      **self._gen_kwargs(int(max_new_tokens), ignore_eos))
+        new = out[:, x.shape[1]:].cpu().tolist()
+        return new if _is_nested(ids) else new[0]
+
+    # ------------------------------------------------------------------ throughput
+    def _bench_prompt(self, prompt_len: int, seed: int = 0) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        hi = min(self.vocab_size, 200_000)
+        ids = rng.integers(1000, hi, size=prompt_len, dtype=np.int64)
+        bos = getattr(self.text_config, "bos_token_id", None)
+        if bos is not None and prompt_len > 0:
+            ids[0] = int(bos)
+        return ids
+
+    def _timed_generate(self, x, gen_len: int, extra: dict) -> tuple[float, float]:
+        import torch
+
+        timer = _Timer()
+        kw = self._gen_kwargs(gen_len, ignore_eos=True)
+        kw.update(extra)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), streamer=timer, **kw)
+        t1 = time.perf_counter()
+        n_new = out.shape[1] - x.shape[1]
+        if n_new != gen_len:
+            raise RuntimeError(f"generate produced {n_new} tokens, expected {gen_len}")
+        # timer.times[0]: prompt pushed (before prefill); [1]: first new token (after prefill); [-1]: last token.
+        t_first = timer.times[1] if len(timer.times) > 1 else t1
+        prefill_s = t_first - t0
+        decode_s = (t1 - t_first) / max(gen_len - 1, 1)
+        return prefill_s, decode_s
+
+    def _bench(self, x, gen_len: int, repeats: int, extra: dict) -> dict:
+        self._timed_generate(x, gen_len, extra)  # warm-up (and compilation, if any)
+        pre, dec = [], []
+        for _ in range(max(int(repeats), 1)):
+            p, d = self._timed_generate(x, gen_len, extra)
+            pre.append(p)
+            dec.append(d)
+        p_med, d_med = statistics.median(pre), statistics.median(dec)
+        return {
+            "prefill_tok_s": x.shape[1] / p_med if p_med > 0 else float("inf"),
+            "decode_tok_s": 1.0 / d_med if d_med > 0 else float("inf"),
+            "prefill_s": p_med,
+            "decode_s_per_tok": d_med,
+        }
+
+    def bench_decode(self, prompt_len: int = 128, gen_len: int = 64, repeats: int = 3,
+                     static_cache_compile: bool = False) -> dict:
+        """Prefill and decode throughput of ``generate`` (greedy, EOS ignored, batch 1), medians after a warm-up.
+
+        ``prefill_tok_s`` = prompt_len / (time to the first new token); ``decode_tok_s`` = 1 / mean time per
+        further token. With ``static_cache_compile`` also measures HF's static KV cache with ``torch.compile``
+        (``cache_implementation="static"`` + a ``CompileConfig``); a failure lands in ``result["static_compile"]
+        ["error"]`` instead of raising.
+        """
+        import torch
+
+        x = torch.from_numpy(self._bench_prompt(int(prompt_len))[None, :]).to(self.device)
+        res: dict[str, Any] = {
+            "engine": "transformers",
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "prompt_len": int(prompt_len),
+            "gen_len": int(gen_len),
+            "repeats": int(repeats),
+        }
+        res.update(self._bench(x, int(gen_len), repeats, {}))
+        if static_cache_compile:
+            try:
+                from transformers import CompileConfig
+
+                cc = CompileConfig(fullgraph=False, dynamic=False, mode="default")
+                cc._compile_all_devices = True  # generate only auto-compiles on CUDA-like devices otherwise
+                extra = {"cache_implementation": "static", "compile_config": cc}
+                t0 = time.perf_counter()
+                sc = self._bench(x, int(gen_len), repeats, extra)
+                sc["wall_s_incl_compile"] = time.perf_counter() - t0
+                res["static_compile"] = sc
+            except Exception as e:  # noqa: BLE001 - report, don't crash
+                res["static_compile"] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+        return res
+
+
+def _is_nested(ids) -> bool:
+    if hasattr(ids, "ndim"):
+        return ids.ndim == 2
+    return isinstance(ids, (list, tuple)) and len(ids) > 0 and isinstance(ids[0], (list, tuple, np.ndarray))
