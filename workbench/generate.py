@@ -182,3 +182,101 @@ def _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop
             yield text[len(shown):]
             shown = text
     model.last_stats = stats
+
+
+# ----------------------------------------------------------------------------------------------- fast path
+class FastDecoder:
+    """Greedy decode through the static cache with the position on the device and no host sync per
+    token. torch: the step is compiled (torch.compile; mode "reduce-overhead" on CUDA = CUDA graphs, with
+    weights and cache marked as static addresses); MLX: the next step is queued (mx.async_eval) while the
+    current one runs. ``run(first_token, n)`` returns the n tokens after ``first_token``."""
+
+    def __init__(self, model, cache, compile: bool | None = None):
+        self.model = model
+        self.cache = cache
+        self.ops = model.ops
+        self.fw = model.ops.framework
+        if not cache.static:
+            cache.begin_static()
+        self._step = model.decode_step
+        dev = getattr(self.ops.spec, "device", "cpu")
+        if compile is None:
+            compile = self.fw == "torch" and dev == "cuda"
+        self.compiled = False
+        if self.fw == "torch" and compile:
+            import torch
+            mark = getattr(torch._dynamo, "mark_static_address", None)
+            if mark is not None:
+                for t in model.w.values():
+                    mark(t)
+                for c in cache.layers:
+                    if c is not None:
+                        for t in (c.k, c.v, c.kpos_dev):
+                            if t is not None:
+                                mark(t)
+            mode = "reduce-overhead" if dev == "cuda" else "default"
+
+            def step(tok, pos):
+                logits = model.decode_step(tok, pos, cache)
+                return logits.argmax(-1, keepdim=True)
+            self._compiled = torch.compile(step, mode=mode, fullgraph=True, dynamic=False)
+            self.compiled = True
+
+    def _greedy(self, tok, pos):
+        if self.compiled:
+            import torch
+            torch.compiler.cudagraph_mark_step_begin()
+            return self._compiled(tok, pos).clone()
+        logits = self._step(tok, pos, self.cache)
+        if self.fw == "torch":
+            return logits.argmax(-1, keepdim=True)
+        import mlx.core as mx
+        return mx.argmax(logits, axis=-1, keepdims=True)
+
+    def run(self, first_token: int, n: int) -> list[int]:
+        ops = self.ops
+        start = self.cache.offset
+        if start + n > self.cache.max_len:
+            raise ValueError(f"{n} decode steps from position {start} overflow the cache ({self.cache.max_len})")
+        if self.fw == "torch":
+            import torch
+            tok = torch.tensor([[first_token]], dtype=torch.long, device=ops.device)
+            pos = torch.tensor([start], dtype=torch.long, device=ops.device)
+            one = torch.ones_like(pos)
+            outs = []
+            for _ in range(n):
+                tok = self._greedy(tok, pos)
+                outs.append(tok)
+                pos = pos + one
+            res = torch.cat(outs, dim=1)[0].tolist()      # the only host sync
+        else:
+            import mlx.core as mx
+            tok = mx.array([[first_token]], dtype=mx.int32)
+            outs = []
+            for j in range(n):
+                pos = mx.array([start + j], dtype=mx.int32)
+                tok = self._greedy(tok, pos)
+                mx.async_eval(tok)                          # queue this step; build the next meanwhile
+                outs.append(tok)
+            res = [int(t.item()) for t in outs]
+        self.cache.offset = start + n
+        return res
+
+
+def greedy_fast(model, prompt, max_new_tokens: int, compile: bool | None = None, prefill_chunk: int = 512):
+    """Greedy continuation through the fast path (EOS ignored): prefill, then FastDecoder. Returns
+    (token_ids, stats)."""
+    ids = prompt_ids(model, prompt)
+    model.check_ids(ids)
+    cache = model.new_cache(batch=1, max_len=len(ids) + max_new_tokens)
+    t0 = time.perf_counter()
+    for a in range(0, len(ids), prefill_chunk):
+        logits = model.forward(np.asarray(ids[a:a + prefill_chunk])[None], cache=cache, last_only=True).logits
+    first = int(np.argmax(logits[0, -1]))
+    t1 = time.perf_counter()
+    dec = FastDecoder(model, cache, compile=compile)
+    out = [first] + (dec.run(first, max_new_tokens - 1) if max_new_tokens > 1 else [])
+    model.ops.synchronize()
+    t2 = time.perf_counter()
+    return out, dict(prompt_tokens=len(ids), ttft_s=t1 - t0, decode_s=t2 - t1,
+                     gen_tok_s=(max_new_tokens - 1) / (t2 - t1) if max_new_tokens > 1 else float("nan"))

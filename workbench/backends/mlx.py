@@ -115,6 +115,26 @@ class MLXOps(Ops):
         rot = mx.concatenate([-x[..., h:], x[..., :h]], axis=-1)
         return x * cos + rot * sin
 
+    def rope_table(self, inv_freq, n: int):
+        ang = np.arange(n, dtype=np.float64)[:, None] * inv_freq.astype(np.float64)[None, :]
+        emb = np.concatenate([ang, ang], -1)
+        return (mx.array(np.cos(emb).astype(np.float32)).astype(self.mdtype),
+                mx.array(np.sin(emb).astype(np.float32)).astype(self.mdtype))
+
+    def rope_at(self, x, table, pos):
+        cos, sin = table
+        idx = mx.maximum(pos, 0)
+        c, s_ = cos[idx], sin[idx]
+        h = x.shape[-1] // 2
+        rot = mx.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+        return x * c + rot * s_
+
+    def decode_mask(self, kpos, pos, window):
+        ok = (kpos >= 0) & (kpos <= pos)
+        if window is not None:
+            ok = ok & ((pos - kpos) < window)
+        return ok[None, None, None, :]
+
     def attention(self, q, k, v, mask, scale, softcap, want_probs):
         H, Hkv = q.shape[1], k.shape[1]
         if softcap is None and not want_probs:

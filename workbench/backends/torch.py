@@ -130,6 +130,28 @@ class TorchOps(Ops):
         rot = torch.cat([-x[..., h:], x[..., :h]], dim=-1)
         return x * cos + rot * sin
 
+    def rope_table(self, inv_freq, n: int):
+        pos = torch.arange(n, dtype=self.acc, device=self.device)
+        inv = torch.as_tensor(inv_freq, dtype=self.acc, device=self.device)
+        ang = pos[:, None] * inv[None, :]
+        emb = torch.cat([ang, ang], dim=-1)
+        return emb.cos().to(self.tdtype), emb.sin().to(self.tdtype)
+
+    def rope_at(self, x, table, pos):
+        """RoPE at device-side positions ``pos`` [T] (or the slot positions of a cache, -1 = empty)."""
+        cos, sin = table
+        idx = pos.clamp(min=0)
+        c, s_ = cos[idx], sin[idx]
+        h = x.shape[-1] // 2
+        rot = torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+        return x * c + rot * s_
+
+    def decode_mask(self, kpos, pos, window):
+        ok = (kpos >= 0) & (kpos <= pos)
+        if window is not None:
+            ok = ok & (pos - kpos < window)
+        return ok[None, None, None, :]
+
     def attention(self, q, k, v, mask, scale, softcap, want_probs):
         # q [B,H,T,D], k/v [B,Hkv,S,D]; mask: bool [T,S] (True = attend) or None
         H, Hkv = q.shape[1], k.shape[1]

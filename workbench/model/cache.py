@@ -43,6 +43,31 @@ class LayerCache:
             buf[:, :, mx.array(slots_idx.astype(np.int32)), :] = new
         return buf
 
+    def enable_static(self):
+        """Mirror the slot positions on the device for the fast decode step."""
+        self.kpos_dev = self.ops.asids(self.pos)
+
+    def update_static(self, k, v, pos):
+        """Write one token at slot pos % slots with device-side indices; returns the whole buffers.
+        (One tensor layers: returns (V, kpos).)"""
+        ops = self.ops
+        if ops.framework == "torch":
+            slot = pos % self.slots
+            if k is not None:
+                self.k.index_copy_(2, slot, k)
+            self.v.index_copy_(2, slot, v)
+            self.kpos_dev.index_copy_(0, slot, pos)
+        else:
+            import mlx.core as mx
+            slot = pos % self.slots
+            if k is not None:
+                self.k[:, :, slot, :] = k
+            self.v[:, :, slot, :] = v
+            self.kpos_dev[slot] = pos
+        if k is None:
+            return self.v, self.kpos_dev
+        return self.k, self.v, self.kpos_dev
+
     def update(self, k, v, positions: np.ndarray):
         """Store new K/V (k may be None for one-tensor layers) at absolute ``positions``; return
         (K, V, kpos) to attend over — for sliding layers with several new tokens, the old ring entries
@@ -105,6 +130,9 @@ class KVCache:
         self.max_len = int(max_len or cfg.max_position_embeddings)
         self.batch = batch
         self.offset = 0
+        self.static = False
+        self.rope_tables: dict[int, tuple] = {}
+        self._model = model
         self.layers: list[LayerCache | None] = []
         for i in range(cfg.num_hidden_layers):
             if cfg.kv_shared(i):
@@ -115,6 +143,30 @@ class KVCache:
             slots = w if ring else self.max_len
             self.layers.append(LayerCache(model.ops, batch, cfg.num_kv_heads(i), cfg.head_dim(i), slots, ring,
                                           one_tensor=cfg.k_eq_v(i)))
+
+    def begin_static(self):
+        """Switch to the fast decode mode: device-side slot positions and RoPE tables for every position."""
+        m = self._model
+        ops = m.ops
+        tabs: dict[bytes, tuple] = {}
+        for i in range(m.config.num_hidden_layers):
+            inv = m._inv_freq[i]
+            key = inv.tobytes()
+            if key not in tabs:
+                tabs[key] = ops.rope_table(inv, self.max_len)
+            self.rope_tables[i] = tabs[key]
+        for c in self.layers:
+            if c is not None:
+                c.enable_static()
+        self.static = True
+
+    def end_static(self, offset: int):
+        """Back to the plain path after fast steps: host-side positions from the device, offset set."""
+        for c in self.layers:
+            if c is not None:
+                c.pos = np.asarray(c.ops.numpy(c.kpos_dev)).astype(np.int64)
+        self.offset = offset
+        self.static = False
 
     def nbytes(self) -> int:
         tot = 0
