@@ -32,17 +32,27 @@ def test_matches_hf_dump(name, backend, dtype):
 @pytest.mark.skipif(not have("transformers"), reason="transformers not installed (pip install gemma-workbench[reference])")
 @pytest.mark.parametrize("name", TEXT_FIXTURES + GEMMA4_FIXTURES)
 def test_matches_live_transformers(name):
+    """A new batch-2 prompt, straight through transformers, in float64 and float32 (HF's Gemma RMSNorm and
+    RoPE run in float32 even in a float64 model, so HF float64 is closer to the truth but not exact): every
+    torch backend within 1e-5 of both. mlx float32 drifts ~1.6x more than torch float32 from the float64 truth
+    on these deliberately saturating fixtures (1.35e-5 on gemma4_bidir's logits for this prompt, plain float32
+    accumulation through attention; the committed-dump test above holds it to 1e-5), so live it gets 2e-5."""
     from workbench.references.hf import HFReference
     d = fixture_dir(name)
-    ref = HFReference(str(d), dtype="float32")
-    rng = np.random.default_rng(7)
     cfg = wb.load(d).config
-    ids = rng.integers(3, cfg.vocab_size, size=(2, 21))  # batch of 2, a new prompt
-    hf_logits = ref.logits(ids)
-    hf_resid = ref.resid_post(ids)
+    ids = np.random.default_rng(7).integers(3, cfg.vocab_size, size=(2, 21))
+    hf = {}
+    for dt in ("float32", "float64"):
+        ref = HFReference(str(d), dtype=dt)
+        hf[dt] = (ref.logits(ids), ref.resid_post(ids))
     for backend, dtype in TARGETS:
         m = wb.load(d, backend=backend, dtype=dtype)
         out = m.forward(ids, taps=["blocks.*.hook_resid_post"])
-        for i in range(cfg.num_hidden_layers):
-            assert rel_max(hf_resid[i], out.taps[f"blocks.{i}.hook_resid_post"]) < TOL, (backend, dtype, i)
-        assert rel_max(hf_logits, out.logits) < TOL, (backend, dtype)
+        for hf_dt in ("float64", "float32"):
+            logits, resid = hf[hf_dt]
+            tol = 2e-5 if backend.startswith("mlx") else TOL
+            for i in range(cfg.num_hidden_layers):
+                err = rel_max(resid[i], out.taps[f"blocks.{i}.hook_resid_post"])
+                assert err < tol, (backend, dtype, "vs HF", hf_dt, "layer", i, err)
+            err = rel_max(logits, out.logits)
+            assert err < tol, (backend, dtype, "vs HF", hf_dt, "logits", err)

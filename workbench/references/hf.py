@@ -195,6 +195,12 @@ class HFReference:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(load_dir), dtype=self.dtype, attn_implementation="eager", **kw
         )
+        if hasattr(model, "set_experts_implementation"):
+            # grouped_mm (the default for Gemma 4 MoE) has no float64 kernel; eager is the reference anyway
+            try:
+                model.set_experts_implementation("eager")
+            except Exception:
+                pass
         self.model = model.to(self.device).eval()
         self.load_seconds = time.perf_counter() - t0
         self.config = self.model.config

@@ -1,0 +1,873 @@
+"""The results store: an embedded SQLite database of every parity and benchmark run.
+
+    from workbench import runs
+    store = runs.RunStore()                     # $WORKBENCH_DB, else the user data dir
+    run_id = store.save("parity", meta, rows)   # one transaction: the whole run or nothing
+    store.list(kind="parity")                   # DataFrame, one row per run, newest first
+    run = store.load(run_id[:6])                # Run(run_id, kind, meta, rows: DataFrame); unique prefixes work
+    store.compare_bench(new_id, baseline_id)    # ratios per (backend, dtype, ...) and a `regression` flag
+
+Layout (schema version 1, kept in ``PRAGMA user_version``):
+
+* ``runs``: one row per run. The meta keys the store understands are columns (model, source, source_hash,
+  backends, device, dtypes, git_commit, passed, created_at) or JSON columns (versions, params, machine);
+  every other meta key goes to the JSON column ``extra``. ``columns`` is the JSON list of row columns in order.
+* ``run_rows``: one row per metric row, ``(run_id, idx, data)``, ``data`` being a JSON object. Non-finite
+  floats, which JSON cannot hold, are written as ``{"$float": "nan" | "inf" | "-inf"}``.
+
+Safety: a file that is not a SQLite database, is corrupt (``PRAGMA quick_check``), belongs to another
+application, or was written by a newer schema is refused with :class:`RunStoreError` before anything is
+written to it. Writers use WAL, a 30 s busy timeout and retries, so several processes can save at once.
+A damaged record is skipped by :meth:`RunStore.list` (reported in ``store.problems``) and refused by
+:meth:`RunStore.load`. Only the standard library is imported here; pandas is imported when a frame is built.
+"""
+from __future__ import annotations
+
+import builtins
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import secrets
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+__all__ = [
+    "SCHEMA_VERSION", "KINDS", "RunStoreError", "RunStoreWarning", "Run", "RunStore",
+    "default_path", "collect_versions", "git_commit", "machine_info", "list", "load", "compare_bench",
+]
+
+_list = builtins.list  # this module defines list() below
+
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x47574231  # "GWB1": marks the file as a gemma-workbench results store
+KINDS = ("parity", "bench")
+BUSY_TIMEOUT_S = 30.0
+WRITE_ATTEMPTS = 8
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_APP_DIR = "gemma-workbench"
+_DB_NAME = "runs.sqlite"
+
+# meta keys stored in their own columns; everything else goes to `extra`
+_SCALAR_KEYS = ("model", "source", "source_hash", "device", "git_commit")
+_JSON_KEYS = ("versions", "params", "machine")
+_KNOWN_KEYS = _SCALAR_KEYS + _JSON_KEYS + ("backends", "dtypes", "passed", "created_at")
+# columns of the runs table that hold JSON
+_JSON_COLUMNS = ("backends", "dtypes", "columns", "versions", "params", "machine", "extra")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id      TEXT    NOT NULL UNIQUE,
+    kind        TEXT    NOT NULL,
+    created_at  TEXT    NOT NULL,
+    model       TEXT,
+    source      TEXT,
+    source_hash TEXT,
+    backends    TEXT,
+    device      TEXT,
+    dtypes      TEXT,
+    git_commit  TEXT,
+    passed      INTEGER,
+    n_rows      INTEGER NOT NULL,
+    columns     TEXT    NOT NULL,
+    versions    TEXT,
+    params      TEXT,
+    machine     TEXT,
+    extra       TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_by_created ON runs (created_at);
+CREATE INDEX IF NOT EXISTS runs_by_kind ON runs (kind, created_at);
+CREATE INDEX IF NOT EXISTS runs_by_model ON runs (model, created_at);
+CREATE TABLE IF NOT EXISTS run_rows (
+    run_id TEXT    NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE,
+    idx    INTEGER NOT NULL,
+    data   TEXT    NOT NULL,
+    PRIMARY KEY (run_id, idx)
+) WITHOUT ROWID;
+"""
+_OUR_TABLES = {"runs", "run_rows"}
+
+
+class RunStoreError(RuntimeError):
+    """The results database can't be used (not SQLite, corrupt, newer schema, damaged record ...)."""
+
+
+class RunStoreWarning(UserWarning):
+    """A damaged record was skipped."""
+
+
+class UnknownRunError(KeyError):
+    """No run (or no unique run) matches the id or prefix given."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass
+class Run:
+    run_id: str
+    kind: str
+    meta: dict
+    rows: Any  # pandas.DataFrame, columns in the order they were saved
+
+    @property
+    def created_at(self) -> str | None:
+        return self.meta.get("created_at")
+
+    def __repr__(self) -> str:
+        return (f"Run({self.run_id!r}, kind={self.kind!r}, model={self.meta.get('model')!r}, "
+                f"created_at={self.created_at!r}, rows={len(self.rows)})")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# paths and provenance
+
+
+def default_path() -> Path:
+    """``$WORKBENCH_DB`` if set, else ``<user data dir>/gemma-workbench/runs.sqlite``: ``$XDG_DATA_HOME`` (default
+    ``~/.local/share``) on Linux, ``~/Library/Application Support`` on macOS, ``%LOCALAPPDATA%`` on Windows."""
+    env = os.environ.get("WORKBENCH_DB")
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    elif sys.platform.startswith("win"):
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    else:
+        xdg = os.environ.get("XDG_DATA_HOME")
+        base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".local" / "share"
+    return base / _APP_DIR / _DB_NAME
+
+
+_VERSION_PACKAGES = {  # key -> distribution names to try
+    "numpy": ("numpy",),
+    "pandas": ("pandas",),
+    "torch": ("torch",),
+    "mlx": ("mlx",),
+    "transformers": ("transformers",),
+    "tokenizers": ("tokenizers",),
+    "gguf": ("gguf",),
+    "llama_cpp": ("llama_cpp_python", "llama-cpp-python"),
+}
+
+
+def collect_versions() -> dict:
+    """Versions of python and the libraries that matter, from package metadata (nothing heavy is imported).
+    Packages that are not installed are left out. Never raises."""
+    from importlib import metadata
+    out: dict[str, str] = {"python": platform.python_version()}
+    for key, dists in _VERSION_PACKAGES.items():
+        for dist in dists:
+            try:
+                out[key] = metadata.version(dist)
+                break
+            except Exception:
+                continue
+    try:
+        out["workbench"] = metadata.version("gemma-workbench")
+    except Exception:
+        wb = sys.modules.get("workbench")
+        if getattr(wb, "__version__", None):
+            out["workbench"] = str(wb.__version__)
+    # details only where the module is already imported (importing torch here would cost seconds)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            if getattr(torch, "__version__", None):
+                out["torch"] = str(torch.__version__)
+            cuda = getattr(getattr(torch, "version", None), "cuda", None)
+            if cuda:
+                out["cuda"] = str(cuda)
+        except Exception:
+            pass
+    out["sqlite"] = sqlite3.sqlite_version
+    return out
+
+
+def git_commit(path: str | os.PathLike | None = None) -> str | None:
+    """The commit checked out at ``path`` (default: the gemma-workbench checkout this module lives in), with
+    ``-dirty`` appended if tracked files are modified; None when it isn't a git checkout or git is missing.
+    Read-only (``--no-optional-locks``: doesn't even refresh the index); never raises."""
+    try:
+        pkg_root = Path(__file__).resolve().parent.parent
+        where = Path(path).resolve() if path is not None else pkg_root
+        if not where.is_dir():
+            where = where.parent
+        env = dict(os.environ, GIT_OPTIONAL_LOCKS="0", LC_ALL="C")
+        env.pop("GIT_DIR", None)
+        env.pop("GIT_WORK_TREE", None)
+
+        def git(*args: str) -> str | None:
+            p = subprocess.run(["git", "--no-optional-locks", "-C", str(where), *args], capture_output=True,
+                               text=True, timeout=10, env=env, stdin=subprocess.DEVNULL)
+            return p.stdout.strip() if p.returncode == 0 else None
+
+        top = git("rev-parse", "--show-toplevel")
+        if not top:
+            return None
+        if path is None and Path(top).resolve() != pkg_root:
+            return None  # installed inside some other repository: its commit isn't ours
+        sha = git("rev-parse", "HEAD")
+        if not sha:
+            return None
+        status = git("status", "--porcelain", "--untracked-files=no")
+        return sha + ("-dirty" if status else "")
+    except Exception:
+        return None
+
+
+def _cpu_name() -> str | None:
+    try:
+        if sys.platform.startswith("linux"):
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    key, _, val = line.partition(":")
+                    if key.strip() in ("model name", "Model", "Hardware", "cpu model") and val.strip():
+                        return val.strip()
+        elif sys.platform == "darwin":
+            p = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                               timeout=5, stdin=subprocess.DEVNULL)
+            if p.returncode == 0 and p.stdout.strip():
+                return p.stdout.strip()
+    except Exception:
+        pass
+    return platform.processor() or None
+
+
+def _memory_bytes() -> int | None:
+    try:
+        if sys.platform.startswith("linux"):
+            with open("/proc/meminfo", encoding="utf-8") as f:
+                for line in f:
+                    if line.startswith("MemTotal:"):
+                        return int(line.split()[1]) * 1024
+        elif sys.platform == "darwin":
+            p = subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True, timeout=5,
+                               stdin=subprocess.DEVNULL)
+            if p.returncode == 0:
+                return int(p.stdout.strip())
+    except Exception:
+        pass
+    return None
+
+
+def machine_info() -> dict:
+    """Hostname, OS, architecture, CPU model, core count and memory of this machine. Never raises."""
+    info: dict[str, Any] = {}
+    for key, fn in (("hostname", socket.gethostname), ("platform", platform.platform),
+                    ("system", platform.system), ("release", platform.release), ("arch", platform.machine),
+                    ("cpu", _cpu_name), ("cpu_count", os.cpu_count), ("memory_bytes", _memory_bytes),
+                    ("python", platform.python_version)):
+        try:
+            info[key] = fn()
+        except Exception:
+            info[key] = None
+    return info
+
+
+# --------------------------------------------------------------------------------------------------------------
+# values <-> JSON, keeping types (NaN and inf included)
+
+_MARKERS = ("$float", "$dict")
+
+
+def _numpy_item(v):
+    """numpy scalars/arrays -> Python, without importing numpy."""
+    mod = type(v).__module__ or ""
+    if mod.split(".")[0] != "numpy":
+        return _NOT
+    if hasattr(v, "ndim") and getattr(v, "ndim", 0) > 0 and hasattr(v, "tolist"):
+        return v.tolist()
+    if hasattr(v, "item"):
+        return v.item()
+    return _NOT
+
+
+_NOT = object()
+
+
+def _encode(v, strict: bool, where: str = "value"):
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, int):
+        return int(v)
+    if isinstance(v, float):
+        if math.isfinite(v):
+            return float(v)
+        return {"$float": "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")}
+    if isinstance(v, dict):
+        out = {}
+        for k, x in v.items():
+            if not isinstance(k, str):
+                if strict:
+                    raise TypeError(f"{where}: dict key {k!r} is not a string")
+                k = str(k)
+            out[k] = _encode(x, strict, f"{where}[{k!r}]")
+        if len(out) == 1 and next(iter(out)) in _MARKERS:
+            return {"$dict": out}  # a user dict that looks like one of our markers
+        return out
+    if isinstance(v, (_list, tuple)):
+        return [_encode(x, strict, f"{where}[{i}]") for i, x in enumerate(v)]
+    item = _numpy_item(v)
+    if item is not _NOT:
+        return _encode(item, strict, where)
+    if strict:
+        raise TypeError(f"{where}: {type(v).__name__} {v!r:.80} can't be stored (use int, float, str, bool, None, "
+                        "or lists/dicts of those)")
+    if isinstance(v, (set, frozenset)):
+        return [_encode(x, strict, where) for x in sorted(v, key=repr)]
+    if isinstance(v, (_dt.datetime, _dt.date)):
+        return v.isoformat()
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    return repr(v)
+
+
+def _decode_hook(d: dict):
+    if len(d) == 1:
+        if "$float" in d:
+            return float(d["$float"])
+        if "$dict" in d and isinstance(d["$dict"], dict):
+            return d["$dict"]
+    return d
+
+
+def _dumps(v, strict: bool = False, where: str = "value") -> str:
+    return json.dumps(_encode(v, strict, where), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _loads(s):
+    if s is None:
+        return None
+    return json.loads(s, object_hook=_decode_hook)
+
+
+def _utc_iso(value=None) -> str:
+    if value is None:
+        t = _dt.datetime.now(_dt.timezone.utc)
+    elif isinstance(value, _dt.datetime):
+        t = value
+    elif isinstance(value, str):
+        try:
+            t = _dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"created_at {value!r} is not an ISO-8601 timestamp") from None
+    else:
+        raise ValueError(f"created_at must be an ISO-8601 string or datetime, not {type(value).__name__}")
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=_dt.timezone.utc)  # naive: taken as UTC
+    return t.astimezone(_dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def _is_locked(e: BaseException) -> bool:
+    msg = str(e).lower()
+    return isinstance(e, sqlite3.OperationalError) and ("locked" in msg or "busy" in msg)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the store
+
+
+class RunStore:
+    """An embedded SQLite store of parity and benchmark runs. ``path`` None -> :func:`default_path`.
+
+    Opening checks the file (SQLite header, ``PRAGMA quick_check``, application id, schema version) before
+    anything is written; parent directories are created. Usable as a context manager; safe to share between
+    threads; reconnects after ``fork``.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, *, timeout: float = BUSY_TIMEOUT_S):
+        self.path = Path(path).expanduser() if path is not None else default_path()
+        self.timeout = float(timeout)
+        self.problems: list[str] = []
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = None
+        self._connect()
+
+    # -- connection -------------------------------------------------------------------------------------------
+
+    def _refuse(self, why: str) -> RunStoreError:
+        return RunStoreError(f"{self.path}: {why}; the file was not modified")
+
+    def _check_header(self) -> None:
+        p = self.path
+        if p.exists() and not p.is_file():
+            raise RunStoreError(f"{p} is not a file (a directory?); pass a file path as --db/WORKBENCH_DB")
+        if p.is_file():
+            size = p.stat().st_size
+            if size == 0:
+                return  # an empty file: SQLite makes it a new database
+            with open(p, "rb") as f:
+                head = f.read(100)
+            if not head.startswith(_SQLITE_MAGIC) or len(head) < 100:
+                raise self._refuse("is not a gemma-workbench results database (not an SQLite file, "
+                                   f"{size} bytes); pass another --db/WORKBENCH_DB")
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        self._conn = None  # after fork: never use the parent's connection
+        self._check_header()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.timeout
+        delay = 0.02
+        while True:
+            conn = sqlite3.connect(str(self.path), timeout=self.timeout, isolation_level=None,
+                                   check_same_thread=False)
+            try:
+                self._open(conn)
+            except BaseException as e:
+                conn.close()
+                if _is_locked(e) and time.monotonic() < deadline:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.5)
+                    continue
+                if isinstance(e, RunStoreError) or not isinstance(e, sqlite3.DatabaseError):
+                    raise
+                if _is_locked(e):
+                    raise RunStoreError(f"{self.path} stayed locked by another process for {self.timeout:.0f} s"
+                                        ) from e
+                raise self._refuse(f"is not a usable SQLite database ({e}); pass another --db/WORKBENCH_DB, "
+                                   "or move the file aside") from e
+            self._conn, self._pid = conn, os.getpid()
+            return conn
+
+    def _open(self, conn: sqlite3.Connection) -> None:
+        conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+        # read-only checks first: nothing is written until the file is known to be ours and sound
+        bad = [r[0] for r in conn.execute("PRAGMA quick_check(5)").fetchall()]
+        if bad != ["ok"]:
+            raise self._refuse("is corrupt (PRAGMA quick_check: " + "; ".join(map(str, bad)) +
+                               "); pass another --db/WORKBENCH_DB, or move the file aside")
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
+        if app_id not in (0, APPLICATION_ID):
+            raise self._refuse(f"is an SQLite database of another application (application_id {app_id:#x}), "
+                               "not a gemma-workbench results store; pass another --db/WORKBENCH_DB")
+        if version > SCHEMA_VERSION:
+            raise RunStoreError(f"{self.path} was written by a newer gemma-workbench (schema {version} > "
+                                f"{SCHEMA_VERSION}); upgrade gemma-workbench, or pass another --db/WORKBENCH_DB; "
+                                "the file was not modified")
+        if version == 0 and tables - _OUR_TABLES:
+            raise self._refuse("is an SQLite database of another application (tables: " +
+                               ", ".join(sorted(tables)) + "), not a gemma-workbench results store; "
+                               "pass another --db/WORKBENCH_DB")
+        if version > 0 and (app_id != APPLICATION_ID or not _OUR_TABLES <= tables):
+            raise self._refuse(f"is not a gemma-workbench results store (schema {version}, tables: " +
+                               (", ".join(sorted(tables)) or "none") + "); pass another --db/WORKBENCH_DB")
+        # ours (or new): WAL lets readers and one writer at a time work concurrently
+        conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if version < SCHEMA_VERSION:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                v = conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have just done it
+                if v == 0:
+                    for stmt in _SCHEMA.split(";"):
+                        if stmt.strip():
+                            conn.execute(stmt)
+                    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                with contextlib.suppress(Exception):
+                    self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> "RunStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"RunStore({str(self.path)!r})"
+
+    def _write(self, fn):
+        """Run ``fn(conn)`` in one BEGIN IMMEDIATE transaction; roll back on any exception; retry if locked."""
+        delay = 0.05
+        for attempt in range(WRITE_ATTEMPTS):
+            with self._lock:
+                conn = self._connect()
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as e:
+                    if _is_locked(e) and attempt < WRITE_ATTEMPTS - 1:
+                        pass  # sleep below, outside the lock
+                    else:
+                        raise RunStoreError(f"{self.path}: can't start a write ({e})") from e
+                else:
+                    try:
+                        out = fn(conn)
+                        conn.execute("COMMIT")
+                        return out
+                    except BaseException as e:
+                        with contextlib.suppress(Exception):
+                            conn.execute("ROLLBACK")
+                        if not (_is_locked(e) and attempt < WRITE_ATTEMPTS - 1):
+                            raise
+            time.sleep(delay * (1 + secrets.randbelow(100) / 100))
+            delay = min(delay * 2, 2.0)
+        raise RunStoreError(f"{self.path}: still locked after {WRITE_ATTEMPTS} attempts")  # pragma: no cover
+
+    # -- writing ----------------------------------------------------------------------------------------------
+
+    def save(self, kind: str, meta: dict | None, rows: Iterable[dict]) -> str:
+        """Store one run: ``meta`` (dict) and ``rows`` (list of flat dicts). Returns the new run id.
+
+        The run row and all its metric rows are written in one transaction: if anything fails (a value that
+        can't be stored raises TypeError) nothing is left behind. Missing ``created_at`` is set to now (UTC);
+        missing ``backends``/``dtypes`` are taken from the rows' ``backend``/``dtype`` values.
+        """
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        meta = dict(meta or {})
+        rows = _list(rows)
+        for i, r in enumerate(rows):
+            if not isinstance(r, dict):
+                raise TypeError(f"row {i} is a {type(r).__name__}, not a dict")
+        columns: dict[str, None] = {}
+        for r in rows:
+            for k in r:
+                if not isinstance(k, str):
+                    raise TypeError(f"row column {k!r} is not a string")
+                columns.setdefault(k, None)
+
+        extra = {k: v for k, v in meta.items() if k not in _KNOWN_KEYS}
+
+        def as_list(plural: str, singular: str) -> list | None:
+            v = meta.get(plural)
+            if v is None:
+                v = meta.get(singular)  # kept in `extra` too, so load() gives it back
+            if v is None:
+                vals = {str(r[singular]) for r in rows if r.get(singular) is not None}
+                return sorted(vals) or None
+            if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+                return [str(v)]
+            return [str(x) for x in v]
+
+        backends = as_list("backends", "backend")
+        dtypes = as_list("dtypes", "dtype")
+        passed = meta.get("passed", _NOT)
+        if passed is _NOT:  # not given: all rows passed, if rows say
+            flags = [r["passed"] for r in rows if "passed" in r]
+            passed = bool(all(bool(f) for f in flags)) if rows and len(flags) == len(rows) else None
+        if passed is not None:
+            item = _numpy_item(passed)
+            passed = bool(item if item is not _NOT else passed)
+        device = meta.get("device")
+        if device is not None and not isinstance(device, str):
+            device = ", ".join(map(str, device)) if isinstance(device, (_list, tuple, set)) else str(device)
+        created_at = _utc_iso(meta.get("created_at"))
+
+        def text(k):
+            v = meta.get(k)
+            return None if v is None else str(v)
+
+        def js(v):
+            return None if v is None else _dumps(v, strict=False, where="meta")
+
+        record = dict(kind=kind, created_at=created_at, model=text("model"), source=text("source"),
+                      source_hash=text("source_hash"), backends=js(backends), device=device, dtypes=js(dtypes),
+                      git_commit=text("git_commit"), passed=None if passed is None else int(passed),
+                      n_rows=len(rows), columns=js(_list(columns)), versions=js(meta.get("versions")),
+                      params=js(meta.get("params")), machine=js(meta.get("machine")),
+                      extra=js(extra) if extra else None)
+        names = ", ".join(["run_id", *record])
+        marks = ", ".join("?" * (len(record) + 1))
+
+        def write(conn: sqlite3.Connection) -> str:
+            for _ in range(5):
+                run_id = secrets.token_hex(6)
+                try:
+                    conn.execute(f"INSERT INTO runs ({names}) VALUES ({marks})", (run_id, *record.values()))
+                    break
+                except sqlite3.IntegrityError:  # id collision: vanishingly rare
+                    continue
+            else:  # pragma: no cover
+                raise RunStoreError("could not allocate a run id")
+            # rows are serialised inside the transaction: a failure half-way rolls back the run row too
+            conn.executemany("INSERT INTO run_rows (run_id, idx, data) VALUES (?, ?, ?)",
+                             ((run_id, i, _dumps(r, strict=True, where=f"row {i}")) for i, r in enumerate(rows)))
+            return run_id
+
+        return self._write(write)
+
+    def delete(self, run_id: str) -> str:
+        """Delete a run (id or unique prefix) and its rows. Returns the full id; unknown id -> KeyError."""
+        def write(conn):
+            rid = self._resolve(conn, run_id)
+            conn.execute("DELETE FROM run_rows WHERE run_id = ?", (rid,))
+            conn.execute("DELETE FROM runs WHERE run_id = ?", (rid,))
+            return rid
+        return self._write(write)
+
+    # -- reading ----------------------------------------------------------------------------------------------
+
+    def _resolve(self, conn: sqlite3.Connection, run_id: str) -> str:
+        if not isinstance(run_id, str) or not run_id.strip():
+            raise UnknownRunError(f"no run {run_id!r} in {self.path}")
+        run_id = run_id.strip()
+        if conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone():
+            return run_id
+        hits = [r[0] for r in conn.execute(
+            "SELECT run_id FROM runs WHERE substr(run_id, 1, ?) = ? ORDER BY created_at DESC LIMIT 6",
+            (len(run_id), run_id))]
+        if not hits:
+            raise UnknownRunError(f"no run {run_id!r} in {self.path}")
+        if len(hits) > 1:
+            raise UnknownRunError(f"run id prefix {run_id!r} is ambiguous in {self.path}: matches "
+                                  + ", ".join(hits[:5]) + (", ..." if len(hits) > 5 else ""))
+        return hits[0]
+
+    def resolve(self, run_id: str) -> str:
+        """The full id of the run whose id is (or uniquely starts with) ``run_id``; else KeyError."""
+        with self._lock:
+            return self._resolve(self._connect(), run_id)
+
+    def _parse_run(self, rec: sqlite3.Row) -> dict:
+        """Decoded run record; raises ValueError describing what is damaged."""
+        out = dict(rec)
+        for col in _JSON_COLUMNS:
+            try:
+                out[col] = _loads(rec[col])
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"invalid JSON in column {col!r} ({e})") from None
+        for col, typ in (("backends", _list), ("dtypes", _list), ("columns", _list), ("extra", dict),
+                         ("versions", dict)):
+            if out[col] is not None and not isinstance(out[col], typ):
+                raise ValueError(f"column {col!r} holds a {type(out[col]).__name__}, not a {typ.__name__}")
+        if out["columns"] is None:
+            raise ValueError("column 'columns' is empty")
+        try:
+            out["created_at"] = _utc_iso(rec["created_at"])
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+        if not isinstance(out["n_rows"], int) or out["n_rows"] < 0:
+            raise ValueError(f"n_rows is {out['n_rows']!r}")
+        if out["passed"] not in (None, 0, 1):
+            raise ValueError(f"passed is {out['passed']!r}")
+        return out
+
+    def _problem(self, msg: str) -> None:
+        self.problems.append(msg)
+        warnings.warn(msg, RunStoreWarning, stacklevel=3)
+
+    def list(self, kind: str | None = None, model: str | None = None, limit: int | None = None):
+        """One row per run, newest first, as a DataFrame with columns run_id, kind, created_at (UTC timestamp),
+        model, source, source_hash, backends, device, dtypes (comma-joined), git_commit, passed, n_rows,
+        machine (hostname) and params (JSON string). ``model`` matches the model name or the source path.
+        Damaged runs are skipped; each is described in ``self.problems`` (reset by each call)."""
+        import pandas as pd
+        self.problems = []
+        where, args = [], []
+        if kind is not None:
+            where.append("r.kind = ?")
+            args.append(kind)
+        if model is not None:
+            where.append("(r.model = ? OR r.source = ?)")
+            args += [str(model), str(model)]
+        sql = ("SELECT r.*, (SELECT COUNT(*) FROM run_rows w WHERE w.run_id = r.run_id) AS stored_rows "
+               "FROM runs r" + (" WHERE " + " AND ".join(where) if where else "") +
+               " ORDER BY r.created_at DESC, r.seq DESC")
+        out = []
+        with self._lock:
+            conn = self._connect()
+            conn.row_factory = sqlite3.Row
+            try:
+                for rec in conn.execute(sql, args):
+                    if limit is not None and len(out) >= limit:
+                        break
+                    try:
+                        d = self._parse_run(rec)
+                        if rec["stored_rows"] != d["n_rows"]:
+                            raise ValueError(f"{rec['stored_rows']} rows stored, {d['n_rows']} expected")
+                    except ValueError as e:
+                        self._problem(f"run {rec['run_id']}: {e}; skipped")
+                        continue
+                    machine = d["machine"]
+                    out.append(dict(
+                        run_id=d["run_id"], kind=d["kind"], created_at=d["created_at"], model=d["model"],
+                        source=d["source"], source_hash=d["source_hash"],
+                        backends=",".join(d["backends"] or []) or None, device=d["device"],
+                        dtypes=",".join(d["dtypes"] or []) or None, git_commit=d["git_commit"],
+                        passed=None if d["passed"] is None else bool(d["passed"]), n_rows=d["n_rows"],
+                        machine=(machine.get("hostname") if isinstance(machine, dict) else
+                                 (None if machine is None else str(machine))),
+                        params=rec["params"]))
+            finally:
+                conn.row_factory = None
+        cols = ["run_id", "kind", "created_at", "model", "source", "source_hash", "backends", "device", "dtypes",
+                "git_commit", "passed", "n_rows", "machine", "params"]
+        df = pd.DataFrame(out, columns=cols)
+        df["created_at"] = pd.to_datetime(df["created_at"], utc=True, format="ISO8601")
+        df["passed"] = df["passed"].astype("boolean")
+        df["n_rows"] = df["n_rows"].astype("int64")
+        return df
+
+    def load(self, run_id: str) -> Run:
+        """The run whose id is (or uniquely starts with) ``run_id``: Run(run_id, kind, meta, rows DataFrame).
+        Unknown id -> KeyError; damaged record -> RunStoreError."""
+        import pandas as pd
+        with self._lock:
+            conn = self._connect()
+            # one read transaction: a concurrent delete can't leave us half a run
+            conn.execute("BEGIN")
+            try:
+                rid = self._resolve(conn, run_id)
+                conn.row_factory = sqlite3.Row
+                rec = conn.execute("SELECT * FROM runs WHERE run_id = ?", (rid,)).fetchone()
+                conn.row_factory = None
+                if rec is None:
+                    raise UnknownRunError(f"no run {run_id!r} in {self.path}")
+                raw = conn.execute("SELECT idx, data FROM run_rows WHERE run_id = ? ORDER BY idx",
+                                   (rid,)).fetchall()
+            finally:
+                conn.row_factory = None
+                conn.execute("COMMIT")
+        try:
+            d = self._parse_run(rec)
+        except ValueError as e:
+            msg = f"run {rid} in {self.path} is damaged: {e}"
+            self.problems.append(msg)
+            raise RunStoreError(msg) from None
+        rows = []
+        for idx, data in raw:
+            try:
+                r = _loads(data)
+                if not isinstance(r, dict):
+                    raise ValueError(f"a {type(r).__name__}, not an object")
+            except (ValueError, TypeError) as e:
+                msg = f"run {rid} in {self.path} is damaged: row {idx} is not valid ({e})"
+                self.problems.append(msg)
+                raise RunStoreError(msg) from None
+            rows.append(r)
+        if len(rows) != d["n_rows"] or [i for i, _ in raw] != _list(range(len(raw))):
+            msg = f"run {rid} in {self.path} is damaged: {len(rows)} rows stored, {d['n_rows']} expected"
+            self.problems.append(msg)
+            raise RunStoreError(msg)
+        columns = _list(d["columns"])
+        for r in rows:  # columns not in the saved list (shouldn't happen) go last rather than vanish
+            for k in r:
+                if k not in columns:
+                    columns.append(k)
+        frame = pd.DataFrame.from_records(rows, columns=columns) if rows else pd.DataFrame(columns=columns)
+        meta: dict[str, Any] = {}
+        for k in _SCALAR_KEYS:
+            meta[k] = d[k]
+        meta.update(backends=d["backends"], dtypes=d["dtypes"],
+                    passed=None if d["passed"] is None else bool(d["passed"]), created_at=d["created_at"])
+        for k in _JSON_KEYS:
+            meta[k] = d[k]
+        meta.update(d["extra"] or {})
+        return Run(run_id=rid, kind=d["kind"], meta=meta, rows=frame)
+
+    def __contains__(self, run_id: str) -> bool:
+        try:
+            self.resolve(run_id)
+            return True
+        except KeyError:
+            return False
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._connect().execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+
+    # -- benchmarks -------------------------------------------------------------------------------------------
+
+    BENCH_KEYS = ("backend", "dtype", "prompt_len", "gen_len", "batch_size")
+
+    def compare_bench(self, run_id: str, baseline_id: str, threshold: float = 0.05, on=None):
+        """Bench rows of ``run_id`` next to those of ``baseline_id``, joined on the key columns both have
+        (backend, dtype, prompt_len, gen_len, batch_size; or ``on``). For every numeric metric present in both
+        there are columns ``<m>`` (this run), ``<m>_base`` and ``<m>_ratio`` (this / baseline). ``regression``
+        is True where a throughput (``*tok_s``: decode_tok_s, prefill_tok_s ...) is lower than the baseline's by
+        more than ``threshold`` (0.05 = 5 %); ``regressed`` names those metrics. Rows in one run only are kept
+        with ``status`` 'new' or 'missing'. Repeated keys are reduced to their median first."""
+        import pandas as pd
+        cur, base = self.load(run_id), self.load(baseline_id)
+        for r in (cur, base):
+            if r.kind != "bench":
+                raise ValueError(f"run {r.run_id} is a {r.kind} run, not a bench run")
+        a, b = cur.rows, base.rows
+        keys = [k for k in (on or self.BENCH_KEYS) if k in a.columns and k in b.columns]
+        if not keys:
+            raise ValueError(f"runs {cur.run_id} and {base.run_id} share no key columns "
+                             f"({', '.join(on or self.BENCH_KEYS)})")
+
+        def numeric(df):
+            return [c for c in df.columns if c not in keys and pd.api.types.is_numeric_dtype(df[c])
+                    and not pd.api.types.is_bool_dtype(df[c])]
+        metrics = [c for c in numeric(a) if c in numeric(b)]
+
+        def reduce(df):
+            df = df[keys + metrics]
+            if df.duplicated(keys).any():
+                df = df.groupby(keys, dropna=False, sort=False, as_index=False)[metrics].median()
+            return df.reset_index(drop=True)
+
+        m = reduce(a).merge(reduce(b), on=keys, how="outer", suffixes=("", "_base"), indicator=True, sort=False)
+        m["status"] = m.pop("_merge").map({"both": "both", "left_only": "new", "right_only": "missing"}
+                                          ).astype(str)
+        ordered = _list(keys)
+        for c in metrics:
+            num, den = m[c].astype("float64"), m[c + "_base"].astype("float64")
+            ratio = num / den.where(den != 0)
+            m[c + "_ratio"] = ratio
+            ordered += [c, c + "_base", c + "_ratio"]
+        throughput = [c for c in metrics if c.endswith("tok_s")]
+        flags = pd.DataFrame({c: (m[c + "_ratio"] < 1.0 - threshold).fillna(False).astype(bool)
+                              for c in throughput}, index=m.index)
+        m["regression"] = flags.any(axis=1) if throughput else False
+        m["regressed"] = [",".join(c for c in throughput if flags.at[i, c]) for i in m.index] if throughput else ""
+        m = m[ordered + ["regression", "regressed", "status"]]
+        m.attrs.update(run_id=cur.run_id, baseline_id=base.run_id, threshold=threshold, keys=keys)
+        return m
+
+
+# --------------------------------------------------------------------------------------------------------------
+# module-level conveniences
+
+
+def list(kind: str | None = None, model: str | None = None, db: str | os.PathLike | None = None,  # noqa: A001
+         limit: int | None = None):
+    """:meth:`RunStore.list` over ``RunStore(db)``; damaged runs are skipped with a RunStoreWarning."""
+    with RunStore(db) as st:
+        return st.list(kind=kind, model=model, limit=limit)
+
+
+def load(run_id: str, db: str | os.PathLike | None = None) -> Run:
+    """:meth:`RunStore.load` over ``RunStore(db)``."""
+    with RunStore(db) as st:
+        return st.load(run_id)
+
+
+def compare_bench(run_id: str, baseline_id: str, threshold: float = 0.05, db: str | os.PathLike | None = None):
+    """:meth:`RunStore.compare_bench` over ``RunStore(db)``."""
+    with RunStore(db) as st:
+        return st.compare_bench(run_id, baseline_id, threshold=threshold)
