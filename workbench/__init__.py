@@ -1,5 +1,5 @@
 """Gemma Workbench: one Gemma 1-4 implementation over torch and MLX, compared layer by layer."""
-from . import backends  # noqa: F401
+from . import backends, runs  # noqa: F401
 from .loader import load  # noqa: F401
 
 __version__ = "0.1.0"
