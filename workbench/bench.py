@@ -259,13 +259,23 @@ def bench(source="gemma3-270m", backends=None, dtypes=None, prompt_len: int = 12
             print(f"[bench] {b} {d}", file=sys.stderr, flush=True)
         m = Gemma(cfg, tensors, _bk.get_ops(b, d), where=str(path))
         use_compile = compile if compile is not None else (spec.framework == "torch" and spec.device == "cuda")
-        res = bench_model(m, prompt_len, gen_len, repeats, fast=fast, compile=use_compile and fast,
-                          progress=progress, label=f"{b} {d}")
+        note = None
+        try:
+            res = bench_model(m, prompt_len, gen_len, repeats, fast=fast, compile=use_compile and fast,
+                              progress=progress, label=f"{b} {d}")
+        except Exception as e:
+            if not (use_compile and fast):
+                raise
+            note = f"compiled step failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); eager static path"
+            print(f"[bench] {b} {d}: {note}", file=sys.stderr, flush=True)
+            use_compile = False
+            res = bench_model(m, prompt_len, gen_len, repeats, fast=fast, compile=False, progress=progress,
+                              label=f"{b} {d}")
         dev = device_name(spec)
         bw, bw_src = device_bandwidth(spec, dev)
         nbytes = bytes_per_step(m, prompt_len + gen_len // 2)
         gbps = nbytes * res["decode_tok_s"] / 1e9
-        rows.append(dict(base, status="ok", reason=None, ttft_s=res["ttft_s"], prefill_tok_s=res["prefill_tok_s"],
+        rows.append(dict(base, status="ok", reason=note, ttft_s=res["ttft_s"], prefill_tok_s=res["prefill_tok_s"],
                          decode_us_median=res["decode_us_median"], decode_us_p10=res["decode_us_p10"],
                          decode_us_p90=res["decode_us_p90"], decode_tok_s=res["decode_tok_s"],
                          peak_mem_bytes=_peak_mem(m.ops), bytes_per_step=nbytes, gbps=gbps, bw_limit_gbps=bw,

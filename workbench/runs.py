@@ -315,7 +315,7 @@ def _encode(v, strict: bool, where: str = "value"):
                 k = str(k)
             out[k] = _encode(x, strict, f"{where}[{k!r}]")
         if len(out) == 1 and next(iter(out)) in _MARKERS:
-            return {"$dict": out}  # a user dict that looks like one of our markers
+            return {"$dict": [[k, x] for k, x in out.items()]}  # a user dict that looks like one of our markers
         return out
     if isinstance(v, (_list, tuple)):
         return [_encode(x, strict, f"{where}[{i}]") for i, x in enumerate(v)]
@@ -338,8 +338,8 @@ def _decode_hook(d: dict):
     if len(d) == 1:
         if "$float" in d:
             return float(d["$float"])
-        if "$dict" in d and isinstance(d["$dict"], dict):
-            return d["$dict"]
+        if "$dict" in d and isinstance(d["$dict"], _list):
+            return {k: x for k, x in d["$dict"]}
     return d
 
 
