@@ -283,48 +283,55 @@ def parity_figures(frame, metric: str = "rel_max", tap: str = "hook_resid_post",
 # ============================================================================ throughput pictures
 def throughput_figure(frame, title: str | None = None):
     """Prefill and decode tokens/s per backend (bars) with the memory-bandwidth ceiling of decode marked:
-    ceiling tok/s = bandwidth limit / bytes read per step (= decode tok/s x limit / achieved GB/s)."""
+    ceiling tok/s = bandwidth limit / bytes read per step (= decode tok/s x limit / achieved GB/s); a third
+    panel shows achieved GB/s against the device limit. Log scale where the limit is decades away."""
     import matplotlib.pyplot as plt
-    df = frame[frame.get("status", "ok") == "ok"].copy() if "status" in frame else frame.copy()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    from matplotlib.ticker import FuncFormatter
+    df = frame[frame["status"] == "ok"].copy() if "status" in frame else frame.copy()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.9))
     if df.empty:
         for ax in axes:
             ax.text(0.5, 0.5, "no measured rows", ha="center", va="center")
             ax.set_axis_off()
         return fig
-    impl = df["impl"] if "impl" in df else "workbench"
-    df["label"] = df["backend"] + "\n" + df["dtype"] + np.where(impl != "workbench", "\n(" + impl + ")", "")
+    if "impl" not in df:
+        df["impl"] = "workbench"
+    df["label"] = df["backend"] + "\n" + df["dtype"] + np.where(df["impl"] != "workbench", "\n(" + df["impl"] + ")", "")
     x = np.arange(len(df))
-    colors = ["#4c72b0" if i == "workbench" else "#999999" for i in (df["impl"] if "impl" in df else
-                                                                     ["workbench"] * len(df))]
-    ax = axes[0]
-    ax.bar(x, df["prefill_tok_s"], color=colors)
-    ax.set_title(f"prefill (pp{int(df['prompt_len'].iloc[0])}) tok/s")
-    ax = axes[1]
-    ax.bar(x, df["decode_tok_s"], color=colors)
-    ceil = _decode_ceiling(df)
-    for xi, c in zip(x, ceil):
-        if c is not None and np.isfinite(c):
-            ax.plot([xi - 0.4, xi + 0.4], [c, c], color="crimson", lw=2)
-    if any(c is not None and np.isfinite(c) for c in ceil):
-        ax.plot([], [], color="crimson", lw=2, label="bandwidth limit")
-        ax.legend(loc="upper right", fontsize=8)
-        ax.set_yscale("log")
-    ax.set_title(f"decode (tg{int(df['gen_len'].iloc[0])}) tok/s")
-    ax = axes[2]
-    gb = df["gbps"] if "gbps" in df else np.full(len(df), np.nan)
-    ax.bar(x, gb.astype(float), color=colors)
-    if "bw_limit_gbps" in df:
-        for xi, lim in zip(x, df["bw_limit_gbps"]):
-            if lim is not None and np.isfinite(float(lim)):
-                ax.plot([xi - 0.4, xi + 0.4], [lim, lim], color="crimson", lw=2)
-        ax.plot([], [], color="crimson", lw=2, label="bandwidth limit")
-        ax.legend(loc="upper right", fontsize=8)
-        ax.set_yscale("log")
-    ax.set_title("decode achieved GB/s")
-    for ax in axes:
+    colors = ["#4c72b0" if i == "workbench" else "#999999" for i in df["impl"]]
+    fmt = FuncFormatter(lambda v, _: f"{v:g}")
+
+    def panel(ax, values, limits, name, note=None):
+        values = np.asarray(values, dtype=float)
+        ax.bar(x, values, color=colors)
+        lim = np.asarray([np.nan if v is None else float(v) for v in limits], dtype=float)
+        if np.isfinite(lim).any():
+            for xi, c in zip(x, lim):
+                if np.isfinite(c):
+                    ax.plot([xi - 0.4, xi + 0.4], [c, c], color="crimson", lw=2.2)
+            ax.plot([], [], color="crimson", lw=2.2, label="bandwidth limit")
+            ax.legend(loc="upper right", fontsize=8)
+            pos = values[values > 0]
+            if pos.size and np.nanmax(lim) / pos.min() > 30:
+                ax.set_yscale("log")
+            ax.set_ylim(top=np.nanmax(lim) * (3 if ax.get_yscale() == "log" else 1.15))
+        elif np.isfinite(values).any():
+            ax.set_ylim(top=np.nanmax(values) * 1.15)
+        for xi, v, n in zip(x, values, note if note is not None else [None] * len(x)):
+            if np.isfinite(v):
+                ax.annotate(f"{v:.3g}" + (f"\n{n}" if n else ""), (xi, v), ha="center", va="bottom", fontsize=7,
+                            xytext=(0, 2), textcoords="offset points")
+        ax.yaxis.set_major_formatter(fmt)
+        ax.set_title(name)
         ax.set_xticks(x, df["label"], fontsize=8)
         ax.grid(axis="y", alpha=0.3)
+
+    panel(axes[0], df["prefill_tok_s"], [None] * len(df), f"prefill (pp{int(df['prompt_len'].iloc[0])}) tok/s")
+    frac = [f"{100 * f:.0f}% of limit" if f is not None and np.isfinite(float(f)) else None
+            for f in (df["bw_fraction"] if "bw_fraction" in df else [None] * len(df))]
+    panel(axes[1], df["decode_tok_s"], _decode_ceiling(df), f"decode (tg{int(df['gen_len'].iloc[0])}) tok/s", frac)
+    panel(axes[2], df["gbps"] if "gbps" in df else np.full(len(df), np.nan),
+          df["bw_limit_gbps"] if "bw_limit_gbps" in df else [None] * len(df), "decode achieved GB/s")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -394,13 +401,25 @@ def logit_lens(model, ids, k: int = 5, positions=None, layers=None, out=None):
             lg = unembed(model, out.taps[f"blocks.{i}.hook_resid_post"][0, pos])
         z = lg - lg.max(-1, keepdims=True)
         pr = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
-        top = np.argsort(-lg, axis=-1)[:, :k]
+        kk = min(k, lg.shape[-1])
+        part = np.argpartition(-lg, kk - 1, axis=-1)[:, :kk]
+        top = np.take_along_axis(part, np.argsort(-np.take_along_axis(lg, part, -1), axis=-1), -1)
         for j, p in enumerate(pos):
             labels = token_labels(model, top[j])
             for r, t in enumerate(top[j]):
                 rows.append(dict(layer=i, position=p, rank=r, token_id=int(t), token=labels[r],
                                  logit=float(lg[j, t]), prob=float(pr[j, t])))
     return pd.DataFrame(rows)
+
+
+def _quiet_glyphs():
+    """Token labels may hold characters the default font lacks (CJK ...): drawn as boxes, without warnings."""
+    import warnings
+    cm = warnings.catch_warnings()
+    cm.__enter__()
+    warnings.filterwarnings("ignore", message=r"Glyph .* missing from font")
+    cm.__enter__ = lambda: cm   # already entered
+    return cm
 
 
 def lens_table(lens, position: int, value: str = "token"):
@@ -430,7 +449,8 @@ def lens_figure(lens, model=None, title: str = "logit lens: top-1 token per laye
     ax.set_ylabel("layer (resid_post)")
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label="p(top-1)")
-    fig.tight_layout()
+    with _quiet_glyphs():
+        fig.tight_layout()
     return fig
 
 
@@ -527,8 +547,10 @@ def intervention(models: dict, ids, hooks: dict, position: int = -1):
     ids_l = None
     for b, m in models.items():
         ids_l = token_ids(m, ids) if ids_l is None else ids_l
-        clean = np.asarray(m.forward(ids_l).logits, np.float64)[0, position]
-        hooked = np.asarray(m.forward(ids_l, hooks=hooks).logits, np.float64)[0, position]
+        last = position % len(ids_l) == len(ids_l) - 1      # only the last position's logits are needed
+        p = -1 if last else position
+        clean = np.asarray(m.forward(ids_l, last_only=last).logits, np.float64)[0, p]
+        hooked = np.asarray(m.forward(ids_l, hooks=hooks, last_only=last).logits, np.float64)[0, p]
         logits[b] = (clean, hooked)
         rows.append(dict(backend=b, dtype=m.dtype, hooks=", ".join(hooks), position=position % len(ids_l),
                          effect_max_abs=float(np.abs(hooked - clean).max()), kl=_kl(clean, hooked),
@@ -561,13 +583,13 @@ def patching_sweep(model, clean_ids, corrupt_ids, tap: str = "hook_resid_pre", p
     if len(clean_ids) != len(corrupt_ids):
         raise ValueError("clean and corrupted prompts must have the same length")
     names = [f"blocks.{i}.{tap}" for i in range(L)]
-    cor = model.forward(corrupt_ids, taps=names)
-    clean = np.asarray(model.forward(clean_ids).logits, np.float64)[0, -1]
+    cor = model.forward(corrupt_ids, taps=names, last_only=True)
+    clean = np.asarray(model.forward(clean_ids, last_only=True).logits, np.float64)[0, -1]
     corrupt = np.asarray(cor.logits, np.float64)[0, -1]
     base = _kl(clean, corrupt)
     rows = []
     for i, n in enumerate(names):
-        out = model.forward(clean_ids, hooks={n: patch_hook(cor.taps[n], positions=position)})
+        out = model.forward(clean_ids, hooks={n: patch_hook(cor.taps[n], positions=position)}, last_only=True)
         pl = np.asarray(out.logits, np.float64)[0, -1]
         kl = _kl(clean, pl)
         rows.append(dict(layer=i, tap=tap, position=position, kl_clean_patched=kl, kl_clean_corrupt=base,
@@ -603,14 +625,27 @@ def choose_layer(cfg, layer) -> int:
 
 
 # ============================================================================ the interactive explorer
+def figure_png(fig, dpi: int = 100) -> bytes:
+    """A matplotlib figure as PNG bytes (the figure is closed)."""
+    import io
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    with _quiet_glyphs():
+        fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 class LayerExplorer:
     """ipywidgets explorer: model / backend / dtype pickers, layer slider, tap and token selectors.
 
     Shows the per-layer Δ heatmap across backends (from a parity frame; recomputed with wb.compare when
     the model or dtype changes), the logit lens at the selected token, the attention pattern of the selected
     layer, and an ablation control whose hook runs on every backend with the cross-backend difference.
-    ``render()`` draws the current state into the output area; the constructor draws the initial state, so
-    a headless run (papermill) gets it too."""
+
+    Pictures and tables live in Image and HTML widgets whose values ``render()`` replaces — no Output widget,
+    so a headless run (papermill/nbclient, which has to mimic Output widgets) just records the initial state
+    drawn by the constructor. ``error`` holds the traceback of a failed render (None when it drew)."""
 
     METRICS = ["rel_max", "rel_l2", "nmse", "max_abs"]
 
@@ -621,6 +656,8 @@ class LayerExplorer:
         self.ids = list(ids)
         self.k = k
         self.references = references
+        self.error = None
+        self.last: dict = {}
         self._frames = {}
         if frame is not None:
             self._frames[(self.source, dtype)] = frame
@@ -645,8 +682,11 @@ class LayerExplorer:
         self.w_ablate_tap = W.Dropdown(options=["hook_mlp_out", "hook_attn_out", "hook_resid_post",
                                                 "mlp.hook_post", "attn.hook_z"], value="hook_mlp_out",
                                        description="at")
-        self.out = W.Output()
         self.status = W.HTML()
+        self.img_heatmap = W.Image(format="png")
+        self.img_pattern = W.Image(format="png")
+        self.html_lens = W.HTML()
+        self.html_ablation = W.HTML()
         for w in (self.w_model, self.w_backend, self.w_dtype, self.w_layer, self.w_tap, self.w_token,
                   self.w_metric, self.w_ablate, self.w_ablate_tap):
             w.observe(self._on_change, names="value")
@@ -654,8 +694,10 @@ class LayerExplorer:
             W.HBox([self.w_model, self.w_backend, self.w_dtype]),
             W.HBox([self.w_layer, self.w_tap, self.w_token]),
             W.HBox([self.w_metric, self.w_ablate, self.w_ablate_tap]),
-            self.status, self.out])
-        self.last: dict = {}
+            self.status,
+            W.HBox([self.img_heatmap, self.html_lens]),
+            self.img_pattern,
+            self.html_ablation])
         self.render()
 
     # ---------------------------------------------------------------- data
@@ -673,56 +715,76 @@ class LayerExplorer:
         return self._frames[key]
 
     def _on_change(self, change):
+        if getattr(self, "_quiet", False):
+            return
         if change["owner"] is self.w_model or change["owner"] is self.w_dtype:
             self.source, self.dtype = self.w_model.value, self.w_dtype.value
+            if change["owner"] is self.w_model:
+                self._quiet = True
+                try:
+                    self._adapt_to_model()
+                except Exception as e:
+                    self.status.value = f"<span style='color:crimson'>{type(e).__name__}: {e}</span>"
+                    return
+                finally:
+                    self._quiet = False
         self.render()
 
+    def _adapt_to_model(self):
+        """A new model: the layer slider follows its depth; token ids outside its vocabulary wrap around."""
+        self.status.value = f"<i>loading {self.source} ...</i>"
+        m = next(iter(self._models().values()))
+        L, V = m.config.num_hidden_layers, m.config.vocab_size
+        if any(i >= V for i in self.ids):
+            self.ids = [i % V for i in self.ids]
+            self.status.value = f"<i>token ids taken modulo the vocabulary ({V})</i>"
+        self.labels = token_labels(m, self.ids)
+        pos = self.w_token.value
+        self.w_token.options = [(f"{i}: {t}", i) for i, t in enumerate(self.labels)]
+        self.w_token.value = pos % len(self.ids)
+        self.w_layer.value = min(self.w_layer.value, L - 1)
+        self.w_layer.max = L - 1
+
     # ---------------------------------------------------------------- drawing
-    def render(self):
-        from IPython.display import HTML, display
-        import matplotlib.pyplot as plt
+    def render(self) -> dict:
+        """Draw the current selection into the widgets; returns (and keeps in ``last``) what was shown."""
         from .parity import heatmap
         layer, tap, pos = self.w_layer.value, self.w_tap.value, self.w_token.value
         backend, metric = self.w_backend.value, self.w_metric.value
-        self.out.clear_output(wait=True)
         self.error = None
-        with self.out:
-            try:
-                models = self._models()
-                m = models[backend]
-                frame = self.frame()
-                fig = heatmap(frame, metric=metric, by="backends", tap=tap, phase="prefill")
-                ax = fig.axes[0]
-                ax.axhline(layer, color="lime", lw=1.2, ls="--")
-                display(fig)
-                plt.close(fig)
-                lens = logit_lens(m, self.ids, k=self.k, positions=[pos])
-                display(HTML(f"<b>logit lens</b> ({backend} {self.dtype}) at token {pos} "
-                             f"<code>{self.labels[pos]}</code>; selected layer {layer}"))
-                display(lens_table(lens, pos))
-                pat = attention_patterns(m, self.ids, layers=[layer])[layer]
-                fig = pattern_figure(pat, title=f"layer {layer} attention ({backend})", query=pos)
-                display(fig)
-                plt.close(fig)
-                self.last = dict(layer=layer, tap=tap, token=pos, backend=backend, metric=metric,
-                                 lens_top1=lens[lens["rank"] == 0][["layer", "token_id"]].values.tolist())
-                if self.w_ablate.value != "none":
-                    name = f"blocks.{layer}.{self.w_ablate_tap.value}"
-                    per, cross, _ = intervention(models, self.ids,
-                                                 {name: ablation_hook(self.w_ablate.value)}, position=pos)
-                    display(HTML(f"<b>{self.w_ablate.value}-ablation of <code>{name}</code></b> — same numpy "
-                                 "hook on every backend"))
-                    display(per)
-                    if len(cross):
-                        display(cross)
-                    self.last["ablation"] = dict(point=name, per_backend=per.to_dict("records"),
-                                                 cross=cross.to_dict("records"))
-                self.status.value = ""
-            except Exception as e:  # keep the UI alive; show the problem (and keep it for a headless check)
-                import traceback
-                self.error = "".join(traceback.format_exception(e))
-                traceback.print_exc()
-                self.status.value = f"<span style='color:crimson'>{type(e).__name__}: {e}</span>"
+        self.status.value = "<i>computing ...</i>"
+        try:
+            models = self._models()
+            m = models[backend]
+            fig = heatmap(self.frame(), metric=metric, by="backends", tap=tap, phase="prefill")
+            fig.axes[0].axhline(layer, color="lime", lw=1.2, ls="--")
+            self.img_heatmap.value = figure_png(fig)
+            lens = logit_lens(m, self.ids, k=self.k, positions=[pos])
+            self.html_lens.value = (f"<b>logit lens</b> ({backend} {self.dtype}) at token {pos} "
+                                    f"<code>{self.labels[pos]}</code>; selected layer {layer}"
+                                    + lens_table(lens, pos).to_html())
+            pat = attention_patterns(m, self.ids, layers=[layer])[layer]
+            self.img_pattern.value = figure_png(pattern_figure(pat, title=f"layer {layer} attention ({backend})",
+                                                              query=pos))
+            self.last = dict(layer=layer, tap=tap, token=pos, backend=backend, metric=metric,
+                             lens_top1=lens[lens["rank"] == 0][["layer", "token_id"]].values.tolist())
+            if self.w_ablate.value != "none":
+                name = f"blocks.{layer}.{self.w_ablate_tap.value}"
+                per, cross, _ = intervention(models, self.ids, {name: ablation_hook(self.w_ablate.value)},
+                                             position=pos)
+                self.html_ablation.value = (f"<b>{self.w_ablate.value}-ablation of <code>{name}</code></b> — the "
+                                            "same numpy hook on every backend" + per.to_html(index=False)
+                                            + ("<b>difference between backends</b>" + cross.to_html(index=False)
+                                               if len(cross) else ""))
+                self.last["ablation"] = dict(point=name, per_backend=per.to_dict("records"),
+                                             cross=cross.to_dict("records"))
+            else:
+                self.html_ablation.value = ""
+            self.status.value = ""
+        except Exception as e:  # keep the UI alive; show the problem (and keep it for a headless check)
+            import traceback
+            self.error = "".join(traceback.format_exception(e))
+            self.status.value = f"<span style='color:crimson'>{type(e).__name__}: {e}</span>"
         return self.last
 
     def _ipython_display_(self):
@@ -819,7 +881,8 @@ def save_figures(figs: dict, out_dir, show: bool = True) -> list[Path]:
     paths = []
     for name, fig in figs.items():
         p = od / name
-        fig.savefig(p, dpi=110)
+        with _quiet_glyphs():
+            fig.savefig(p, dpi=110)
         plt.close(fig)
         paths.append(p)
     if show:
@@ -830,3 +893,13 @@ def save_figures(figs: dict, out_dir, show: bool = True) -> list[Path]:
         except ImportError:
             pass
     return paths
+
+
+def run_bench(*args, **kwargs):
+    """``wb.bench`` — robust to ``workbench.bench`` (the submodule) having replaced the function of the same
+    name on the package once it was imported (a second ``wb.bench(...)`` in one process would then fail)."""
+    import workbench as wb
+    fn = wb.bench
+    if not callable(fn):
+        fn = fn.bench
+    return fn(*args, **kwargs)

@@ -93,15 +93,26 @@ def _find_decoder_layers(model):
 
 
 def _source_fingerprint(gguf: Path) -> dict:
-    st = gguf.stat()
-    return {"source": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    """Content fingerprint of a GGUF (size + SHA-256 of its first and last 4 MiB): copies of one file at different
+    paths share an export, a changed file does not. (Path and mtime are recorded for information only.)"""
+    import hashlib
+
+    size = gguf.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    chunk = 4 << 20
+    with open(gguf, "rb") as f:
+        h.update(f.read(chunk))
+        if size > chunk:
+            f.seek(max(size - chunk, chunk))
+            h.update(f.read(chunk))
+    return {"size": size, "sha256_head_tail": h.hexdigest()}
 
 
 def export_hf_dir_from_gguf(gguf_path, out_dir, dtype="float32", *, overwrite: bool = False) -> Path:
     """Dequantise a GGUF with transformers and write an HF checkpoint directory (safetensors + config + tokenizer).
 
-    Idempotent: if ``out_dir`` already holds an export of the same file (path, size, mtime) in the same dtype it
-    is reused. The GGUF ``quantization_config`` is dropped from the saved config, so the directory loads as a
+    Idempotent: if ``out_dir`` already holds an export of the same content (size + head/tail SHA-256, so copies of
+    one file at other paths count as the same) in the same dtype, it is reused. The GGUF ``quantization_config`` is dropped from the saved config, so the directory loads as a
     plain checkpoint (in transformers, mlx-lm, or our own loader). ``float32`` keeps the dequantised values exact.
     """
     transformers = _import_transformers()
@@ -111,13 +122,16 @@ def export_hf_dir_from_gguf(gguf_path, out_dir, dtype="float32", *, overwrite: b
         raise FileNotFoundError(f"not a .gguf file: {gguf}")
     tdt = _torch_dtype(dtype)
     want = {**_source_fingerprint(gguf), "dtype": str(tdt).replace("torch.", "")}
-    marker = out / _EXPORT_MARKER
-    if marker.is_file() and not overwrite:
+
+    def _matches() -> bool:
         try:
-            if json.loads(marker.read_text()) == want:
-                return out
+            have = json.loads((out / _EXPORT_MARKER).read_text())
         except (OSError, ValueError):
-            pass
+            return False
+        return all(have.get(k) == v for k, v in want.items())
+
+    if not overwrite and _matches():
+        return out
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -139,8 +153,11 @@ def export_hf_dir_from_gguf(gguf_path, out_dir, dtype="float32", *, overwrite: b
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        (tmp / _EXPORT_MARKER).write_text(json.dumps(want, indent=1))
+        (tmp / _EXPORT_MARKER).write_text(json.dumps({**want, "source": str(gguf.resolve())}, indent=1))
         del model
+        if not overwrite and _matches():  # another process finished the same export meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+            return out
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -337,7 +354,7 @@ class HFReference:
     def _bench_prompt(self, prompt_len: int, seed: int = 0) -> np.ndarray:
         rng = np.random.default_rng(seed)
         hi = min(self.vocab_size, 200_000)
-        ids = rng.integers(1000, hi, size=prompt_len, dtype=np.int64)
+        ids = rng.integers(1000 if hi > 2000 else 3, hi, size=prompt_len, dtype=np.int64)
         bos = getattr(self.text_config, "bos_token_id", None)
         if bos is not None and prompt_len > 0:
             ids[0] = int(bos)

@@ -166,7 +166,8 @@ class LlamaCppReference:
     # ------------------------------------------------------------------ throughput
     def _bench_prompt(self, prompt_len: int, seed: int = 0) -> list[int]:
         rng = np.random.default_rng(seed)
-        ids = rng.integers(1000, min(self.n_vocab, 200_000), size=prompt_len).tolist()
+        hi = min(self.n_vocab, 200_000)
+        ids = rng.integers(1000 if hi > 2000 else 3, hi, size=prompt_len).tolist()
         bos = self.llm.token_bos()
         if prompt_len and bos is not None and bos >= 0:
             ids[0] = int(bos)

@@ -145,7 +145,7 @@ class MlxLmReference:
         ignored, medians after a warm-up (mlx-lm's ``generate_step``, the loop behind ``stream_generate``)."""
         rng = np.random.default_rng(0)
         hi = min(self.vocab_size or 200_000, 200_000)
-        ids = rng.integers(1000, hi, size=int(prompt_len))
+        ids = rng.integers(1000 if hi > 2000 else 3, hi, size=int(prompt_len))
         bos = self.config.get("bos_token_id", 2)
         if prompt_len and isinstance(bos, int):
             ids[0] = bos

@@ -21,6 +21,15 @@ What llama.cpp fills in (``src/llama-model.cpp``, ``load_hparams``; ``src/llama-
   (absent -> V = K), and a ``rope_freqs`` tensor whose 1e30 entries mark the unrotated pairs of the
   proportional RoPE of the global layers.
 
+Where this loader reads more than llama.cpp does: a gemma3 ``rope.freq_base_swa`` or ``attention.sliding_window_pattern``
+key is honoured when present (llama.cpp hard-codes 10000 / period 6; converted files agree with those); a gemma4
+file without ``final_logit_softcapping`` gets none (HF's default; llama.cpp's struct default would be 30.0).
+
+The ``+1``: llama.cpp's converter (``convert_hf_to_gguf.py`` / ``conversion/gemma.py``, ``GemmaModel``,
+``Gemma2Model``, ``Gemma3Model.norm_shift``) adds 1 to every HF tensor whose name ends in ``norm.weight``: input,
+post-attention, pre/post-feedforward, final and q/k norms -- in GGUF names every ``*norm.weight``. Gemma 4's
+``norm_shift`` is 0. transformers undoes it the same way (``Gemma2TensorProcessor``: ``weights - 1``).
+
 Dequantised tensors are cached (one memory-mappable ``.npy`` per tensor) so a second load takes about a second.
 """
 from __future__ import annotations
@@ -44,8 +53,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-__all__ = ["GGUFError", "load_gguf", "gguf_tokenizer_metadata", "read_gguf", "default_cache_dir",
-           "SUPPORTED_ARCHITECTURES", "LOADER_VERSION"]
+__all__ = ["GGUFError", "load_gguf", "gguf_tokenizer_metadata", "gguf_metadata", "read_gguf", "build_config",
+           "canonical_gguf_name", "dequantize_rows", "default_cache_dir", "SUPPORTED_ARCHITECTURES", "LOADER_VERSION"]
 
 LOADER_VERSION = 1
 SUPPORTED_ARCHITECTURES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text", "gemma4": "gemma4_text"}
@@ -242,8 +251,8 @@ def read_gguf(path: str | os.PathLike, string_arrays: Iterable[str] = ()) -> GGU
         if version in (1,):
             raise GGUFError(f"{p}: GGUF version 1 is not supported (re-convert with a current llama.cpp)")
         if version not in (2, 3):
-            if version & 0xFFFF == 0 and (version >> 16) in (2, 3) or version >> 24 in (2, 3):
-                raise GGUFError(f"{p}: big-endian GGUF is not supported")
+            if version >> 24 in (1, 2, 3) and version & 0xFFFFFF == 0:
+                raise GGUFError(f"{p}: big-endian GGUF is not supported (convert it on a little-endian machine)")
             raise GGUFError(f"{p}: unknown GGUF version {version} (supported: 2, 3)")
         n_tensors = cur.u64("the tensor count")
         n_kv = cur.u64("the metadata count")
@@ -505,10 +514,6 @@ def _uniform(vals: list, key: str, p: Path, what: str = ""):
         raise GGUFError(f"{p}: metadata {key!r} varies across {what or 'layers'} ({sorted(s)}); "
                         "this Gemma layout is not supported")
     return next(iter(s))
-
-
-def _f(x) -> float:
-    return float(np.float32(x)) if isinstance(x, float) else float(x)
 
 
 def _clean_float(x: float) -> float:
@@ -877,9 +882,8 @@ def _fill(mm: np.ndarray, out: _Out, dst: np.ndarray, pool: ThreadPoolExecutor |
 # --------------------------------------------------------------------------------------------- cache
 def default_cache_dir() -> Path:
     """``$WORKBENCH_CACHE/gguf`` (default ``~/.cache/gemma-workbench/gguf``)."""
-    root = os.environ.get("WORKBENCH_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "gemma-workbench"
-    return base / "gguf"
+    from .registry import cache_root
+    return cache_root() / "gguf"
 
 
 def _fingerprint(p: Path) -> dict:
@@ -990,6 +994,7 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", progress: bool = 
         entry = cdir / f"{_safe_stem(p)}-{store}-{_cache_key(fp, store)}"
         hit = _open_cached(entry)
         if hit is not None:
+            hit[0].setdefault("_gguf", {})["file"] = str(p)     # the same bytes may live under another path
             return hit
         if entry.exists():
             warnings.warn(f"GGUF cache entry {entry} is incomplete or damaged; rebuilding it", stacklevel=2)
@@ -998,7 +1003,7 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", progress: bool = 
     plan = _plan(g, cfg)
     total = sum(s.nbytes for o in plan for s in o.sources)
 
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
                disable=not progress, desc=f"dequantising {p.name}", leave=False, dynamic_ncols=True)
     workers = min(4, os.cpu_count() or 1)
@@ -1021,7 +1026,6 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", progress: bool = 
                 fname = _tensor_file(o.name)
                 arr = np.lib.format.open_memmap(tmp / fname, mode="w+", dtype=np_dt, shape=o.shape)
                 _fill(mm, o, arr, pool, bar)
-                arr.flush()
                 del arr
                 tensors_meta[o.name] = {"file": fname, "shape": list(o.shape), "dtype": np.dtype(np_dt).name,
                                         "source": [s.name for s in o.sources],

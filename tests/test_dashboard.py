@@ -1,0 +1,269 @@
+"""The Streamlit dashboard, driven headless with AppTest, on stores filled by wb.compare / bench on a tiny
+fixture; plus the data logic (dashboards/_logic.py) on its own."""
+from __future__ import annotations
+
+import shutil
+import sqlite3
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import ROOT, cpu_backends, fixture_dir, have
+
+pytestmark = pytest.mark.skipif(not have("streamlit") or not have("altair"),
+                                reason="streamlit/altair not installed: pip install 'gemma-workbench[dashboard]'")
+
+APP = str(ROOT / "dashboards" / "parity.py")
+PROMPT = list(range(3, 19))
+TIMEOUT = 180
+
+
+def _logic():
+    from dashboards import _logic
+    return _logic
+
+
+def _bench(*a, **kw):
+    from workbench.bench import bench
+    return bench(*a, **kw)
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory):
+    """A store with a passing and a failing parity run and two bench runs of the gemma3_text fixture."""
+    if not cpu_backends():
+        pytest.skip("neither torch nor mlx is installed")
+    import workbench as wb
+    db = tmp_path_factory.mktemp("dash") / "runs.sqlite"
+    fx = str(fixture_dir("gemma3_text"))
+    bk = cpu_backends()
+    ok = wb.compare(fx, backends=bk, dtypes=["float32", "bfloat16"], prompt=PROMPT, references=(), db=db,
+                    progress=False)
+    bad = wb.compare(fx, backends=bk, dtypes=["float32"], prompt=PROMPT, references=(), db=db, progress=False,
+                     fault={"backend": bk[-1], "layer": 3, "tap": "hook_mlp_out", "scale": 1e-2})
+    b1 = _bench(fx, backends=bk, dtypes=["float32"], prompt_len=16, gen_len=8, repeats=1, db=db, progress=False)
+    b2 = _bench(fx, backends=bk, dtypes=["float32"], prompt_len=16, gen_len=8, repeats=1, db=db, progress=False)
+    assert ok.passed and not bad.passed
+    return dict(db=db, ok=ok.run_id, bad=bad.run_id, bench=[b1.run_id, b2.run_id], fault_target=f"{bk[-1]}:float32")
+
+
+def _app(monkeypatch, db):
+    from streamlit.testing.v1 import AppTest
+    monkeypatch.setenv("WORKBENCH_DB", str(db))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.run()
+    return at
+
+
+def _no_exception(at):
+    assert not at.exception, [e.value for e in at.exception]
+    assert [t.value for t in at.title] == ["Gemma Workbench — parity & throughput"]
+
+
+def _copy(src, dst):
+    for suffix in ("", "-wal", "-shm"):
+        if (src.parent / (src.name + suffix)).exists():
+            shutil.copy(src.parent / (src.name + suffix), dst.parent / (dst.name + suffix))
+    return dst
+
+
+# ------------------------------------------------------------------------------------------------ AppTest
+def test_empty_store_offers_a_run_on_the_default(monkeypatch, tmp_path):
+    at = _app(monkeypatch, tmp_path / "empty.sqlite")
+    _no_exception(at)
+    assert any("empty" in i.value and "gemma3-270m" in i.value for i in at.info)
+    models = [t for t in at.text_input if t.key.startswith("nr_model")]
+    assert [t.value for t in models] == ["gemma3-270m"]
+    assert any(b.label == "Start run" for b in at.button)
+
+
+def test_form_starts_a_run_with_progress(monkeypatch, tmp_path):
+    """The run form on an empty store, pointed at a tiny fixture: the run is stored and then shown."""
+    from workbench import runs
+    db = tmp_path / "form.sqlite"
+    at = _app(monkeypatch, db)
+    at.text_input(key="nr_model_empty").input(str(fixture_dir("gemma3_text")))
+    at.text_input(key="nr_prompt_empty").input(",".join(map(str, PROMPT)))
+    at.number_input(key="nr_decode_empty").set_value(1)
+    at.button[0].click()
+    at.run()
+    _no_exception(at)
+    lst = runs.RunStore(db).list(kind="parity")
+    assert len(lst) == 1
+    assert any("stored parity run" in s.value and "PASSED" in s.value for s in at.success)
+    assert len(at.get("image")) == 2          # the new run's heatmaps
+
+
+def test_parity_and_bench_runs_render(monkeypatch, filled):
+    at = _app(monkeypatch, filled["db"])
+    _no_exception(at)
+    assert [t.label for t in at.tabs] == ["Parity", "Throughput", "New run"]
+    assert len(at.get("image")) == 2          # layers x taps, layers x backends
+    assert len(at.get("vega_lite_chart")) == 4  # decode, prefill, GB/s bars + history
+    assert not at.warning or all("regression" in w.value.lower() for w in at.warning)
+    # the metric selector switches every heatmap without errors
+    for metric in ("rel_l2", "nmse", "1-cosine", "max_abs", "rel_max"):
+        at.radio(key="metric").set_value(metric).run()
+        _no_exception(at)
+        assert len(at.get("image")) == 2
+    at.radio(key="phase").set_value("decode").run()
+    _no_exception(at)
+    assert len(at.get("image")) == 2
+    # a baseline comparison
+    other = filled["bench"][0]
+    at.selectbox(key="sel_bench").set_value(filled["bench"][1]).run()
+    at.selectbox(key="baseline").set_value(other).run()
+    _no_exception(at)
+    assert any("regression" in m.value for m in list(at.success) + list(at.error))
+
+
+def test_first_divergence_of_a_failing_run(monkeypatch, filled):
+    at = _app(monkeypatch, filled["db"])
+    at.selectbox(key="sel_parity").set_value(filled["bad"]).run()
+    _no_exception(at)
+    errs = [e.value for e in at.error]
+    assert any("First divergence" in e and filled["fault_target"] in e and "hook_mlp_out @ layer 3" in e
+               for e in errs), errs
+    assert at.selectbox(key="hm_target").value == filled["fault_target"]
+    at.selectbox(key="sel_parity").set_value(filled["ok"]).run()
+    _no_exception(at)
+    assert any("No divergence" in s.value for s in at.success)
+
+
+def test_only_parity_or_only_bench(monkeypatch, tmp_path, filled):
+    from workbench import runs
+    for keep in ("parity", "bench"):
+        db = _copy(filled["db"], tmp_path / f"only_{keep}.sqlite")
+        st = runs.RunStore(db)
+        for rid in st.list()["run_id"]:
+            if st.load(rid).kind != keep:
+                st.delete(rid)
+        st.close()
+        at = _app(monkeypatch, db)
+        _no_exception(at)
+        if keep == "parity":
+            assert len(at.get("image")) == 2 and len(at.get("vega_lite_chart")) == 0
+            assert any("No benchmark runs" in i.value for i in at.info)
+        else:
+            assert len(at.get("image")) == 0 and len(at.get("vega_lite_chart")) == 4
+            assert any("No parity runs" in i.value for i in at.info)
+
+
+def test_damaged_records_are_reported_and_skipped(monkeypatch, tmp_path, filled):
+    db = _copy(filled["db"], tmp_path / "damaged.sqlite")
+    con = sqlite3.connect(db)
+    # a run whose record is broken (invalid JSON): list() skips it and reports it
+    con.execute("UPDATE runs SET backends = '{not json' WHERE run_id = ?", (filled["ok"],))
+    # a run whose metric row is broken: listed, but refused when loaded
+    con.execute("UPDATE run_rows SET data = 'garbage' WHERE run_id = ? AND idx = 0", (filled["bench"][1],))
+    con.commit()
+    con.close()
+    at = _app(monkeypatch, db)
+    _no_exception(at)
+    warnings = [w.value for w in at.warning]
+    assert any("Damaged" in w and filled["ok"] in w for w in warnings), warnings
+    assert filled["ok"] not in at.selectbox(key="sel_parity").options
+    # the newest bench run is the damaged one: reported, not a crash; the other still renders
+    assert any(filled["bench"][1] in w and "can't be shown" in w for w in warnings), warnings
+    at.selectbox(key="sel_bench").set_value(filled["bench"][0]).run()
+    _no_exception(at)
+    assert len(at.get("vega_lite_chart")) >= 3
+
+
+def test_unusable_store_file_is_an_error_not_a_crash(monkeypatch, tmp_path):
+    bad = tmp_path / "not_a_db.sqlite"
+    bad.write_text("this is not sqlite " * 20)
+    at = _app(monkeypatch, bad)
+    _no_exception(at)
+    assert any("can't be opened" in e.value for e in at.error)
+
+
+# ------------------------------------------------------------------------------------------------ logic
+def test_logic_filters_and_pivots(filled):
+    L = _logic()
+    store = L.open_store(filled["db"])
+    runs_df, problems = L.list_runs(store)
+    assert problems == [] and len(runs_df) == 4
+    opts = L.filter_options(runs_df)
+    assert set(opts["backends"]) == set(cpu_backends()) and "bfloat16" in opts["dtypes"]
+    assert len(L.filter_runs(runs_df, kind="parity")) == 2
+    assert len(L.filter_runs(runs_df, kind="parity", dtypes=["bfloat16"])) == 1
+    assert len(L.filter_runs(runs_df, models=["nope"])) == 0
+    day = opts["dates"][0]
+    assert len(L.filter_runs(runs_df, date_from=day, date_to=day)) == 4
+    assert len(L.filter_runs(runs_df, date_to=day - pd.Timedelta(days=1))) == 0
+
+    frame = L.parity_frame(store.load(filled["bad"]).rows)
+    vals, passed, tols = L.heatmap_matrix(frame, "rel_max", by="taps", target=filled["fault_target"])
+    assert list(vals.index) == list(range(7))
+    assert list(vals.columns) == ["hook_attn_out", "hook_mlp_out", "hook_resid_post"]
+    assert not passed.loc[3, "hook_mlp_out"] and passed.loc[2, "hook_mlp_out"]
+    vals, passed, tols = L.heatmap_matrix(frame, "1-cosine", by="backends", tap="hook_resid_post")
+    assert set(vals.columns) == {f"{b}:float32" for b in cpu_backends()}
+    assert (tols == 1e-4).all()
+    fd = L.first_divergence(frame)
+    assert (fd["target"], fd["tap"], int(fd["layer"]), fd["phase"]) == (filled["fault_target"], "hook_mlp_out", 3,
+                                                                       "prefill")
+    summ = L.target_summary(frame)
+    assert set(summ[summ["result"] == "FAILED"]["target"]) == {filled["fault_target"]}
+    for metric in L.METRICS:
+        fig = L.heatmap_figure(frame, metric=metric, by="backends", highlight=fd)
+        assert fig.axes
+
+
+def test_logic_bench_history_flags_regressions(tmp_path):
+    """Synthetic, realistic bench rows: a 50% decode drop in the third run is flagged, noise is not."""
+    from workbench import runs
+    L = _logic()
+    st = runs.RunStore(tmp_path / "hist.sqlite")
+
+    def row(backend, tps, bw=10.0):
+        gbps = tps * 0.002
+        return dict(backend=backend, dtype="float32", impl="workbench", prompt_len=64, gen_len=32, ttft_s=0.1,
+                    prefill_tok_s=10 * tps, decode_us_median=1e6 / tps, decode_us_p10=0.9e6 / tps,
+                    decode_us_p90=1.1e6 / tps, decode_tok_s=tps, peak_mem_bytes=2**30, gbps=gbps, bw_limit_gbps=bw,
+                    bw_fraction=gbps / bw, bw_source="measured", device="cpu", status="ok", reason=None)
+    for i, (a, b) in enumerate([(100, 50), (98, 51), (49, 52)]):
+        st.save("bench", dict(model="m", created_at=f"2025-01-0{i + 1}T00:00:00Z", device="cpu"),
+                [row("torch:cpu", a), row("mlx:cpu", b), dict(backend="torch:cuda", dtype="float32",
+                                                              impl="workbench", status="skipped", reason="no cuda")])
+    h = L.history(st, model="m")
+    assert len(h) == 6
+    flagged = h[h["regression"]]
+    assert list(flagged["backend"]) == ["torch:cpu"] and flagged["change"].iloc[0] < -0.4
+    bf = L.bench_frame(st.load(st.list()["run_id"].iloc[0]).rows)
+    assert len(bf) == 2    # the skipped row is left out
+    np.testing.assert_allclose(bf["decode_ceiling_tok_s"], bf["decode_tok_s"] * 10.0 / bf["gbps"])
+    for which in ("decode", "prefill", "gbps"):
+        assert L.throughput_chart(bf, which).to_dict()
+    assert L.history_chart(h).to_dict()
+
+
+def test_logic_small_parsers():
+    L = _logic()
+    assert L.parse_prompt("") is None
+    assert L.parse_prompt("1, 2,3") == [1, 2, 3]
+    assert L.parse_prompt("[4,5]") == [4, 5]
+    assert L.parse_prompt("The 3 cats") == "The 3 cats"
+    assert L.db_from_argv(["--db", "/x.sqlite"]) == "/x.sqlite"
+    assert L.db_from_argv(["--other", "1", "--db=/y.sqlite"]) == "/y.sqlite"
+
+
+def test_progress_reader_follows_parity_and_bench_lines():
+    L = _logic()
+    seen = []
+
+    def fake():
+        import sys
+        for line in ["[1/3] reference torch:cpu:float64 (0.1s)", "[2/3] torch:cpu:float32 (0.2s)"]:
+            print(line, file=sys.stderr)
+        return 42
+    assert L.run_with_progress(fake, {}, 3, lambda f, t: seen.append((f, t)), poll=0.01) == 42
+    assert seen[-1] == (1.0, "done")
+    st = L._Progress(total=2)
+    tap = L._StderrTap(st)
+    tap.write("[bench] torch:cpu float32\n  torch:cpu float32 run 1/2: pp 1 tok/s\n")
+    assert st.done == pytest.approx(0.5)
+    tap.write("[bench] mlx:cpu float32\n")
+    assert st.done == 1
