@@ -19,25 +19,28 @@ import numpy as np
 from .backends import base as _bk
 
 # Relative max error (max|Δ| / max|ref|) allowed per tap, by (backend kind, dtype), against the float64
-# reference. Reasoning (README "Tolerance policy"): float32 has eps 1.2e-7; a Gemma layer is a few
-# reductions of length ~hidden and the residual stream carries error forward, so measured drift on the real
-# 270M over 18 layers stays ~1e-5 on CPU; 1e-4 leaves a decade of headroom and still catches a wrong norm
-# offset, RoPE layout or mask (those give 1e-2..1). bfloat16 keeps 8 mantissa bits (eps 7.8e-3); errors
-# compound through 18 layers to a few 1e-2 on the residual stream. float16 has 11 bits but a narrow range:
-# Gemma's residual stream overflows it (the hazard check flags the first inf). CUDA float32 defaults are
-# set from the H100 measurements in the README (TF32 is off in workbench's torch backend).
+# reference. The reasoning is in the README ("Tolerance policy"); the GPU rows are set from what was measured
+# on the real Gemma 3 270M on an NVIDIA H200 (README "Parity table"):
+#  * float32 on CPU and torch:cuda (TF32 off, torch's default): measured 2.6e-6..1.3e-5; 1e-4 keeps a decade of
+#    headroom and still catches a wrong norm offset, RoPE layout or mask (those give 1e-2..1).
+#  * mlx:gpu float32: measured 2.8e-3 (first over 1e-3 at layer 8's attention output) — MLX's CUDA backend runs
+#    float32 matmuls on TF32 tensor cores (10-bit mantissa), so 1e-2; a real fault still shows as 1e-1..1.
+#  * bfloat16 (8-bit mantissa, eps 7.8e-3), compounding over 18 layers: measured 3.1e-2..1.3e-1 on CPU/torch:cuda,
+#    1.5e-1 on mlx:gpu decode -> 2e-1 everywhere.
+#  * float16: 11-bit mantissa but Gemma's residual stream overflows it at layer 7 on every backend: 5e-2 on the
+#    finite taps; the first inf is reported as the precision hazard.
 TOLERANCES: dict[tuple[str, str], float] = {
     ("torch:cpu", "float64"): 1e-10,
     ("torch:cpu", "float32"): 1e-4,
     ("mlx:cpu", "float32"): 1e-4,
+    ("torch:cuda", "float32"): 1e-4,
     ("torch:mps", "float32"): 1e-3,
-    ("mlx:gpu", "float32"): 1e-3,
-    ("torch:cuda", "float32"): 1e-3,
-    ("torch:cpu", "bfloat16"): 1.5e-1,
-    ("mlx:cpu", "bfloat16"): 1.5e-1,
-    ("torch:cuda", "bfloat16"): 1.5e-1,
-    ("mlx:gpu", "bfloat16"): 1.5e-1,
-    ("torch:mps", "bfloat16"): 1.5e-1,
+    ("mlx:gpu", "float32"): 1e-2,
+    ("torch:cpu", "bfloat16"): 2e-1,
+    ("mlx:cpu", "bfloat16"): 2e-1,
+    ("torch:cuda", "bfloat16"): 2e-1,
+    ("mlx:gpu", "bfloat16"): 2e-1,
+    ("torch:mps", "bfloat16"): 2e-1,
     ("torch:cpu", "float16"): 5e-2,
     ("mlx:cpu", "float16"): 5e-2,
     ("torch:cuda", "float16"): 5e-2,
