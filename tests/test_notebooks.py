@@ -104,6 +104,43 @@ def test_helpers_parse_parameters(nb):
     assert nb.as_prompt("Hello, world") == "Hello, world"
 
 
+# ------------------------------------------------------------------------------------------------ helpers
+@pytest.mark.parametrize("fx", ["gemma2", "gemma3_text", "gemma4_e2b"])
+def test_logit_lens_of_the_last_layer_is_the_output(fx):
+    """final norm + tied head (+ softcap) applied in numpy to the last resid_post reproduces the logits."""
+    if not cpu_backends():
+        pytest.skip("neither torch nor mlx is installed")
+    import numpy as np
+    from workbench import notebooks
+    for b in cpu_backends():
+        m = notebooks.load_models(fixture_dir(fx), [b], "float32")[b]
+        out = m.forward(PROMPT, taps=["blocks.*.hook_resid_post"])
+        L = m.config.num_hidden_layers
+        lg = notebooks.unembed(m, out.taps[f"blocks.{L - 1}.hook_resid_post"])
+        assert np.abs(lg - out.logits).max() <= 1e-5 * np.abs(out.logits).max()
+        lens = notebooks.logit_lens(m, PROMPT, k=3, out=out)
+        assert set(lens["layer"]) == set(range(L + 1)) and (lens.groupby(["layer", "position"]).size() == 3).all()
+        top = lens[lens["rank"] == 0]
+        assert (top[top["layer"] == L - 1]["token_id"].to_numpy() == top[top["layer"] == L]["token_id"].to_numpy()).all()
+
+
+def test_the_same_hook_gives_the_same_answer_on_every_backend():
+    if len(cpu_backends()) < 2:
+        pytest.skip("needs torch and mlx")
+    from workbench import notebooks
+    models = notebooks.load_models(fixture_dir("gemma3_text"), cpu_backends(), "float32")
+    for hook in ({"blocks.3.hook_mlp_out": notebooks.ablation_hook("zero")},
+                 {"blocks.2.attn.hook_z": notebooks.ablation_hook("mean", heads=[1], positions=[2, 3])}):
+        per, cross, _ = notebooks.intervention(models, PROMPT, hook)
+        assert (per["effect_max_abs"] > 1e-3).all()
+        assert (cross["effect_rel"] < 1e-3).all() and cross["same_top1"].all()
+    curves = {b: notebooks.patching_sweep(m, PROMPT, PROMPT[:4] + [200] + PROMPT[5:], position=4)
+              for b, m in models.items()}
+    a, b = curves.values()
+    assert abs(a["restored"] - b["restored"]).max() < 1e-3
+    assert a["restored"].iloc[0] == pytest.approx(1.0)      # patching the embedding back = the corrupted run
+
+
 # ------------------------------------------------------------------------------------------------ notebooks
 def test_parity_notebook_stores_every_layer_and_backend(nb, tmp_path, store_path):
     from workbench import runs

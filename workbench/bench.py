@@ -41,7 +41,8 @@ class BenchResult:
         return pd.DataFrame(self.rows)
 
     def ratios(self):
-        """workbench / peer decode and prefill speed, per backend kind and dtype."""
+        """workbench / peer decode and prefill speed, same backend (llama.cpp: same device class) and dtype
+        (llama.cpp runs its GGUF quantisation: compared with every workbench dtype on that device)."""
         import pandas as pd
         df = self.to_frame()
         if df.empty or "impl" not in df:
@@ -50,10 +51,11 @@ class BenchResult:
         ours = ok[ok["impl"] == "workbench"]
         out = []
         for _, p in ok[ok["impl"] != "workbench"].iterrows():
-            same = ours[(ours["dtype"] == p["dtype"]) & (ours["backend"].str.split(":").str[0] ==
-                                                         p.get("framework", p["backend"].split(":")[0]))]
             if p["impl"] == "llama.cpp":
-                same = ours[ours["backend"].str.endswith(p["backend"].split(":")[-1])]
+                dev = p["backend"].split(":")[-1]
+                same = ours[ours["backend"].map(lambda b: ("cpu" if b.endswith("cpu") else "gpu") == dev)]
+            else:
+                same = ours[(ours["backend"] == p["backend"]) & (ours["dtype"] == p["dtype"])]
             for _, o in same.iterrows():
                 out.append(dict(backend=o["backend"], dtype=o["dtype"], peer=p["impl"], peer_dtype=p["dtype"],
                                 decode_ratio=o["decode_tok_s"] / p["decode_tok_s"] if p["decode_tok_s"] else None,
@@ -177,17 +179,26 @@ def _peak_mem(ops) -> int | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # process-wide on CPU (Linux: KiB)
 
 
-def _one_run(model, ids, gen_len, fast, compile):
+def _one_run(model, ids, gen_len, fast, compile, state: dict):
+    """One timed prefill + decode. ``state`` keeps the cache and the fast decoder across runs, so a
+    compiled / captured step is reused (the cache is reset in place, keeping the captured buffers)."""
     from .generate import FastDecoder
     ops = model.ops
-    cache = model.new_cache(batch=1, max_len=ids.shape[1] + gen_len + 1)
+    cache = state.get("cache")
+    if cache is None:
+        cache = state["cache"] = model.new_cache(batch=1, max_len=ids.shape[1] + gen_len + 1)
+    else:
+        cache.reset()
     ops.synchronize()
     t0 = time.perf_counter()
     logits = model.forward(ids, cache=cache, last_only=True).logits
     first = int(np.argmax(logits[0, -1]))
     t1 = time.perf_counter()
     if fast:
-        dec = FastDecoder(model, cache, compile=compile)
+        dec = state.get("dec")
+        if dec is None:
+            dec = state["dec"] = FastDecoder(model, cache, compile=compile)
+        dec.prepare(first)
         ops.synchronize()
         t2 = time.perf_counter()
         toks = dec.run(first, gen_len)
@@ -213,10 +224,11 @@ def bench_model(model, prompt_len=128, gen_len=64, repeats=3, fast=True, compile
     ids = rng.integers(min(100, V - 1), V, size=(1, prompt_len))
     if progress:
         print(f"  {label} warm-up{' (compiling)' if compile else ''} ...", file=sys.stderr, flush=True)
-    _one_run(model, ids, min(gen_len, 8) if not compile else gen_len, fast, compile)
+    state: dict = {}
+    _one_run(model, ids, gen_len, fast, compile, state)
     runs = []
     for r in range(repeats):
-        runs.append(_one_run(model, ids, gen_len, fast, compile))
+        runs.append(_one_run(model, ids, gen_len, fast, compile, state))
         if progress:
             x = runs[-1]
             print(f"  {label} run {r + 1}/{repeats}: pp {prompt_len / x['prefill']:.1f} tok/s, "
@@ -320,6 +332,18 @@ def _peer_rows(path, targets, prompt_len, gen_len, repeats, progress) -> list[di
             print(f"[bench] peer {impl} {backend} {dtype}", file=sys.stderr, flush=True)
         try:
             r = fn()
+            if "error" in r:
+                raise RuntimeError(r["error"])
+            sc = r.pop("static_compile", None)
+            if isinstance(sc, dict):      # HF's static cache + torch.compile variant, as its own row
+                if "error" in sc:
+                    rows.append(dict(base, impl=impl + "+static", status="skipped", reason=sc["error"][:200]))
+                else:
+                    rows.append(dict(base, impl=impl + "+static", status="ok", reason=None,
+                                     ttft_s=float("nan"), prefill_tok_s=sc["prefill_tok_s"],
+                                     decode_tok_s=sc["decode_tok_s"], decode_us_median=1e6 / sc["decode_tok_s"],
+                                     decode_us_p10=1e6 / sc["decode_tok_s"], decode_us_p90=1e6 / sc["decode_tok_s"],
+                                     peak_mem_bytes=None, device=r.get("device")))
             rows.append(dict(base, status="ok", reason=r.pop("note", None), ttft_s=r.get("ttft_s", float("nan")),
                              prefill_tok_s=r["prefill_tok_s"], decode_tok_s=r["decode_tok_s"],
                              decode_us_median=1e6 / r["decode_tok_s"],

@@ -187,54 +187,72 @@ def _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop
 # ----------------------------------------------------------------------------------------------- fast path
 class FastDecoder:
     """Greedy decode through the static cache with the position on the device and no host sync per
-    token. torch: the step is compiled (torch.compile; mode "reduce-overhead" on CUDA = CUDA graphs, with
-    weights and cache marked as static addresses); MLX: the next step is queued (mx.async_eval) while the
-    current one runs. ``run(first_token, n)`` returns the n tokens after ``first_token``."""
+    token.
 
-    def __init__(self, model, cache, compile: bool | None = None):
+    torch on CUDA: the step (inductor-compiled unless ``compile=False``) is captured once into a CUDA graph
+    that also advances the position and feeds its argmax back as the next input, so each token is one
+    ``graph.replay()``. torch on CPU: the eager static step (``compile=True`` uses inductor). MLX: the next
+    step is queued (mx.async_eval) while the current one runs. ``run(first_token, n)`` returns the n tokens
+    after ``first_token``."""
+
+    def __init__(self, model, cache, compile: bool | None = None, graph: bool | None = None):
         self.model = model
         self.cache = cache
         self.ops = model.ops
         self.fw = model.ops.framework
-        if not cache.static:
-            cache.begin_static()
-        self._step = model.decode_step
         dev = getattr(self.ops.spec, "device", "cpu")
-        if compile is None:
-            compile = self.fw == "torch" and dev == "cuda"
-        self.compiled = False
-        if self.fw == "torch" and compile:
-            import torch
-            mark = getattr(torch._dynamo, "mark_static_address", None)
-            if mark is not None:
-                for t in model.w.values():
-                    mark(t)
-                for c in cache.layers:
-                    if c is not None:
-                        for t in (c.k, c.v, c.kpos_dev):
-                            if t is not None:
-                                mark(t)
-            mode = "reduce-overhead" if dev == "cuda" else "default"
-
-            def step(tok, pos):
-                logits = model.decode_step(tok, pos, cache)
-                return logits.argmax(-1, keepdim=True)
-            self._compiled = torch.compile(step, mode=mode, fullgraph=True, dynamic=False)
-            self.compiled = True
-
-    def _greedy(self, tok, pos):
-        if self.compiled:
-            import torch
-            torch.compiler.cudagraph_mark_step_begin()
-            return self._compiled(tok, pos).clone()
-        logits = self._step(tok, pos, self.cache)
+        on_cuda = self.fw == "torch" and dev == "cuda"
+        self.compile = bool(compile if compile is not None else on_cuda)
+        self.graph = bool(graph if graph is not None else on_cuda)
+        self._fn = None
+        self._g = None
         if self.fw == "torch":
-            return logits.argmax(-1, keepdim=True)
-        import mlx.core as mx
-        return mx.argmax(logits, axis=-1, keepdims=True)
+            def step(tok, pos):
+                return model.decode_step(tok, pos, cache).argmax(-1, keepdim=True)
+            self._fn = step
+            if self.compile:
+                import torch
+                self._fn = torch.compile(step, mode="default", fullgraph=True, dynamic=False)
+
+    def _capture(self, tok, pos):
+        """Record one step (with the input update) into a CUDA graph; warm-up runs on a side stream write
+        the same token at the same slot, so they leave the cache as the first real step will."""
+        import torch
+        self._tok = tok.clone()
+        self._pos = pos.clone()
+        fn = self._fn
+
+        def body():
+            nxt = fn(self._tok, self._pos)
+            self._tok.copy_(nxt)
+            self._pos.add_(1)
+            return nxt
+
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                fn(self._tok, self._pos)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self._out = body()
+        self._g = g
+
+    def prepare(self, first_token: int):
+        """Compile and capture before timing (torch CUDA graph); the cache must hold the prompt."""
+        if not self.cache.static:
+            self.cache.begin_static()
+        if self.fw == "torch" and self.graph and self._g is None:
+            import torch
+            tok = torch.tensor([[first_token]], dtype=torch.long, device=self.ops.device)
+            pos = torch.tensor([self.cache.offset], dtype=torch.long, device=self.ops.device)
+            self._capture(tok, pos)
 
     def run(self, first_token: int, n: int) -> list[int]:
         ops = self.ops
+        if not self.cache.static:
+            self.cache.begin_static()
         start = self.cache.offset
         if start + n > self.cache.max_len:
             raise ValueError(f"{n} decode steps from position {start} overflow the cache ({self.cache.max_len})")
@@ -242,20 +260,33 @@ class FastDecoder:
             import torch
             tok = torch.tensor([[first_token]], dtype=torch.long, device=ops.device)
             pos = torch.tensor([start], dtype=torch.long, device=ops.device)
-            one = torch.ones_like(pos)
-            outs = []
-            for _ in range(n):
-                tok = self._greedy(tok, pos)
-                outs.append(tok)
-                pos = pos + one
-            res = torch.cat(outs, dim=1)[0].tolist()      # the only host sync
+            if self.graph:
+                if self._g is None:
+                    self._capture(tok, pos)
+                else:
+                    self._tok.copy_(tok)
+                    self._pos.copy_(pos)
+                outs = torch.empty((n,), dtype=torch.long, device=ops.device)
+                for j in range(n):
+                    self._g.replay()
+                    outs[j:j + 1].copy_(self._out[0])
+                res = outs.tolist()                             # the only host sync
+            else:
+                one = torch.ones_like(pos)
+                outs = []
+                for _ in range(n):
+                    tok = self._fn(tok, pos)
+                    outs.append(tok)
+                    pos = pos + one
+                res = torch.cat(outs, dim=1)[0].tolist()      # the only host sync
         else:
             import mlx.core as mx
             tok = mx.array([[first_token]], dtype=mx.int32)
             outs = []
             for j in range(n):
                 pos = mx.array([start + j], dtype=mx.int32)
-                tok = self._greedy(tok, pos)
+                logits = self.model.decode_step(tok, pos, self.cache)
+                tok = mx.argmax(logits, axis=-1, keepdims=True)
                 mx.async_eval(tok)                          # queue this step; build the next meanwhile
                 outs.append(tok)
             res = [int(t.item()) for t in outs]
@@ -263,7 +294,8 @@ class FastDecoder:
         return res
 
 
-def greedy_fast(model, prompt, max_new_tokens: int, compile: bool | None = None, prefill_chunk: int = 512):
+def greedy_fast(model, prompt, max_new_tokens: int, compile: bool | None = None, prefill_chunk: int = 512,
+                graph: bool | None = None):
     """Greedy continuation through the fast path (EOS ignored): prefill, then FastDecoder. Returns
     (token_ids, stats)."""
     ids = prompt_ids(model, prompt)
@@ -274,7 +306,7 @@ def greedy_fast(model, prompt, max_new_tokens: int, compile: bool | None = None,
         logits = model.forward(np.asarray(ids[a:a + prefill_chunk])[None], cache=cache, last_only=True).logits
     first = int(np.argmax(logits[0, -1]))
     t1 = time.perf_counter()
-    dec = FastDecoder(model, cache, compile=compile)
+    dec = FastDecoder(model, cache, compile=compile, graph=graph)
     out = [first] + (dec.run(first, max_new_tokens - 1) if max_new_tokens > 1 else [])
     model.ops.synchronize()
     t2 = time.perf_counter()

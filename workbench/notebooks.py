@@ -11,10 +11,12 @@ weight and the (tied) head, which the logit lens needs (``final_head``).
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -412,14 +414,12 @@ def logit_lens(model, ids, k: int = 5, positions=None, layers=None, out=None):
     return pd.DataFrame(rows)
 
 
+@contextlib.contextmanager
 def _quiet_glyphs():
     """Token labels may hold characters the default font lacks (CJK ...): drawn as boxes, without warnings."""
-    import warnings
-    cm = warnings.catch_warnings()
-    cm.__enter__()
-    warnings.filterwarnings("ignore", message=r"Glyph .* missing from font")
-    cm.__enter__ = lambda: cm   # already entered
-    return cm
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph .* missing from font")
+        yield
 
 
 def lens_table(lens, position: int, value: str = "token"):
@@ -464,20 +464,49 @@ def attention_patterns(model, ids, layers=None) -> dict[int, np.ndarray]:
 
 
 def pattern_figure(pattern: np.ndarray, labels=None, title: str = "attention pattern", query: int | None = None):
-    """One small map per head: rows = query positions, columns = key positions."""
+    """One small map per head: rows = query positions, columns = key positions (token labels on the axes
+    when there are few tokens); ``query`` marks a row."""
     import matplotlib.pyplot as plt
-    H = pattern.shape[0]
-    fig, axes = plt.subplots(1, H, figsize=(2.4 * H + 0.6, 2.7), squeeze=False)
+    H, T = pattern.shape[0], pattern.shape[1]
+    show = labels is not None and len(labels) == T and T <= 32
+    size = 2.4 if not show else 3.2
+    fig, axes = plt.subplots(1, H, figsize=(size * H + 0.8, size + (0.9 if show else 0.3)), squeeze=False)
     for h in range(H):
         ax = axes[0, h]
         ax.imshow(pattern[h], cmap="viridis", vmin=0, vmax=1)
         ax.set_title(f"head {h}", fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        if show:
+            short = [str(t)[:8] for t in labels]
+            ax.set_xticks(range(pattern.shape[2] if pattern.shape[2] == T else 0),
+                          short if pattern.shape[2] == T else [], rotation=90, fontsize=6)
+            ax.set_yticks(range(T), short if h == 0 else [""] * T, fontsize=6)
+        else:
+            ax.set_xticks([])
+            ax.set_yticks([])
         if query is not None:
-            ax.axhline(query % pattern.shape[1], color="red", lw=0.8)
+            ax.axhline(query % T, color="red", lw=0.8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    with _quiet_glyphs():
+        fig.tight_layout()
+    return fig
+
+
+def patching_figure(curves: dict, labels=None, position: int | None = None):
+    """{backend: patching_sweep frame} as one line per backend (they should lie on top of each other)."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    for i, (b, df) in enumerate(curves.items()):
+        ax.plot(df["layer"], df["restored"], marker="o", ms=4 + 3 * (len(curves) - 1 - i), label=b, alpha=0.8)
+    first = next(iter(curves.values()))
+    ax.set_xticks(list(first["layer"]))
+    ax.set_xlabel(f"layer patched ({first['tap'].iloc[0]} at the corrupted position)")
+    ax.set_ylabel("share of the corruption's KL")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    what = f"token {position}" + (f" {labels[position]!r}" if labels is not None and position is not None else "")
+    ax.set_title(f"activation patching: {what} corrupted", fontsize=10)
+    with _quiet_glyphs():
+        fig.tight_layout()
     return fig
 
 

@@ -44,8 +44,14 @@ class LayerCache:
         return buf
 
     def enable_static(self):
-        """Mirror the slot positions on the device for the fast decode step."""
-        self.kpos_dev = self.ops.asids(self.pos)
+        """Mirror the slot positions on the device for the fast decode step (in place when a captured
+        graph already holds the buffer)."""
+        new = self.ops.asids(self.pos)
+        kd = getattr(self, "kpos_dev", None)
+        if kd is not None and self.ops.framework == "torch":
+            kd.copy_(new)
+        else:
+            self.kpos_dev = new
 
     def update_static(self, k, v, pos):
         """Write one token at slot pos % slots with device-side indices; returns the whole buffers.
@@ -144,12 +150,20 @@ class KVCache:
             self.layers.append(LayerCache(model.ops, batch, cfg.num_kv_heads(i), cfg.head_dim(i), slots, ring,
                                           one_tensor=cfg.k_eq_v(i)))
 
+    def reset(self):
+        """Forget every position (buffers are kept, so captured graphs stay valid)."""
+        for c in self.layers:
+            if c is not None:
+                c.pos[:] = -1
+        self.offset = 0
+        self.static = False
+
     def begin_static(self):
         """Switch to the fast decode mode: device-side slot positions and RoPE tables for every position."""
         m = self._model
         ops = m.ops
         tabs: dict[bytes, tuple] = {}
-        for i in range(m.config.num_hidden_layers):
+        for i in range(m.config.num_hidden_layers if not self.rope_tables else 0):
             inv = m._inv_freq[i]
             key = inv.tobytes()
             if key not in tabs:

@@ -214,8 +214,8 @@ class Gemma:
         taps: names or wildcard patterns (``blocks.*.hook_resid_post``); hooks: {pattern: fn(np, name)}.
         cache: a KVCache to continue from (prefill/decode); last_only: logits of the last position only."""
         if mm.get("images") or mm.get("audio"):
-            raise NotImplementedError("multimodal inputs need a Gemma 4 multimodal checkpoint and the "
-                                      "multimodal runner (workbench.multimodal)")
+            from ..multimodal import multimodal_forward
+            return multimodal_forward(self, ids, taps=taps, hooks=hooks, cache=cache, last_only=last_only, **mm)
         a = self.check_ids(ids)
         B, T = a.shape
         start = cache.offset if cache is not None else 0
@@ -239,22 +239,33 @@ class Gemma:
     def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k=None, top_p=None,
                  seed=0, stop=None, stream: bool = False, **kw):
         """Continue a text prompt or token ids; see ``workbench.generate.generate``."""
+        if kw.get("images") or kw.get("audio"):
+            from ..multimodal import multimodal_generate
+            return multimodal_generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                       top_k=top_k, top_p=top_p, seed=seed, stop=stop, stream=stream, **kw)
         from ..generate import generate
         return generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                         top_p=top_p, seed=seed, stop=stop, stream=stream, **kw)
 
     # ------------------------------------------------------------------ the pass
     def _forward(self, a: np.ndarray, pts: Points, cache, start: int, last_only: bool):
+        ids = self.ops.asids(a)
+        x = self.ops.scale(self.ops.take_rows(self.w["embed_tokens.weight"], ids), self.config.embed_scale)
+        return self._forward_embeds(x, ids, pts, cache, start, last_only)
+
+    def _forward_embeds(self, x, ple_ids, pts: Points, cache, start: int, last_only: bool, extra_mask=None):
+        """The pass from input embeddings on. x [B, T, D]: scaled token embeddings (the multimodal runner merges
+        media rows into them); ple_ids [B, T] backend ids for PLE's token-identity lookup (media positions carry
+        the pad id); extra_mask: numpy bool [T, T] over this call's positions, extra pairs allowed on sliding
+        layers (Gemma 4 bidirectional attention within an image), still inside the window."""
         cfg, ops, w = self.config, self.ops, self.w
-        B, T = a.shape
-        ids = ops.asids(a)
-        x = ops.scale(ops.take_rows(w["embed_tokens.weight"], ids), cfg.embed_scale)
+        T = x.shape[1]
         x = pts.visit(ops, "hook_embed", x)
-        ple = self._per_layer_inputs(ids, x) if cfg.has_ple else None
+        ple = self._per_layer_inputs(ple_ids, x) if cfg.has_ple else None
         positions = np.arange(start, start + T, dtype=np.int64)
         shared: dict[int, tuple] = {}
         for i in range(cfg.num_hidden_layers):
-            x = self._block(i, x, positions, pts, cache, shared, ple)
+            x = self._block(i, x, positions, pts, cache, shared, ple, extra_mask)
         x = ops.rms_norm(x, w["norm.weight"], cfg.rms_norm_eps)
         if last_only:
             x = x[:, -1:]
@@ -277,7 +288,7 @@ class Gemma:
         proj = ops.rms_norm(ops.reshape(proj, (B, T, L, P)), w["per_layer_projection_norm.weight"], cfg.rms_norm_eps)
         return (proj + tok) * (2.0 ** -0.5)
 
-    def _block(self, i, x, positions, pts: Points, cache, shared, ple):
+    def _block(self, i, x, positions, pts: Points, cache, shared, ple, extra_mask=None):
         cfg, ops, w = self.config, self.ops, self.w
         p = f"layers.{i}."
         b = f"blocks.{i}."
@@ -285,7 +296,7 @@ class Gemma:
         x = pts.visit(ops, b + "hook_resid_pre", x)
         h = ops.rms_norm(x, w[p + "input_layernorm.weight"], eps)
         h = pts.visit(ops, b + "ln1.hook_normalized", h)
-        attn = self._attention(i, h, positions, pts, cache, shared)
+        attn = self._attention(i, h, positions, pts, cache, shared, extra_mask)
         if cfg.has_post_norms:
             attn = ops.rms_norm(attn, w[p + "post_attention_layernorm.weight"], eps)
         attn = self._perturb(i, "hook_attn_out", attn)
@@ -321,7 +332,7 @@ class Gemma:
     def _perturb(self, i, name, x):
         return self.perturb(i, name, x) if self.perturb is not None else x
 
-    def _attention(self, i, h, positions, pts: Points, cache, shared):
+    def _attention(self, i, h, positions, pts: Points, cache, shared, extra_mask=None):
         cfg, ops, w = self.config, self.ops, self.w
         p = f"layers.{i}.self_attn."
         b = f"blocks.{i}.attn."
@@ -366,7 +377,7 @@ class Gemma:
                 K, V, kpos = lc.update(k, v, positions)
             shared[i] = (K, V, kpos)
 
-        mask = self._mask(i, positions, kpos)
+        mask = self._mask(i, positions, kpos, extra_mask)
         z, probs = ops.attention(q, K, V, mask, cfg.attn_scale(i), cfg.attn_logit_softcapping,
                                  want_probs=pts.wants(f"blocks.{i}.attn.hook_pattern"))
         if probs is not None:
@@ -432,15 +443,24 @@ class Gemma:
     def _hooked_kv(pts, i):
         return f"blocks.{i}.attn.hook_k" in pts.hooked
 
-    def _mask(self, i, qpos: np.ndarray, kpos: np.ndarray):
+    def _mask(self, i, qpos: np.ndarray, kpos: np.ndarray, extra=None):
         """Boolean [T, S] mask from absolute positions: causal, sliding window (W keys including the
-        query itself, HF's ``kv > q - W``), bidirectional where the config says so; empty slots masked."""
+        query itself, HF's ``kv > q - W``), bidirectional where the config says so; empty slots masked.
+        ``extra`` [T, T] (this call's positions): pairs also allowed on sliding layers — Gemma 4's
+        use_bidirectional_attention="vision" (HF create_masks_for_vision_model: full layers stay causal)."""
         cfg = self.config
         d = qpos[:, None] - kpos[None, :]
         ok = kpos[None, :] >= 0
         win = cfg.sliding_window(i)
         if cfg.causal:
-            ok = ok & (d >= 0)
+            allow = d >= 0
+            if extra is not None and cfg.is_sliding(i):
+                j = kpos - qpos[0]
+                inside = (j >= 0) & (j < len(qpos))
+                blk = np.zeros((len(qpos), len(kpos)), dtype=bool)
+                blk[:, inside] = extra[:, j[inside]]
+                allow = allow | blk
+            ok = ok & allow
             if win is not None:
                 ok = ok & (d < win)
         elif win is not None:

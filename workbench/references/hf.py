@@ -16,6 +16,7 @@ references see identical weights.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -423,9 +424,27 @@ class HFReference:
                 cc = CompileConfig(fullgraph=False, dynamic=False, mode="default")
                 cc._compile_all_devices = True  # generate only auto-compiles on CUDA-like devices otherwise
                 extra = {"cache_implementation": "static", "compile_config": cc}
-                t0 = time.perf_counter()
-                sc = self._bench(x, int(gen_len), repeats, extra)
-                sc["wall_s_incl_compile"] = time.perf_counter() - t0
+                notes: list[str] = []
+
+                class _Catch(logging.Handler):
+                    def emit(self, record):
+                        msg = record.getMessage()
+                        if "recompile_limit" in msg or "cache_size_limit" in msg:
+                            notes.append(msg.splitlines()[0][:300])
+
+                handler = _Catch(logging.WARNING)
+                dynamo_log = logging.getLogger("torch._dynamo")
+                dynamo_log.addHandler(handler)
+                try:
+                    t0 = time.perf_counter()
+                    sc = self._bench(x, int(gen_len), repeats, extra)
+                    sc["wall_s_incl_compile"] = time.perf_counter() - t0
+                finally:
+                    dynamo_log.removeHandler(handler)
+                if notes:
+                    # e.g. Gemma 3's static sliding-window cache guards on a Python int that changes every step
+                    # (transformers 5.24), so dynamo recompiles per token, hits the limit and runs eager.
+                    sc["warning"] = "torch._dynamo hit its recompile limit; decode fell back to eager: " + notes[0]
                 res["static_compile"] = sc
             except Exception as e:  # noqa: BLE001 - report, don't crash
                 res["static_compile"] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
