@@ -208,7 +208,7 @@ class FastDecoder:
         self._g = None
         if self.fw == "torch":
             def step(tok, pos):
-                return model.decode_step(tok, pos, cache).argmax(-1, keepdim=True)
+                return model.ops.argmax_last(model.decode_step(tok, pos, cache))
             self._fn = step
             if self.compile:
                 import torch
@@ -241,7 +241,7 @@ class FastDecoder:
 
     def prepare(self, first_token: int):
         """Compile and capture before timing (torch CUDA graph); the cache must hold the prompt."""
-        if not self.cache.static:
+        if self.fw == "torch" and not self.cache.static:
             self.cache.begin_static()
         if self.fw == "torch" and self.graph and self._g is None:
             import torch
@@ -251,7 +251,7 @@ class FastDecoder:
 
     def run(self, first_token: int, n: int) -> list[int]:
         ops = self.ops
-        if not self.cache.static:
+        if self.fw == "torch" and not self.cache.static:
             self.cache.begin_static()
         start = self.cache.offset
         if start + n > self.cache.max_len:
@@ -280,13 +280,20 @@ class FastDecoder:
                     pos = pos + one
                 res = torch.cat(outs, dim=1)[0].tolist()      # the only host sync
         else:
+            # MLX, as mlx-lm does it: the plain cached step (mx.fast.rope at an int offset, in-place slice
+            # writes, no mask once the window is full), argmax on the device, and the next step's graph built
+            # while this one runs (mx.async_eval) — no host sync until the end.
             import mlx.core as mx
+            from .model.gemma import _NO_POINTS
+            m, ops_ = self.model, self.ops
+            emb = m.w["embed_tokens.weight"]
             tok = mx.array([[first_token]], dtype=mx.int32)
             outs = []
             for j in range(n):
-                pos = mx.array([start + j], dtype=mx.int32)
-                logits = self.model.decode_step(tok, pos, self.cache)
-                tok = mx.argmax(logits, axis=-1, keepdims=True)
+                x = ops_.scale(ops_.take_rows(emb, tok), m.config.embed_scale)
+                logits = m._forward_embeds(x, tok, _NO_POINTS, self.cache, start + j, True)
+                self.cache.offset = start + j + 1
+                tok = mx.argmax(logits[:, -1], axis=-1, keepdims=True)
                 mx.async_eval(tok)                          # queue this step; build the next meanwhile
                 outs.append(tok)
             res = [int(t.item()) for t in outs]

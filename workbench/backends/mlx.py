@@ -135,6 +135,11 @@ class MLXOps(Ops):
             ok = ok & ((pos - kpos) < window)
         return ok[None, None, None, :]
 
+    def decode_attention(self, q, k, v, mask, scale, softcap):
+        if softcap is None:
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        return self.attention(q, k, v, mask, scale, softcap, False)[0]
+
     def attention(self, q, k, v, mask, scale, softcap, want_probs):
         H, Hkv = q.shape[1], k.shape[1]
         if softcap is None and not want_probs:

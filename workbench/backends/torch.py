@@ -152,6 +152,30 @@ class TorchOps(Ops):
             ok = ok & (pos - kpos < window)
         return ok[None, None, None, :]
 
+    def decode_attention(self, q, k, v, mask, scale, softcap):
+        """One query per head against the whole cache, written out so inductor fuses it (cuDNN/flash SDPA
+        kernels cost ~16 µs each for a single query): GQA by grouping query heads per KV head, no copies."""
+        B, H, T, D = q.shape
+        Hkv = k.shape[1]
+        qg = q.reshape(B, Hkv, (H // Hkv) * T, D)
+        s = torch.matmul(qg, k.transpose(-1, -2)) * scale
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
+        if mask is not None:
+            s = s.masked_fill(~mask.reshape(1, 1, 1, -1), float("-inf"))
+        p = torch.softmax(s.to(self.acc), dim=-1).to(q.dtype)
+        return torch.matmul(p, v).reshape(B, H, T, D)
+
+    def argmax_last(self, logits):
+        """argmax over a large vocabulary in two parallel stages (a single-block reduction over 262k
+        entries is slow on GPU)."""
+        B, V = logits.shape
+        if V % 1024 or V < 65536:
+            return logits.argmax(-1, keepdim=True)
+        vals, idx = logits.view(B, V // 1024, 1024).max(-1)
+        blk = vals.argmax(-1, keepdim=True)
+        return blk * 1024 + torch.gather(idx, 1, blk)
+
     def attention(self, q, k, v, mask, scale, softcap, want_probs):
         # q [B,H,T,D], k/v [B,Hkv,S,D]; mask: bool [T,S] (True = attend) or None
         H, Hkv = q.shape[1], k.shape[1]

@@ -161,6 +161,7 @@ class Gemma:
                 w[k] = ops.asarray(v.reshape(-1) if k.endswith("layer_scalar") else v)
             else:
                 w[k] = ops.asarray(v)
+        self._fuse(w)
         self.w = w
         self.n_params = int(sum(int(np.prod(v.shape)) for v in text.values()))
         self.weight_bytes = self.n_params * {"float64": 8, "float32": 4}.get(ops.dtype, 2)
@@ -168,6 +169,29 @@ class Gemma:
         self.tokenizer = None
         self.source = where
         self.perturb = None     # test-only fault injection: fn(layer, name, x) -> x
+
+    def _fuse(self, w):
+        """One matmul for q/k/v and one for gate/up per layer (one GEMV instead of three or two at decode);
+        the outputs are sliced, so every tap sees exactly what the separate projections give."""
+        cfg, ops = self.config, self.ops
+        for i in range(cfg.num_hidden_layers):
+            a = f"layers.{i}.self_attn."
+            parts = [a + "q_proj.weight"] + ([] if cfg.kv_shared(i) else [a + "k_proj.weight"]) + \
+                ([] if cfg.kv_shared(i) or cfg.k_eq_v(i) else [a + "v_proj.weight"])
+            w[a + "qkv_proj.weight"] = ops.concat([w.pop(n) for n in parts], 0)
+            m = f"layers.{i}.mlp."
+            w[m + "gate_up_proj.weight"] = ops.concat([w.pop(m + "gate_proj.weight"), w.pop(m + "up_proj.weight")], 0)
+
+    def _qkv(self, i, h, B, T):
+        cfg, ops = self.config, self.ops
+        H, hd, kvh = cfg.num_attention_heads, cfg.head_dim(i), cfg.num_kv_heads(i)
+        y = ops.linear(h, self.w[f"layers.{i}.self_attn.qkv_proj.weight"])
+        q = ops.reshape(y[..., :H * hd], (B, T, H, hd))
+        if cfg.kv_shared(i):
+            return q, None, None
+        k = ops.reshape(y[..., H * hd:(H + kvh) * hd], (B, T, kvh, hd))
+        v = k if cfg.k_eq_v(i) else ops.reshape(y[..., (H + kvh) * hd:], (B, T, kvh, hd))
+        return q, k, v
 
     @staticmethod
     def _is_norm(k: str) -> bool:
@@ -345,7 +369,7 @@ class Gemma:
         start = int(positions[0])
         tap_t = lambda a: a.transpose(_BTHD)  # noqa: E731  [B,H,T,D] -> tap layout [B,T,H,D]
 
-        q = ops.reshape(ops.linear(h, w[p + "q_proj.weight"]), (B, T, H, hd))
+        q, k_raw, v = self._qkv(i, h, B, T)
         if cfg.has_qk_norm:
             q = ops.rms_norm(q, w[p + "q_norm.weight"], eps)
         q = ops.rope(ops.transpose(q, _BTHD), inv, start)
@@ -354,8 +378,6 @@ class Gemma:
         if cfg.kv_shared(i):
             K, V, kpos = shared[cfg.kv_source(i)]
         else:
-            k_raw = ops.reshape(ops.linear(h, w[p + "k_proj.weight"]), (B, T, kvh, hd))
-            v = k_raw if cfg.k_eq_v(i) else ops.reshape(ops.linear(h, w[p + "v_proj.weight"]), (B, T, kvh, hd))
             if cfg.has_v_norm:
                 v = ops.rms_norm(v, None, eps)
             k = ops.rms_norm(k_raw, w[p + "k_norm.weight"], eps) if cfg.has_qk_norm else k_raw
@@ -396,15 +418,13 @@ class Gemma:
         H, hd, kvh = cfg.num_attention_heads, cfg.head_dim(i), cfg.num_kv_heads(i)
         eps = cfg.rms_norm_eps
         tab = cache.rope_tables[i]
-        q = ops.reshape(ops.linear(h, w[p + "q_proj.weight"]), (B, 1, H, hd))
+        q, k_raw, v = self._qkv(i, h, B, 1)
         if cfg.has_qk_norm:
             q = ops.rms_norm(q, w[p + "q_norm.weight"], eps)
         q = ops.rope_at(ops.transpose(q, _BTHD), tab, pos)
         if cfg.kv_shared(i):
             K, V, kpos = shared[cfg.kv_source(i)]
         else:
-            k_raw = ops.reshape(ops.linear(h, w[p + "k_proj.weight"]), (B, 1, kvh, hd))
-            v = k_raw if cfg.k_eq_v(i) else ops.reshape(ops.linear(h, w[p + "v_proj.weight"]), (B, 1, kvh, hd))
             if cfg.has_v_norm:
                 v = ops.rms_norm(v, None, eps)
             v = ops.transpose(v, _BTHD)
@@ -419,7 +439,7 @@ class Gemma:
                 K, V, kpos = lc.update_static(k, v, pos)
             shared[i] = (K, V, kpos)
         mask = ops.decode_mask(kpos, pos, cfg.sliding_window(i))
-        z, _ = ops.attention(q, K, V, mask, cfg.attn_scale(i), cfg.attn_logit_softcapping, want_probs=False)
+        z = ops.decode_attention(q, K, V, mask, cfg.attn_scale(i), cfg.attn_logit_softcapping)
         z = ops.reshape(ops.transpose(z, _BTHD), (B, 1, H * hd))
         return ops.linear(z, w[p + "o_proj.weight"])
 
@@ -472,8 +492,9 @@ class Gemma:
     def _mlp(self, i, h, pts):
         cfg, ops, w = self.config, self.ops, self.w
         p = f"layers.{i}.mlp."
-        g = ops.gelu(ops.linear(h, w[p + "gate_proj.weight"]), approximate=cfg.hidden_activation != "gelu")
-        a = g * ops.linear(h, w[p + "up_proj.weight"])
+        F = cfg.intermediate(i)
+        gu = ops.linear(h, w[p + "gate_up_proj.weight"])
+        a = ops.gelu(gu[..., :F], approximate=cfg.hidden_activation != "gelu") * gu[..., F:]
         a = pts.visit(ops, f"blocks.{i}.mlp.hook_post", a)
         return ops.linear(a, w[p + "down_proj.weight"])
 
