@@ -240,7 +240,8 @@ def heatmap_figure(frame: pd.DataFrame, metric: str = "rel_max", by: str = "taps
     lo = max(lo, 1e-16)
     hi = max(hi, lo * 10)
     plot = np.where(np.isfinite(v), np.clip(v, lo, hi), hi)
-    fig, ax = plt.subplots(figsize=(2.2 + 1.15 * max(1, v.shape[1]), 1.4 + 0.3 * max(1, v.shape[0])))
+    # the same width for both heatmaps (they sit side by side), height by the number of layers
+    fig, ax = plt.subplots(figsize=(6.4, 2.0 + 0.26 * max(1, v.shape[0])))
     im = ax.imshow(plot, aspect="auto", cmap="magma_r", norm=LogNorm(vmin=lo, vmax=hi), interpolation="nearest")
     ax.set_xticks(range(v.shape[1]), [str(c) for c in vals.columns], rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(v.shape[0]), [str(int(i)) for i in vals.index], fontsize=8)

@@ -93,6 +93,20 @@ def test_form_starts_a_run_with_progress(monkeypatch, tmp_path):
     assert len(lst) == 1
     assert any("stored parity run" in s.value and "PASSED" in s.value for s in at.success)
     assert len(at.get("image")) == 2          # the new run's heatmaps
+    # now a benchmark from the "New run" tab
+    at.radio(key="nr_kind_tab").set_value("benchmark")
+    at.text_input(key="nr_model_tab").input(str(fixture_dir("gemma3_text")))
+    at.number_input(key="nr_pl_tab").set_value(8)
+    at.number_input(key="nr_gl_tab").set_value(4)
+    [b for b in at.button if b.label == "Start run"][0].click()
+    at.run()
+    _no_exception(at)
+    bench_runs = runs.RunStore(db).list(kind="bench")
+    assert len(bench_runs) == 1
+    rows = runs.RunStore(db).load(bench_runs["run_id"].iloc[0]).rows
+    assert set(rows["backend"]) == set(cpu_backends()) and (rows["decode_tok_s"] > 0).all()
+    assert any("stored benchmark run" in s.value for s in at.success)
+    assert len(at.get("vega_lite_chart")) == 4
 
 
 def test_parity_and_bench_runs_render(monkeypatch, filled):

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, cpu_backends, fixture_dir, have
+from conftest import cpu_backends, fixture_dir, have
 
 NOTEBOOKS = ["parity", "throughput", "explore_layers"]
 PROMPT = list(range(3, 19))          # 16 token ids; the tiny fixtures have no tokenizer

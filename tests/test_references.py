@@ -300,8 +300,21 @@ def test_hf_vs_llamacpp_logits(hf_gguf, llama, capsys):
 @pytest.mark.reference
 @pytest.mark.llamacpp
 def test_hf_vs_llamacpp_greedy(hf_gguf, llama, capsys):
+    import torch
+
     with capsys.disabled():
         print("\ngreedy 16-token continuations (EOS ignored):")
+    # One torch thread: on a small shared CPU, OpenMP barriers in HF's many tiny decode ops cost more than the
+    # second thread gains (0.1 s/token vs up to 1 s/token under load); results do not depend on it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _greedy_rows(hf_gguf, llama, capsys)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _greedy_rows(hf_gguf, llama, capsys):
     for prompt in PROMPTS:
         ids = hf_gguf.tokenizer(prompt).input_ids
         gh = hf_gguf.generate_greedy(ids, 16, ignore_eos=True)

@@ -431,8 +431,9 @@ def lens_table(lens, position: int, value: str = "token"):
     return t
 
 
-def lens_figure(lens, model=None, title: str = "logit lens: top-1 token per layer"):
-    """A layers x positions grid of the top-1 token, coloured by its probability."""
+def lens_figure(lens, labels=None, title: str = "logit lens: top-1 token per layer"):
+    """A layers x positions grid of the top-1 token, coloured by its probability; ``labels``: the input
+    tokens, shown under the positions."""
     import matplotlib.pyplot as plt
     top = lens[lens["rank"] == 0]
     piv_p = top.pivot(index="layer", columns="position", values="prob")
@@ -444,8 +445,9 @@ def lens_figure(lens, model=None, title: str = "logit lens: top-1 token per laye
                 color="white" if piv_p.to_numpy(float)[yy, xx] > 0.6 else "black")
     Lmax = lens["layer"].max()
     ax.set_yticks(range(piv_p.shape[0]), ["out" if i == Lmax else str(i) for i in piv_p.index])
-    ax.set_xticks(range(piv_p.shape[1]), [str(c) for c in piv_p.columns])
-    ax.set_xlabel("position")
+    ax.set_xticks(range(piv_p.shape[1]), [f"{c}\n{str(labels[c])[:8]}" if labels is not None and c < len(labels)
+                                          else str(c) for c in piv_p.columns], fontsize=7)
+    ax.set_xlabel("position (input token)")
     ax.set_ylabel("layer (resid_post)")
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label="p(top-1)")

@@ -502,8 +502,10 @@ class RunStore:
         self.close()
 
     def __del__(self):
-        with contextlib.suppress(Exception):
+        try:    # at interpreter shutdown module globals (contextlib, os) may already be gone
             self.close()
+        except BaseException:
+            pass
 
     def __repr__(self) -> str:
         return f"RunStore({str(self.path)!r})"
