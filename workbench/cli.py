@@ -59,9 +59,17 @@ def cmd_info(args) -> int:
 def cmd_parity(args) -> int:
     from .parity import compare
     refs = [r for r in (args.references or "").split(",") if r]
+    prompt = args.prompt
+    if args.prompt_ids:
+        prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+    tols = {}
+    for t in args.tolerance or []:
+        key, _, val = t.partition("=")
+        parts = key.split(":")
+        tols[(":".join(parts[:-1]), parts[-1]) if len(parts) > 1 else key] = float(val)
     rep = compare(args.model, backends=args.backends, dtypes=args.dtypes, reference=args.reference,
-                  prompt=args.prompt, decode_steps=args.decode_steps, references=refs, db=args.db,
-                  store=not args.no_store, progress=True)
+                  prompt=prompt, decode_steps=args.decode_steps, references=refs, db=args.db,
+                  store=not args.no_store, progress=True, tolerances=tols or None)
     print(rep.summary())
     if rep.run_id:
         print(f"stored run {rep.run_id}")
@@ -175,6 +183,8 @@ def main(argv=None) -> int:
     p.add_argument("--reference", default="torch:cpu:float64")
     p.add_argument("--references", default="", help="independent references to include: hf,llamacpp")
     p.add_argument("--prompt", default=None)
+    p.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of a text prompt")
+    p.add_argument("--tolerance", action="append", help="override, e.g. float32=1e-5 or mlx:gpu:float32=1e-2")
     p.add_argument("--decode-steps", type=int, default=4)
     p.add_argument("--db", default=None, help="results database (default $WORKBENCH_DB or the user data dir)")
     p.add_argument("--no-store", action="store_true")
