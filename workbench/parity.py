@@ -56,7 +56,10 @@ DEFAULT_TAPS = ["hook_embed", "blocks.*.hook_attn_out", "blocks.*.hook_mlp_out",
                 "ln_final.hook_normalized", "logits"]
 DEFAULT_PROMPT = ("The quick brown fox jumps over the lazy dog. In 1905, Albert Einstein published four papers "
                   "that changed physics: def f(x): return x**2  # ünïcödé ✓")
-_LAYER_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_LAYER_RE = re.compile(r"^(vision\.|audio\.)?blocks\.(\d+)\.(.+)$")
+MEDIA_TAPS = ["vision.hook_patch_embed", "vision.blocks.*.hook_resid_post", "vision.hook_pooled", "vision.hook_out",
+              "embed_vision.hook_out", "audio.hook_subsample", "audio.blocks.*.hook_resid_post", "audio.hook_out",
+              "embed_audio.hook_out"]
 
 
 def tolerance_for(kind: str, dtype: str, overrides: dict | None = None) -> float:
@@ -72,7 +75,7 @@ def tolerance_for(kind: str, dtype: str, overrides: dict | None = None) -> float
 
 def split_tap(name: str) -> tuple[str, int | None]:
     m = _LAYER_RE.match(name)
-    return (m.group(2), int(m.group(1))) if m else (name, None)
+    return ((m.group(1) or "") + m.group(3), int(m.group(2))) if m else (name, None)
 
 
 def metrics(ref: np.ndarray, x: np.ndarray) -> dict:
@@ -301,7 +304,7 @@ def _rows_for(ref_taps: dict, taps: dict, backend: str, dtype: str, kind: str, p
 def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "torch:cpu:float64",
             prompt: str | list[int] | None = None, taps=None, decode_steps: int = 4, references=("hf",),
             tolerances: dict | None = None, db=None, store: bool = True, progress: bool = True,
-            fault: dict | None = None, max_tokens: int = 64) -> ParityReport:
+            fault: dict | None = None, max_tokens: int = 64, images=None, audio=None) -> ParityReport:
     """Compare every backend x dtype with the reference, tap by tap and layer by layer.
 
     source: HF dir, .gguf or registered name. backends: list, comma string or "all". dtypes: list or comma
@@ -310,6 +313,8 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
     decode_steps: the last N prompt tokens are also fed one by one through the KV cache and compared.
     tolerances: overrides {(kind, dtype): tol} or {dtype: tol}. fault: test-only perturbation
     {"backend": "mlx:cpu", "layer": 3, "tap": "hook_mlp_out", "scale": 1e-2}.
+    images / audio (Gemma 4 multimodal checkpoints): media for the prompt's placeholders; the vision/audio
+    towers and projector outputs are then compared per layer too (prefill only).
     Stores the run in the results store (``db`` or the default) unless store=False."""
     from .loader import read_source, source_hash
     from .model.gemma import Gemma
@@ -325,17 +330,36 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
         ids = tok.encode(prompt)[:max_tokens]
     else:
         ids = [int(i) for i in np.asarray(prompt).reshape(-1)]
+    media = bool(images or audio)
+    mm = dict(images=images, audio=audio) if media else {}
     ids_arr = np.asarray(ids, dtype=np.int64)[None]
     T = ids_arr.shape[1]
-    decode_steps = max(0, min(decode_steps, T - 1))
+    decode_steps = 0 if media else max(0, min(decode_steps, T - 1))
     taps = list(taps or DEFAULT_TAPS)
-    order_of = {n: k for k, n in enumerate(point_names(cfg))}
+    names = point_names(cfg)
+    if media:
+        from .multimodal.points import audio_point_names, vision_point_names
+        raw = cfg.raw or {}
+        mnames = (vision_point_names(raw["vision_config"]["num_hidden_layers"]) if raw.get("vision_config") else []) + \
+            (audio_point_names(raw["audio_config"]["num_hidden_layers"]) if raw.get("audio_config") else [])
+        import fnmatch
+        taps += [t for t in MEDIA_TAPS if any(fnmatch.fnmatchcase(n, t) for n in mnames)]
+        names = mnames + names
+    order_of = {n: k for k, n in enumerate(names)}
+
+    def build(ops):
+        m = Gemma(cfg, tensors, ops, where=str(path))
+        m.tokenizer, m.source, m.source_path = tok, str(source), path
+        if media:
+            from .multimodal.runner import attach_media
+            attach_media(m, tensors, str(path))
+        return m
     prog = _Progress(progress, 1 + len(targets) + len(references or ()))
 
     ref_parts = reference.split(":")
     ref_backend, ref_dtype = ":".join(ref_parts[:-1]), ref_parts[-1]
-    ref_model = Gemma(cfg, tensors, _bk.get_ops(ref_backend, ref_dtype), where=str(path))
-    ref_out = ref_model.forward(ids_arr, taps=taps)
+    ref_model = build(_bk.get_ops(ref_backend, ref_dtype))
+    ref_out = ref_model.forward(ids_arr, taps=taps, **mm)
     ref_taps = dict(ref_out.taps)
     ref_taps["logits"] = ref_out.logits
     del ref_model
@@ -360,11 +384,11 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
             continue
         ops = _bk.get_ops(b, d)
         devices[key] = ok and why
-        m = Gemma(cfg, tensors, ops, where=str(path))
+        m = build(ops)
         if fault and _bk.parse(fault["backend"]).name == spec.name and fault.get("dtype", d) == d:
             m.perturb = _make_fault(fault)
         tol = tolerance_for(spec.kind, d, tolerances)
-        out = m.forward(ids_arr, taps=taps)
+        out = m.forward(ids_arr, taps=taps, **mm)
         got = dict(out.taps)
         got["logits"] = out.logits
         rows += _rows_for(ref_taps, got, spec.name, d, spec.kind, "prefill", tol, order_of)
@@ -380,7 +404,7 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
         del m
         prog.step(f"{key}")
 
-    for ext in references or ():
+    for ext in (references or ()) if not media else ():
         try:
             rows += _external_rows(ext, path, cfg, ids_arr, ref_taps, tolerances, order_of)
         except Exception as e:  # missing package, non-GGUF source ...
@@ -389,7 +413,7 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
 
     meta = dict(model=str(source), source=str(path), source_hash=source_hash(path), reference=reference,
                 backends=sorted({b for b, _ in targets}), dtypes=sorted({d for _, d in targets}),
-                n_tokens=T, decode_steps=decode_steps, prompt=prompt if isinstance(prompt, str) else None,
+                n_tokens=T, decode_steps=decode_steps, media=dict(images=len(images or []), audio=len(audio or [])), prompt=prompt if isinstance(prompt, str) else None,
                 token_ids=ids, taps=taps, skipped=skipped, devices=devices, arch=cfg.arch)
     rep = ParityReport(rows=rows, meta=meta, skipped=skipped)
     meta["passed"] = rep.passed
