@@ -24,7 +24,6 @@ def hf():
     return HFReference(str(wb.weights.registry.resolve("gemma3-270m")), dtype="float32")
 
 
-@pytest.mark.slow
 @pytest.mark.reference
 def test_next_token_logits_and_greedy_match_hf(model, hf):
     for p in PROMPTS:
@@ -42,7 +41,6 @@ def test_next_token_logits_and_greedy_match_hf(model, hf):
         assert m2.generate(ids, max_new_tokens=32, ignore_eos=True).token_ids == g.token_ids
 
 
-@pytest.mark.slow
 @pytest.mark.llamacpp
 @pytest.mark.skipif(not have("llama_cpp"), reason="llama-cpp-python not installed (.ci/build-llama-wheel.sh)")
 def test_top5_agrees_with_llamacpp(model):

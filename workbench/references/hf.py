@@ -22,7 +22,7 @@ import shutil
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -185,8 +185,8 @@ class HFReference:
     """Gemma via Hugging Face transformers (eager attention, eval, no grad) as an independent reference.
 
     ``source``: an HF checkpoint directory or a ``.gguf`` file. ``gguf_cache``: for a GGUF source, ``None`` (load
-    the GGUF directly), ``True`` (export once to ``DEFAULT_GGUF_CACHE/<stem>-<dtype>`` and load from there) or
-    a directory path for that export.
+    the GGUF directly), ``True`` (export once, in float32, to ``DEFAULT_GGUF_CACHE/<stem>-float32`` and load from
+    there, cast to ``dtype``) or a cache directory to use instead of ``DEFAULT_GGUF_CACHE``.
     """
 
     def __init__(self, source, dtype="float32", device="cpu", *, gguf_cache=None):
