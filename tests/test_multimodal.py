@@ -236,13 +236,14 @@ def test_model_api_when_wired(backend, ref):
 
 
 def test_runner_uses_the_models_forward_embeds_hook():
-    """When gemma.py has ``_forward_embeds`` the runner calls it (with extra_mask) instead of the fallback."""
+    """The runner goes through the text model's own ``_forward_embeds`` (with the image block mask)."""
     m = model(BACKENDS[0])
     calls = []
+    orig = m._forward_embeds
 
     def hook(x, ple_ids, pts, cache, start, last_only, extra_mask=None):
         calls.append(extra_mask is not None)
-        return runner._forward_embeds_fallback(m, x, ple_ids, pts, cache, start, last_only, extra_mask)
+        return orig(x, ple_ids, pts, cache, start, last_only, extra_mask=extra_mask)
 
     m._forward_embeds = hook
     try:

@@ -10,8 +10,7 @@
           also see each other (future ones too) on *sliding* layers, as HF's create_masks_for_vision_model
     logits = text model(x)
 
-The text model's pass is ``Gemma._forward_embeds(x, ple_ids, pts, cache, start, last_only, extra_mask)``;
-while gemma.py lacks it, ``_forward_embeds_fallback`` below runs the same steps from the model's parts.
+The text model's pass is ``Gemma._forward_embeds(x, ple_ids, pts, cache, start, last_only, extra_mask)``.
 """
 from __future__ import annotations
 
@@ -447,63 +446,8 @@ def multimodal_forward(model, prompt_or_ids, images=None, audio=None, taps=None,
 
 
 def forward_embeds(model, x, ple_ids, pts, cache, start, last_only, extra_mask=None):
-    """``model._forward_embeds`` when gemma.py has it, else the equivalent fallback."""
-    fn = getattr(model, "_forward_embeds", None)
-    if fn is not None:
-        return fn(x, ple_ids, pts, cache, start, last_only, extra_mask=extra_mask)
-    return _forward_embeds_fallback(model, x, ple_ids, pts, cache, start, last_only, extra_mask)
-
-
-def block_mask(model, i: int, qpos: np.ndarray, kpos: np.ndarray, extra: np.ndarray | None):
-    """``Gemma._mask`` plus HF's vision overlay: on sliding layers, keys of the query's own image are allowed
-    even when later (``extra`` [T, T] over this call's positions; cached keys from earlier calls get none);
-    the window still applies. Full layers stay causal (HF create_masks_for_vision_model)."""
-    cfg = model.config
-    d = qpos[:, None] - kpos[None, :]
-    ok = kpos[None, :] >= 0
-    win = cfg.sliding_window(i)
-    if cfg.causal:
-        allow = d >= 0
-        if extra is not None and cfg.is_sliding(i):
-            j = kpos - qpos[0]
-            inside = (j >= 0) & (j < len(qpos))
-            blk = np.zeros((len(qpos), len(kpos)), dtype=bool)
-            blk[:, inside] = extra[:, j[inside]]
-            allow = allow | blk
-        ok = ok & allow
-        if win is not None:
-            ok = ok & (d < win)
-    elif win is not None:
-        ok = ok & (np.abs(d) <= win)
-    if ok.all():
-        return None
-    return model.ops.asmask(ok)
-
-
-def _forward_embeds_fallback(model, x, ple_ids, pts, cache, start, last_only, extra_mask=None):
-    """What ``Gemma._forward_embeds`` does (see the report / gemma.py), built from the model's own parts."""
-    cfg, ops, w = model.config, model.ops, model.w
-    T = x.shape[1]
-    x = pts.visit(ops, "hook_embed", x)
-    ple = model._per_layer_inputs(ple_ids, x) if cfg.has_ple else None
-    positions = np.arange(start, start + T, dtype=np.int64)
-    shared: dict = {}
-    if extra_mask is not None:
-        model._mask = lambda i, qpos, kpos, *_: block_mask(model, i, qpos, kpos, extra_mask)   # instance override
-    try:
-        for i in range(cfg.num_hidden_layers):
-            x = model._block(i, x, positions, pts, cache, shared, ple)
-    finally:
-        if extra_mask is not None:
-            del model._mask
-    x = ops.rms_norm(x, w["norm.weight"], cfg.rms_norm_eps)
-    if last_only:
-        x = x[:, -1:]
-    x = pts.visit(ops, "ln_final.hook_normalized", x)
-    logits = ops.linear(x, w.get("lm_head.weight", w["embed_tokens.weight"]))
-    if cfg.final_logit_softcapping:
-        logits = ops.softcap(logits, cfg.final_logit_softcapping)
-    return pts.visit(ops, "logits", logits)
+    """The text model's pass from input embeddings (``Gemma._forward_embeds``)."""
+    return model._forward_embeds(x, ple_ids, pts, cache, start, last_only, extra_mask=extra_mask)
 
 
 # ================================================================================================ generate
