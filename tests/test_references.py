@@ -195,7 +195,9 @@ def test_hf_reference_tiny_checkpoint(model_type, tiny_dirs):
 def llama():
     pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install gemma-workbench[reference])")
     _need_gguf()
-    ref = llama_mod.LlamaCppReference(GGUF_PATH, n_ctx=256)
+    # One thread: immune to OpenMP busy-wait stalls on a shared CPU (2 threads on a loaded 2-core box took
+    # 14-42 s for 16 greedy tokens, 1 thread < 1 s); the logits do not depend on the thread count.
+    ref = llama_mod.LlamaCppReference(GGUF_PATH, n_ctx=256, n_threads=1)
     yield ref
     ref.close()
 

@@ -415,6 +415,8 @@ class HFReference:
             "prompt_len": int(prompt_len),
             "gen_len": int(gen_len),
             "repeats": int(repeats),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+            "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         }
         res.update(self._bench(x, int(gen_len), repeats, {}))
         if static_cache_compile:

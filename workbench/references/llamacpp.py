@@ -56,6 +56,13 @@ def _quiet_stderr(enabled: bool = True):
         os.close(devnull)
 
 
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
 def _as_ids(ids) -> list[int]:
     if hasattr(ids, "detach"):
         ids = ids.detach().cpu().numpy()
@@ -70,7 +77,13 @@ def _as_ids(ids) -> list[int]:
 class LlamaCppReference:
     """A GGUF model under llama.cpp: full-sequence logits, tokenizer, greedy generation, throughput.
 
-    ``n_threads=None`` uses every core llama.cpp reports; ``n_gpu_layers=0`` keeps everything on the CPU.
+    ``n_threads=None`` uses every core (``os.cpu_count()``); ``n_gpu_layers=0`` keeps everything on the CPU.
+
+    Shared or oversubscribed CPUs: llama.cpp's CPU backend runs on OpenMP, whose threads busy-wait at every
+    barrier by default; when another process holds a core, each barrier can cost a scheduler time slice. On a
+    loaded 2-core box 2 threads decoded at 0.4-7 tok/s against ~30 tok/s with 1 thread. Start Python with
+    ``OMP_WAIT_POLICY=PASSIVE`` (read once, when libgomp loads: torch and llama.cpp share it) or pass
+    ``n_threads=1``. ``bench`` records the policy and the load average next to its numbers.
     """
 
     def __init__(self, gguf_path, n_ctx: int = 2048, n_threads: int | None = None, n_gpu_layers: int = 0,
@@ -83,11 +96,13 @@ class LlamaCppReference:
         self.quiet = quiet
         threads = n_threads or os.cpu_count() or 1
         t0 = time.perf_counter()
+        self._llama_kwargs = dict(
+            model_path=str(self.path), n_ctx=int(n_ctx), n_threads=int(threads), n_threads_batch=int(threads),
+            n_gpu_layers=int(n_gpu_layers), verbose=False, seed=seed,
+        )
         with _quiet_stderr(quiet):
-            self.llm = llama_cpp.Llama(
-                model_path=str(self.path), n_ctx=int(n_ctx), n_threads=int(threads), n_threads_batch=int(threads),
-                n_gpu_layers=int(n_gpu_layers), logits_all=True, verbose=False, seed=seed,
-            )
+            self.llm = llama_cpp.Llama(logits_all=True, **self._llama_kwargs)
+        self._bench_llm = None  # a second context without logits_all, made on the first bench()
         self.load_seconds = time.perf_counter() - t0
         self.n_ctx = int(n_ctx)
         self.n_threads = int(threads)
@@ -174,27 +189,39 @@ class LlamaCppReference:
         return [int(i) for i in ids]
 
     def _timed(self, prompt: list[int], gen_len: int) -> tuple[float, float]:
-        llm = self.llm
+        lc = self._llama_cpp
+        llm = self._bench_llm
+        n_vocab = self.n_vocab
         eog = np.asarray(self.eog_ids(), dtype=np.int64)
+
+        def next_token() -> int:
+            row = np.ctypeslib.as_array(lc.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).copy()
+            row[eog] = -np.inf
+            return int(np.argmax(row))
+
         llm.reset()
         with _quiet_stderr(self.quiet):
             t0 = time.perf_counter()
             llm.eval(prompt)
+            tok = next_token()
             t1 = time.perf_counter()
             for _ in range(gen_len):
-                row = np.array(self._last_logits(), dtype=np.float32, copy=True)
-                row[eog] = -np.inf
-                llm.eval([int(np.argmax(row))])
+                llm.eval([tok])
+                tok = next_token()
             t2 = time.perf_counter()
         return t1 - t0, (t2 - t1) / max(gen_len, 1)
 
     def bench(self, prompt_len: int = 128, gen_len: int = 64, repeats: int = 3) -> dict[str, Any]:
-        """Prefill tok/s (one batched eval of the prompt) and decode tok/s (one eval per greedy token, EOS
-        ignored), medians over ``repeats`` after a warm-up. Decode timing includes our argmax over the vocab
-        (``logits_all`` keeps every row), which is what a sampling loop pays too.
+        """Prefill tok/s (one batched eval of the prompt, logits of its last token only) and decode tok/s (one
+        eval per greedy token, EOS ignored), medians over ``repeats`` after a warm-up. Runs on a second context
+        without ``logits_all`` (which would add an LM-head product for every prompt token; same weights, mmap'd
+        once). Timings include our argmax over the vocabulary, which any sampling loop pays too.
         """
-        if prompt_len + gen_len > self.n_ctx:
+        if prompt_len + gen_len + 1 > self.n_ctx:
             raise ValueError(f"prompt_len + gen_len = {prompt_len + gen_len} exceeds n_ctx={self.n_ctx}")
+        if self._bench_llm is None:
+            with _quiet_stderr(self.quiet):
+                self._bench_llm = self._llama_cpp.Llama(logits_all=False, **self._llama_kwargs)
         prompt = self._bench_prompt(int(prompt_len))
         self._timed(prompt, min(int(gen_len), 4))  # warm-up
         pre, dec = [], []
@@ -214,12 +241,15 @@ class LlamaCppReference:
             "decode_tok_s": 1.0 / d_med if d_med > 0 else float("inf"),
             "prefill_s": p_med,
             "decode_s_per_tok": d_med,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+            "loadavg_1m": _loadavg(),
         }
 
     def close(self) -> None:
-        llm = getattr(self, "llm", None)
-        if llm is not None:
-            if hasattr(llm, "close"):
-                with _quiet_stderr(self.quiet):
-                    llm.close()
-            self.llm = None
+        for attr in ("llm", "_bench_llm"):
+            llm = getattr(self, attr, None)
+            if llm is not None:
+                if hasattr(llm, "close"):
+                    with _quiet_stderr(self.quiet):
+                        llm.close()
+                setattr(self, attr, None)
