@@ -21,7 +21,7 @@ def hf():
     if not have("transformers"):
         pytest.skip("transformers not installed (pip install gemma-workbench[reference])")
     from workbench.references.hf import HFReference
-    return HFReference(str(wb.weights.registry.resolve("gemma3-270m")), dtype="float32")
+    return HFReference(str(wb.weights.registry.resolve("gemma3-270m")), dtype="float32", gguf_cache=True)
 
 
 @pytest.mark.reference

@@ -359,7 +359,7 @@ def _peer_rows(path, targets, prompt_len, gen_len, repeats, progress) -> list[di
             if fw == "torch":
                 def hf(d=d, dev=dev):
                     from .references.hf import HFReference
-                    ref = HFReference(str(path), dtype=d, device=dev)
+                    ref = HFReference(str(path), dtype=d, device=dev, gguf_cache=str(path).endswith(".gguf") or None)
                     return ref.bench_decode(prompt_len, gen_len, repeats, static_cache_compile=(dev == "cuda"))
                 add("hf", kind, d, hf)
             if fw == "mlx":
