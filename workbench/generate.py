@@ -159,12 +159,19 @@ def generate(model, prompt, max_new_tokens: int = 32, temperature: float = 0.0, 
 
 def _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, ignore_eos, stop_strings,
             kw):
+    stats: dict = {}
+    tokens = generate_iter(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, ignore_eos,
+                           stats=stats, **kw)
+    return stream_pieces(model, tokens, stats, stop_strings)
+
+
+def stream_pieces(model, tokens, stats: dict, stop_strings):
+    """Text pieces from a token iterator: waits out incomplete UTF-8 sequences, cuts at a stop string, and
+    leaves the run's stats on ``model.last_stats``. Shared by text and multimodal streaming."""
     tok = model.tokenizer
     out: list[int] = []
     shown = ""
-    stats: dict = {}
-    for t in generate_iter(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, ignore_eos,
-                           stats=stats, **kw):
+    for t in tokens:
         if tok is None:
             yield str(t)
             continue
@@ -177,6 +184,7 @@ def _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop
                 text = text[:text.index(s)]
                 if len(text) > len(shown):
                     yield text[len(shown):]
+                model.last_stats = stats
                 return
         if len(text) > len(shown):
             yield text[len(shown):]

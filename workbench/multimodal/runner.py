@@ -511,30 +511,10 @@ def multimodal_generate(model, prompt, images=None, audio=None, max_new_tokens: 
     kw = dict(images=images, audio=audio, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
               top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos, max_soft_tokens=max_soft_tokens)
     if stream:
-        def pieces():
-            out: list[int] = []
-            shown = ""
-            stats: dict = {}
-            for t in multimodal_generate_iter(model, prompt, stats=stats, **kw):
-                if tok is None:
-                    yield str(t)
-                    continue
-                out.append(t)
-                text = tok.decode(out)
-                if text.endswith("\ufffd"):
-                    continue
-                for s in stop_strings:
-                    if s in text:
-                        text = text[:text.index(s)]
-                        if len(text) > len(shown):
-                            yield text[len(shown):]
-                        model.last_stats = stats
-                        return
-                if len(text) > len(shown):
-                    yield text[len(shown):]
-                    shown = text
-            model.last_stats = stats
-        return pieces()
+        from ..generate import stream_pieces
+        stats_s: dict = {}
+        return stream_pieces(model, multimodal_generate_iter(model, prompt, stats=stats_s, **kw), stats_s,
+                             stop_strings)
     stats: dict = {}
     ids: list[int] = []
     out: list[int] = []
