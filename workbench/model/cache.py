@@ -64,7 +64,6 @@ class LayerCache:
             self.v.index_copy_(2, slot, v)
             self.kpos_dev.index_copy_(0, slot, pos)
         else:
-            import mlx.core as mx
             slot = pos % self.slots
             if k is not None:
                 self.k[:, :, slot, :] = k

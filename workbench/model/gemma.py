@@ -361,7 +361,7 @@ class Gemma:
         p = f"layers.{i}.self_attn."
         b = f"blocks.{i}.attn."
         B, T = h.shape[0], h.shape[1]
-        H, hd, kvh = cfg.num_attention_heads, cfg.head_dim(i), cfg.num_kv_heads(i)
+        H, hd = cfg.num_attention_heads, cfg.head_dim(i)
         eps = cfg.rms_norm_eps
         inv = self._inv_freq[i]
         if cache is not None and cache.static:
@@ -415,7 +415,7 @@ class Gemma:
         cfg, ops, w = self.config, self.ops, self.w
         p = f"layers.{i}.self_attn."
         B = h.shape[0]
-        H, hd, kvh = cfg.num_attention_heads, cfg.head_dim(i), cfg.num_kv_heads(i)
+        H, hd = cfg.num_attention_heads, cfg.head_dim(i)
         eps = cfg.rms_norm_eps
         tab = cache.rope_tables[i]
         q, k_raw, v = self._qkv(i, h, B, 1)
