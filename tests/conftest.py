@@ -1,3 +1,4 @@
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -52,3 +53,24 @@ def rel_max(ref, x) -> float:
 @pytest.fixture(scope="session")
 def tmp_db(tmp_path_factory):
     return str(tmp_path_factory.mktemp("db") / "runs.sqlite")
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Tiny tensors: one torch thread is fastest and steady on a busy machine; restored afterwards."""
+    if not have("torch"):
+        yield
+        return
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def multimodal_fixture_module():
+    """fixtures/make_multimodal_fixture.py as a module (its test media generators)."""
+    spec = importlib.util.spec_from_file_location("make_multimodal_fixture", FIXTURES / "make_multimodal_fixture.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -5,13 +5,12 @@ layers) within 1e-5 relative (max|Δ|/max|ref|), on torch:cpu and mlx:cpu — ag
 Plus taps/hooks on the towers, generation through the cache, and clear errors for bad input."""
 from __future__ import annotations
 
-import importlib.util
 import io
 
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, cpu_backends, have, rel_max
+from conftest import FIXTURES, multimodal_fixture_module, one_torch_thread, cpu_backends, have, rel_max
 
 import workbench as wb
 from workbench.model.taps import TapError
@@ -29,20 +28,10 @@ BACKENDS = cpu_backends()
 @pytest.fixture(autouse=True, scope="module")
 def _torch_one_thread():
     """Tiny tensors: one torch thread is fastest and steady on a busy machine; restored afterwards."""
-    if not have("torch"):
+    with one_torch_thread():
         yield
-        return
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
-def _load_fixture_module():
-    spec = importlib.util.spec_from_file_location("make_multimodal_fixture", FIXTURES / "make_multimodal_fixture.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_load_fixture_module = multimodal_fixture_module
 
 
 fx = _load_fixture_module()

@@ -5,12 +5,11 @@ extensible, mono/stereo, several rates) against ``transformers.audio_utils.load_
 the numpy resampler against scipy's resample_poly; the placeholder counts against Gemma4Processor."""
 from __future__ import annotations
 
-import importlib.util
 
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, have
+from conftest import have, multimodal_fixture_module, one_torch_thread
 
 from workbench.multimodal import MediaError, preprocess as pp
 
@@ -23,20 +22,10 @@ needs_hf = pytest.mark.skipif(not have("transformers"), reason="transformers not
 @pytest.fixture(autouse=True, scope="module")
 def _torch_one_thread():
     """Tiny tensors: one torch thread is fastest and steady on a busy machine; restored afterwards."""
-    if not have("torch"):
+    with one_torch_thread():
         yield
-        return
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
-def _fx():
-    spec = importlib.util.spec_from_file_location("make_multimodal_fixture", FIXTURES / "make_multimodal_fixture.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_fx = multimodal_fixture_module
 
 
 def _image(h, w, mode="RGB", seed=0):
