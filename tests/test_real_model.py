@@ -6,6 +6,7 @@ import pytest
 from conftest import have
 
 import workbench as wb
+from workbench.weights import registry
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Über den Wolken muss die Freiheit",
            "1, 1, 2, 3, 5, 8,"]
@@ -21,7 +22,7 @@ def hf():
     if not have("transformers"):
         pytest.skip("transformers not installed (pip install gemma-workbench[reference])")
     from workbench.references.hf import HFReference
-    return HFReference(str(wb.weights.registry.resolve("gemma3-270m")), dtype="float32", gguf_cache=True)
+    return HFReference(str(registry.resolve("gemma3-270m")), dtype="float32", gguf_cache=True)
 
 
 @pytest.mark.reference
@@ -45,7 +46,7 @@ def test_next_token_logits_and_greedy_match_hf(model, hf):
 @pytest.mark.skipif(not have("llama_cpp"), reason="llama-cpp-python not installed (.ci/build-llama-wheel.sh)")
 def test_top5_agrees_with_llamacpp(model):
     from workbench.references.llamacpp import LlamaCppReference
-    ref = LlamaCppReference(str(wb.weights.registry.resolve("gemma3-270m")), n_ctx=256)
+    ref = LlamaCppReference(str(registry.resolve("gemma3-270m")), n_ctx=256)
     for p in PROMPTS:
         ids = model.tokenizer.encode(p)
         ours = model.forward(ids).logits[0, -1]

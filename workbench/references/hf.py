@@ -19,12 +19,13 @@ import json
 import logging
 import os
 import shutil
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ._timing import median_timings
 
 INSTALL_HINT = "pip install gemma-workbench[reference]"
 DEFAULT_GGUF_CACHE = Path(os.environ.get("WORKBENCH_HF_GGUF_CACHE", Path.home() / ".cache" / "gemma-workbench" / "hf-from-gguf"))
@@ -381,13 +382,8 @@ class HFReference:
         return prefill_s, decode_s
 
     def _bench(self, x, gen_len: int, repeats: int, extra: dict) -> dict:
-        self._timed_generate(x, gen_len, extra)  # warm-up (and compilation, if any)
-        pre, dec = [], []
-        for _ in range(max(int(repeats), 1)):
-            p, d = self._timed_generate(x, gen_len, extra)
-            pre.append(p)
-            dec.append(d)
-        p_med, d_med = statistics.median(pre), statistics.median(dec)
+        # the warm-up is a full run: it pays for compilation, if any
+        p_med, d_med = median_timings(lambda n: self._timed_generate(x, n, extra), gen_len, repeats, gen_len)
         return {
             "prefill_tok_s": x.shape[1] / p_med if p_med > 0 else float("inf"),
             "decode_tok_s": 1.0 / d_med if d_med > 0 else float("inf"),

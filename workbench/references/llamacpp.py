@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ._timing import median_timings
 
 INSTALL_HINT = "pip install gemma-workbench[reference]"
 
@@ -223,13 +224,7 @@ class LlamaCppReference:
             with _quiet_stderr(self.quiet):
                 self._bench_llm = self._llama_cpp.Llama(logits_all=False, **self._llama_kwargs)
         prompt = self._bench_prompt(int(prompt_len))
-        self._timed(prompt, min(int(gen_len), 4))  # warm-up
-        pre, dec = [], []
-        for _ in range(max(int(repeats), 1)):
-            p, d = self._timed(prompt, int(gen_len))
-            pre.append(p)
-            dec.append(d)
-        p_med, d_med = statistics.median(pre), statistics.median(dec)
+        p_med, d_med = median_timings(lambda n: self._timed(prompt, n), gen_len, repeats, min(int(gen_len), 4))
         return {
             "engine": "llama.cpp",
             "gguf": self.path.name,

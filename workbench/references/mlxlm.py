@@ -8,12 +8,13 @@ HF reference then run the very same weights. ``mlx_lm`` is imported lazily (``pi
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ._timing import median_timings
 
 from .hf import DEFAULT_GGUF_CACHE, export_hf_dir_from_gguf
 
@@ -149,13 +150,7 @@ class MlxLmReference:
         bos = self.config.get("bos_token_id", 2)
         if prompt_len and isinstance(bos, int):
             ids[0] = bos
-        self._timed(ids, min(int(gen_len), 4))
-        pre, dec = [], []
-        for _ in range(max(int(repeats), 1)):
-            p, d = self._timed(ids, int(gen_len))
-            pre.append(p)
-            dec.append(d)
-        p_med, d_med = statistics.median(pre), statistics.median(dec)
+        p_med, d_med = median_timings(lambda n: self._timed(ids, n), gen_len, repeats, min(int(gen_len), 4))
         import mlx.core as mx
 
         return {
