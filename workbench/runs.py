@@ -447,14 +447,23 @@ class RunStore:
     def _open(self, conn: sqlite3.Connection) -> None:
         conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
         # read-only checks first: nothing is written until the file is known to be ours and sound
-        bad = [r[0] for r in conn.execute("PRAGMA quick_check(5)").fetchall()]
+        # ... in one read transaction: another process may be creating the schema right now, and reading
+        # application_id before its commit and user_version after it would look like a foreign database
+        conn.execute("BEGIN")
+        try:
+            bad = [r[0] for r in conn.execute("PRAGMA quick_check(5)").fetchall()]
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
         if bad != ["ok"]:
             raise self._refuse("is corrupt (PRAGMA quick_check: " + "; ".join(map(str, bad)) +
                                "); pass another --db/WORKBENCH_DB, or move the file aside")
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        tables = {r[0] for r in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
         if app_id not in (0, APPLICATION_ID):
             raise self._refuse(f"is an SQLite database of another application (application_id {app_id:#x}), "
                                "not a gemma-workbench results store; pass another --db/WORKBENCH_DB")
