@@ -7,9 +7,11 @@ import math
 import mlx.core as mx
 import numpy as np
 
+from . import cpu_gemv
 from .base import BackendSpec, Ops
 
 _MD = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+_GEMV_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16"}
 
 
 class MLXOps(Ops):
@@ -22,6 +24,7 @@ class MLXOps(Ops):
         self.device = mx.gpu if spec.device == "gpu" else mx.cpu
         mx.set_default_device(self.device)
         self._freqs_cache: dict = {}
+        self._cpu_gemv = spec.device == "cpu" and cpu_gemv.mode() != "off"
 
     # ------------------------------------------------------------ data movement
     def asarray(self, a, dtype=None):
@@ -73,7 +76,24 @@ class MLXOps(Ops):
 
     # ------------------------------------------------------------ math
     def linear(self, x, w):
+        if self._cpu_gemv and x.size == x.shape[-1] and w.dtype == x.dtype:
+            y = self._gemv(x, w)     # decode on the CPU: see cpu_gemv
+            if y is not None:
+                return y
         return x @ w.T
+
+    def _gemv(self, x, w):
+        name = _GEMV_NAMES.get(w.dtype)
+        if name is None:
+            return None
+        # zero-copy numpy views of the evaluated arrays (bfloat16 as its uint16 bits)
+        wn = np.array(w.view(mx.uint16) if name == "bfloat16" else w, copy=False)
+        if not wn.flags.c_contiguous:
+            return None
+        y = cpu_gemv.gemv_np(wn, np.array(x.reshape(-1).astype(mx.float32), copy=False), name)
+        if y is None:
+            return None
+        return mx.array(y).astype(x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
     def rms_norm(self, x, w, eps):
         if w is None:

@@ -6,9 +6,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import cpu_gemv
 from .base import BackendSpec, Ops
 
 _TD = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+_GEMV_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+
+
+def _cpu_gemv(x, w):
+    """One-row x [..., K] times w [N, K]^T on the CPU through :mod:`cpu_gemv` (faster kernels for decode);
+    None where it does not apply. Result in x's dtype, accumulated in float32 (float64) like F.linear."""
+    name = _GEMV_DTYPES.get(w.dtype)
+    if name is None or w.requires_grad or x.requires_grad or not w.is_contiguous() or \
+            torch.compiler.is_compiling():
+        return None
+    wn = w.view(torch.int16).numpy() if name == "bfloat16" else w.numpy()
+    xn = x.detach().reshape(-1).to(torch.float64 if name == "float64" else torch.float32).numpy()
+    y = cpu_gemv.gemv_np(wn, xn, name)
+    if y is None:
+        return None
+    return torch.from_numpy(y).to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
 
 class TorchOps(Ops):
@@ -23,6 +40,8 @@ class TorchOps(Ops):
         # norms and softmax accumulate in float32 (float64 for the reference), as HF does
         self.acc = torch.float64 if dtype == "float64" else torch.float32
         self._rope_cache: dict = {}
+        # one-row products (decode) on the CPU: faster kernels, see cpu_gemv
+        self._cpu_gemv = self.device.type == "cpu" and cpu_gemv.mode() != "off"
 
     # ------------------------------------------------------------ data movement
     def asarray(self, a, dtype=None):
@@ -78,6 +97,10 @@ class TorchOps(Ops):
 
     # ------------------------------------------------------------ math
     def linear(self, x, w):
+        if self._cpu_gemv and x.numel() == x.shape[-1] and w.dtype == x.dtype:
+            y = _cpu_gemv(x, w)     # decode: see cpu_gemv
+            if y is not None:
+                return y
         return F.linear(x, w)
 
     def rms_norm(self, x, w, eps):
