@@ -15,17 +15,53 @@ _GEMV_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 def _cpu_gemv(x, w):
     """One-row x [..., K] times w [N, K]^T on the CPU through :mod:`cpu_gemv` (faster kernels for decode);
-    None where it does not apply. Result in x's dtype, accumulated in float32 (float64) like F.linear."""
+    None where it does not apply. Result in x's dtype, accumulated in float32 (float64) like F.linear.
+    Under torch.compile it is the custom op ``workbench::cpu_gemv`` (an opaque call inductor keeps)."""
     name = _GEMV_DTYPES.get(w.dtype)
-    if name is None or w.requires_grad or x.requires_grad or not w.is_contiguous() or \
-            torch.compiler.is_compiling():
+    if name is None or w.requires_grad or x.requires_grad or not w.is_contiguous():
         return None
-    wn = w.view(torch.int16).numpy() if name == "bfloat16" else w.numpy()
-    xn = x.detach().reshape(-1).to(torch.float64 if name == "float64" else torch.float32).numpy()
-    y = cpu_gemv.gemv_np(wn, xn, name)
-    if y is None:
+    if torch.compiler.is_compiling():
+        return _gemv_op(x.reshape(-1), w).reshape(*x.shape[:-1], w.shape[0])
+    return _cpu_gemv_eager(x, w, name)
+
+
+@torch.library.custom_op("workbench::cpu_gemv", mutates_args=())
+def _gemv_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    y = _cpu_gemv_eager(x, w, _GEMV_DTYPES[w.dtype])
+    return F.linear(x, w) if y is None else y
+
+
+@_gemv_op.register_fake
+def _(x, w):
+    return x.new_empty((w.shape[0],))
+
+
+def _cpu_gemv_eager(x, w, name):
+    if name == "float64" or cpu_gemv.kernel() is None:      # numpy's BLAS, or None
+        wn = w.view(torch.int16).numpy() if name == "bfloat16" else w.numpy()
+        xn = x.detach().reshape(-1).to(torch.float64 if name == "float64" else torch.float32).numpy()
+        y = cpu_gemv.gemv_np(wn, xn, name)
+        return None if y is None else torch.from_numpy(y).to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+    # the C kernel on the tensors' own memory: no numpy round trip
+    N, K = w.shape
+    xc = x.detach().contiguous()
+    y = torch.empty(x.shape[:-1] + (N,), dtype=x.dtype)
+    cpu_gemv.gemv_ptr("bf16_io" if name == "bfloat16" else "f32", w.data_ptr(), xc.data_ptr(), y.data_ptr(), N, K)
+    return y
+
+
+def _cpu_rms_norm(x, w, eps):
+    """RMSNorm of a few rows (decode) on the CPU through the C kernel; None where it does not apply."""
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.numel() > 16 * x.shape[-1] or x.requires_grad or \
+            (w is not None and (w.dtype != torch.float32 or w.requires_grad or not w.is_contiguous())) or \
+            torch.compiler.is_compiling() or cpu_gemv.kernel() is None:
         return None
-    return torch.from_numpy(y).to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+    xc = x.detach().contiguous()
+    y = torch.empty_like(xc)
+    D = x.shape[-1]
+    cpu_gemv.rms_norm_ptr(xc.data_ptr(), None if w is None else w.data_ptr(), y.data_ptr(), xc.numel() // D, D,
+                          eps, x.dtype == torch.bfloat16)
+    return y
 
 
 class TorchOps(Ops):
@@ -104,6 +140,10 @@ class TorchOps(Ops):
         return F.linear(x, w)
 
     def rms_norm(self, x, w, eps):
+        if self._cpu_gemv and x.numel() <= 16 * x.shape[-1]:
+            y = _cpu_rms_norm(x, w, eps)   # decode on the CPU: see cpu_gemv
+            if y is not None:
+                return y
         if x.dtype == self.acc:      # float32/float64 models: torch's fused kernel, same math
             return F.rms_norm(x, (x.shape[-1],), w, eps)
         xf = x.to(self.acc)
@@ -182,6 +222,12 @@ class TorchOps(Ops):
         kernels cost ~16 µs each for a single query): GQA by grouping query heads per KV head, no copies."""
         B, H, T, D = q.shape
         Hkv = k.shape[1]
+        if self.device.type == "cpu" and softcap is None:
+            # CPU: SDPA in float32 (float64) beats the written-out bfloat16 matmuls ~5x for one query
+            o = F.scaled_dot_product_attention(
+                q.to(self.acc), k.to(self.acc), v.to(self.acc), scale=scale, enable_gqa=H != Hkv,
+                attn_mask=None if mask is None else mask.reshape(1, 1, 1, -1))
+            return o.to(q.dtype)
         qg = q.reshape(B, Hkv, (H // Hkv) * T, D)
         s = torch.matmul(qg, k.transpose(-1, -2)) * scale
         if softcap is not None:
