@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backends import base as _bk
+from .backends import cpu_gemv
 
 # Peak memory bandwidth of known accelerators (vendor spec sheets), GB/s.
 GPU_BANDWIDTH_GBS = {
@@ -82,6 +83,10 @@ class BenchResult:
         bw = {r["backend"]: (r.get("bw_limit_gbps"), r.get("bw_source")) for r in self.rows if r.get("bw_limit_gbps")}
         for b, (v, src) in bw.items():
             lines.append(f"bandwidth limit {b}: {v:.0f} GB/s ({src})")
+        kern = {(r["backend"], r["dtype"]): r.get("kernels") for r in self.rows
+                if r.get("kernels") and r["impl"] == "workbench"}
+        for (b, d), k in kern.items():
+            lines.append(f"one-row products {b} {d}: {k}")
         rt = self.ratios()
         if not rt.empty:
             lines.append("workbench / peer:")
@@ -292,7 +297,8 @@ def bench(source="gemma3-270m", backends=None, dtypes=None, prompt_len: int = 12
                          decode_us_p90=res["decode_us_p90"], decode_tok_s=res["decode_tok_s"],
                          peak_mem_bytes=_peak_mem(m.ops), bytes_per_step=nbytes, gbps=gbps, bw_limit_gbps=bw,
                          bw_fraction=gbps / bw if bw else None, bw_source=bw_src, device=dev,
-                         path="fast" + ("+compile" if use_compile and fast else "") if fast else "plain"))
+                         path="fast" + ("+compile" if use_compile and fast else "") if fast else "plain",
+                         kernels=cpu_gemv.describe(d) if spec.device == "cpu" else None))
         del m
     if peers:
         rows += _peer_rows(path, targets, prompt_len, gen_len, repeats, progress)

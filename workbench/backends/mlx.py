@@ -142,9 +142,15 @@ class MLXOps(Ops):
                 mx.array(np.sin(emb).astype(np.float32)).astype(self.mdtype))
 
     def rope_at(self, x, table, pos):
+        return self.rope_apply(x, self.rope_rows(table, pos))
+
+    def rope_rows(self, table, pos):
         cos, sin = table
         idx = mx.maximum(pos, 0)
-        c, s_ = cos[idx], sin[idx]
+        return cos[idx], sin[idx]
+
+    def rope_apply(self, x, cs):
+        c, s_ = cs
         h = x.shape[-1] // 2
         rot = mx.concatenate([-x[..., h:], x[..., :h]], axis=-1)
         return x * c + rot * s_

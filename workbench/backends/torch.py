@@ -204,9 +204,16 @@ class TorchOps(Ops):
 
     def rope_at(self, x, table, pos):
         """RoPE at device-side positions ``pos`` [T] (or the slot positions of a cache, -1 = empty)."""
+        return self.rope_apply(x, self.rope_rows(table, pos))
+
+    def rope_rows(self, table, pos):
+        """The (cos, sin) rows of a rope table at device-side positions (-1 = empty slot)."""
         cos, sin = table
         idx = pos.clamp(min=0)
-        c, s_ = cos[idx], sin[idx]
+        return cos[idx], sin[idx]
+
+    def rope_apply(self, x, cs):
+        c, s_ = cs
         h = x.shape[-1] // 2
         rot = torch.cat([-x[..., h:], x[..., :h]], dim=-1)
         return x * c + rot * s_

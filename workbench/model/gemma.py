@@ -418,10 +418,14 @@ class Gemma:
         H, hd = cfg.num_attention_heads, cfg.head_dim(i)
         eps = cfg.rms_norm_eps
         tab = cache.rope_tables[i]
+        memo = shared.setdefault("memo", {})  # this step's values that all layers of a kind share
+        cs = memo.get(("rope", id(tab)))
+        if cs is None:
+            cs = memo[("rope", id(tab))] = ops.rope_rows(tab, pos)
         q, k_raw, v = self._qkv(i, h, B, 1)
         if cfg.has_qk_norm:
             q = ops.rms_norm(q, w[p + "q_norm.weight"], eps)
-        q = ops.rope_at(ops.transpose(q, _BTHD), tab, pos)
+        q = ops.rope_apply(ops.transpose(q, _BTHD), cs)
         if cfg.kv_shared(i):
             K, V, kpos = shared[cfg.kv_source(i)]
         else:
@@ -435,10 +439,15 @@ class Gemma:
                 K = ops.rope_at(Kn, tab, kpos)
             else:
                 k = ops.rms_norm(k_raw, w[p + "k_norm.weight"], eps) if cfg.has_qk_norm else k_raw
-                k = ops.rope_at(ops.transpose(k, _BTHD), tab, pos)
+                k = ops.rope_apply(ops.transpose(k, _BTHD), cs)
                 K, V, kpos = lc.update_static(k, v, pos)
             shared[i] = (K, V, kpos)
-        mask = ops.decode_mask(kpos, pos, cfg.sliding_window(i))
+        # the slot positions of every cache of the same size hold the same values (all are written at the
+        # same positions), so one mask per (slots, window) serves all those layers
+        mkey = ("mask", kpos.shape[0], cfg.sliding_window(i))
+        mask = memo.get(mkey)
+        if mask is None:
+            mask = memo[mkey] = ops.decode_mask(kpos, pos, cfg.sliding_window(i))
         z = ops.decode_attention(q, K, V, mask, cfg.attn_scale(i), cfg.attn_logit_softcapping)
         z = ops.reshape(ops.transpose(z, _BTHD), (B, 1, H * hd))
         return ops.linear(z, w[p + "o_proj.weight"])
@@ -449,7 +458,7 @@ class Gemma:
         cfg, ops, w = self.config, self.ops, self.w
         x = ops.scale(ops.take_rows(w["embed_tokens.weight"], tok), cfg.embed_scale)
         ple = self._per_layer_inputs(tok, x) if cfg.has_ple else None
-        shared: dict[int, tuple] = {}
+        shared: dict = {}   # layer -> its K/V for KV-sharing consumers; 'memo' -> per-step values
         pts = _NO_POINTS
         for i in range(cfg.num_hidden_layers):
             x = self._block(i, x, pos, pts, cache, shared, ple)
