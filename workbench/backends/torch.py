@@ -2,6 +2,8 @@
 the probabilities are tapped or a softcap is needed (Gemma 2), where the explicit path runs."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from . import cpu_gemv
 from .base import BackendSpec, Ops
 
 _TD = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+_FUSED_GEMV_MAX = 1 << 24     # larger matrices (a 262k-vocabulary head) stay with cuBLAS
 _GEMV_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 
 
@@ -78,6 +81,9 @@ class TorchOps(Ops):
         self._rope_cache: dict = {}
         # one-row products (decode) on the CPU: faster kernels, see cpu_gemv
         self._cpu_gemv = self.device.type == "cpu" and cpu_gemv.mode() != "off"
+        # WORKBENCH_GPU_DECODE=cublas keeps the library kernels in the compiled GPU decode step
+        self._fused_decode = self.device.type == "cuda" and \
+            os.environ.get("WORKBENCH_GPU_DECODE", "fused").lower() != "cublas"
 
     # ------------------------------------------------------------ data movement
     def asarray(self, a, dtype=None):
@@ -133,10 +139,17 @@ class TorchOps(Ops):
 
     # ------------------------------------------------------------ math
     def linear(self, x, w):
-        if self._cpu_gemv and x.numel() == x.shape[-1] and w.dtype == x.dtype:
-            y = _cpu_gemv(x, w)     # decode: see cpu_gemv
-            if y is not None:
-                return y
+        if x.numel() == x.shape[-1] and w.dtype == x.dtype:
+            if self._cpu_gemv:
+                y = _cpu_gemv(x, w)     # decode on the CPU: see cpu_gemv
+                if y is not None:
+                    return y
+            elif self._fused_decode and w.numel() <= _FUSED_GEMV_MAX and torch.compiler.is_compiling():
+                # compiled decode on a GPU: written as a float32 reduction, inductor makes it one Triton
+                # kernel (with the casts and neighbouring elementwise work fused) instead of a cuBLAS GEMV
+                # that costs ~4 µs of launch latency for a 1-5 MB matrix. Same math as F.linear: products
+                # and sum in float32, one rounding to the dtype.
+                return (x.to(self.acc).unsqueeze(-2) * w.to(self.acc)).sum(-1).to(x.dtype)
         return F.linear(x, w)
 
     def rms_norm(self, x, w, eps):
@@ -236,6 +249,16 @@ class TorchOps(Ops):
                 attn_mask=None if mask is None else mask.reshape(1, 1, 1, -1))
             return o.to(q.dtype)
         qg = q.reshape(B, Hkv, (H // Hkv) * T, D)
+        if self._fused_decode and torch.compiler.is_compiling():
+            # as in linear(): reductions inductor fuses with the mask and softmax, no cuBLAS launches
+            s = (qg.to(self.acc).unsqueeze(-2) * k.to(self.acc).unsqueeze(-3)).sum(-1) * scale
+            if softcap is not None:
+                s = torch.tanh(s / softcap) * softcap
+            if mask is not None:
+                s = s.masked_fill(~mask.reshape(1, 1, 1, -1), float("-inf"))
+            p = torch.softmax(s, dim=-1)
+            o = (p.unsqueeze(-1) * v.to(self.acc).unsqueeze(-3)).sum(-2)
+            return o.to(q.dtype).reshape(B, H, T, D)
         s = torch.matmul(qg, k.transpose(-1, -2)) * scale
         if softcap is not None:
             s = torch.tanh(s / softcap) * softcap

@@ -137,6 +137,7 @@ class KVCache:
         self.offset = 0
         self.static = False
         self.rope_tables: dict[int, tuple] = {}
+        self.rope_key: dict[int, int] = {}
         self._model = model
         self.layers: list[LayerCache | None] = []
         for i in range(cfg.num_hidden_layers):
@@ -168,6 +169,7 @@ class KVCache:
             if key not in tabs:
                 tabs[key] = ops.rope_table(inv, self.max_len)
             self.rope_tables[i] = tabs[key]
+            self.rope_key[i] = list(tabs).index(key)   # layers with equal tables share a key
         for c in self.layers:
             if c is not None:
                 c.enable_static()

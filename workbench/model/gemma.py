@@ -419,9 +419,10 @@ class Gemma:
         eps = cfg.rms_norm_eps
         tab = cache.rope_tables[i]
         memo = shared.setdefault("memo", {})  # this step's values that all layers of a kind share
-        cs = memo.get(("rope", id(tab)))
+        rkey = ("rope", cache.rope_key[i])
+        cs = memo.get(rkey)
         if cs is None:
-            cs = memo[("rope", id(tab))] = ops.rope_rows(tab, pos)
+            cs = memo[rkey] = ops.rope_rows(tab, pos)
         q, k_raw, v = self._qkv(i, h, B, 1)
         if cfg.has_qk_norm:
             q = ops.rms_norm(q, w[p + "q_norm.weight"], eps)
