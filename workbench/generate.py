@@ -5,6 +5,7 @@ generator. ``stream=True`` yields text pieces as they are produced.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -220,7 +221,11 @@ class FastDecoder:
             self._fn = step
             if self.compile:
                 import torch
-                self._fn = torch.compile(step, mode="default", fullgraph=True, dynamic=False)
+                opts = None
+                if on_cuda and os.environ.get("WORKBENCH_CDT", "0") != "0":
+                    # as gpt-fast does: tune each reduction's launch config (the decode GEMVs are reductions)
+                    opts = {"coordinate_descent_tuning": True}
+                self._fn = torch.compile(step, fullgraph=True, dynamic=False, options=opts)
 
     def _capture(self, tok, pos):
         """Record one step (with the input update) into a CUDA graph; warm-up runs on a side stream write
