@@ -20,6 +20,7 @@ import numpy as np
 
 from .backends import base as _bk
 from .backends import cpu_gemv
+from .generate import default_compile
 
 # Peak memory bandwidth of known accelerators (vendor spec sheets), GB/s.
 GPU_BANDWIDTH_GBS = {
@@ -275,7 +276,7 @@ def bench(source="gemma3-270m", backends=None, dtypes=None, prompt_len: int = 12
         if progress:
             print(f"[bench] {b} {d}", file=sys.stderr, flush=True)
         m = Gemma(cfg, tensors, _bk.get_ops(b, d), where=str(path))
-        use_compile = compile if compile is not None else (spec.framework == "torch" and spec.device == "cuda")
+        use_compile = compile if compile is not None else default_compile(spec)
         note = None
         try:
             res = bench_model(m, prompt_len, gen_len, repeats, fast=fast, compile=use_compile and fast,

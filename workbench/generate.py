@@ -194,6 +194,14 @@ def stream_pieces(model, tokens, stats: dict, stop_strings):
 
 
 # ----------------------------------------------------------------------------------------------- fast path
+def default_compile(spec) -> bool:
+    """Whether the fast path compiles its step by default: torch on CUDA (inductor + CUDA graph) and MLX on
+    the GPU (mx.compile; WORKBENCH_MLX_COMPILE=0 keeps the queued plain steps)."""
+    if spec.framework == "torch":
+        return spec.device == "cuda"
+    return spec.device == "gpu" and os.environ.get("WORKBENCH_MLX_COMPILE", "1") != "0"
+
+
 class FastDecoder:
     """Greedy decode through the static cache with the position on the device and no host sync per
     token.
@@ -211,10 +219,20 @@ class FastDecoder:
         self.fw = model.ops.framework
         dev = getattr(self.ops.spec, "device", "cpu")
         on_cuda = self.fw == "torch" and dev == "cuda"
-        self.compile = bool(compile if compile is not None else on_cuda)
+        self.compile = bool(compile if compile is not None else default_compile(self.ops.spec))
         self.graph = bool(graph if graph is not None else on_cuda)
         self._fn = None
         self._g = None
+        if self.fw == "mlx" and self.compile:
+            import mlx.core as mx
+
+            def mstep(state, tok, pos):
+                # functional: the cache arrays come in and go out, so mx.compile can fuse the whole step
+                cache.set_static_state(state)
+                logits = model.decode_step(tok, pos, cache)
+                nxt = mx.argmax(logits, axis=-1, keepdims=True).astype(mx.int32)
+                return nxt, pos + 1, cache.static_state()
+            self._fn = mx.compile(mstep)
         if self.fw == "torch":
             def step(tok, pos):
                 return model.ops.argmax_last(model.decode_step(tok, pos, cache))
@@ -292,6 +310,26 @@ class FastDecoder:
                     outs.append(tok)
                     pos = pos + one
                 res = torch.cat(outs, dim=1)[0].tolist()      # the only host sync
+        elif self.compile:
+            # MLX, compiled: the static step (device-side position, cache arrays threaded through) traced once
+            # by mx.compile; each step queued while the previous one runs
+            import mlx.core as mx
+            if not self.cache.static:
+                self.cache.begin_static()
+            tok = mx.array([[first_token]], dtype=mx.int32)
+            pos = mx.array([start], dtype=mx.int32)
+            state = self.cache.static_state()
+            outs = []
+            gemv, ops._cpu_gemv = getattr(ops, "_cpu_gemv", False), False   # numpy can't run inside a trace
+            try:
+                for _ in range(n):
+                    tok, pos, state = self._fn(state, tok, pos)
+                    mx.async_eval(tok, state)
+                    outs.append(tok)
+            finally:
+                ops._cpu_gemv = gemv
+            self.cache.set_static_state(state)
+            res = [int(t.item()) for t in outs]
         else:
             # MLX, as mlx-lm does it: the plain cached step (mx.fast.rope at an int offset, in-place slice
             # writes, no mask once the window is full), argmax on the device, and the next step's graph built

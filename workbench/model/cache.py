@@ -175,6 +175,24 @@ class KVCache:
                 c.enable_static()
         self.static = True
 
+    def static_state(self) -> list:
+        """The device arrays the static step reads and writes (K, V, slot positions per layer), in a fixed
+        order; with :meth:`set_static_state` this lets a functional compiler (mx.compile) thread them through
+        a step as inputs and outputs."""
+        out = []
+        for c in self.layers:
+            if c is not None:
+                out += ([] if c.k is None else [c.k]) + [c.v, c.kpos_dev]
+        return out
+
+    def set_static_state(self, arrays: list) -> None:
+        it = iter(arrays)
+        for c in self.layers:
+            if c is not None:
+                if c.k is not None:
+                    c.k = next(it)
+                c.v, c.kpos_dev = next(it), next(it)
+
     def end_static(self, offset: int):
         """Back to the plain path after fast steps: host-side positions from the device, offset set."""
         for c in self.layers:
