@@ -156,3 +156,30 @@ def test_bad_mode_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("WORKBENCH_CPU_GEMV", "fast")
     with pytest.raises(ValueError, match="WORKBENCH_CPU_GEMV"):
         cpu_gemv.mode()
+
+
+def _child_gemv(q):
+    from workbench.backends.torch import _cpu_gemv
+    w, x = torch.ones(3000, 64), torch.ones(1, 64)
+    q.put(float(_cpu_gemv(x, w).sum()))
+
+
+def test_forked_child_does_not_hang():
+    """GNU libgomp's pool does not survive fork: a child of a process that used the kernel must still get
+    answers (one thread, no OpenMP team) instead of hanging in its first parallel region."""
+    import multiprocessing as mp
+    import sys
+    if not sys.platform.startswith("linux"):
+        pytest.skip("fork start method: Linux only")
+    _kernel()
+    from workbench.backends.torch import _cpu_gemv
+    assert float(_cpu_gemv(torch.ones(1, 64), torch.ones(3000, 64)).sum()) == 3000 * 64
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_gemv, args=(q,))
+    p.start()
+    p.join(60)
+    if p.exitcode is None:
+        p.kill()
+    assert p.exitcode == 0, "the forked child hung or failed in the kernel"
+    assert q.get(timeout=5) == 3000 * 64

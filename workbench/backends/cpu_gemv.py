@@ -123,7 +123,7 @@ static inline float dot_f32(const float *w, const float *x, int64_t K) {
 /* y[n] = sum_k W[n, k] * x[k]; W row-major [N, K] */
 void wb_gemv_bf16(const uint16_t *restrict W, const float *restrict x, float *restrict y,
                   int64_t N, int64_t K, int nthreads) {
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    #pragma omp parallel for if(nthreads > 1) num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) y[n] = dot_bf16(W + n * K, x, K);
 }
 
@@ -134,14 +134,14 @@ void wb_gemv_bf16_io(const uint16_t *restrict W, const uint16_t *restrict x16, u
     float *x = K <= 8192 ? stackbuf : (float *)malloc(sizeof(float) * K);
     if (!x) return;
     for (int64_t k = 0; k < K; k++) x[k] = bf16_to_f32(x16[k]);
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    #pragma omp parallel for if(nthreads > 1) num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) y[n] = f32_to_bf16(dot_bf16(W + n * K, x, K));
     if (x != stackbuf) free(x);
 }
 
 void wb_gemv_f32(const float *restrict W, const float *restrict x, float *restrict y,
                  int64_t N, int64_t K, int nthreads) {
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    #pragma omp parallel for if(nthreads > 1) num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) y[n] = dot_f32(W + n * K, x, K);
 }
 
@@ -268,6 +268,7 @@ def kernel() -> ctypes.CDLL | None:
 
 
 def threads() -> int:
+    """Threads the kernel uses: the CPUs this process may run on (1 in a forked child)."""
     if "threads" not in _state:
         try:
             _state["threads"] = max(1, len(os.sched_getaffinity(0)))
@@ -278,6 +279,17 @@ def threads() -> int:
 
 def _threads() -> int:
     return _state.get("threads") or threads()
+
+
+def _after_fork_in_child() -> None:
+    # GNU libgomp's thread pool does not survive fork: a forked child that enters a parallel region of the
+    # parent's pool hangs. Children run the kernel on one thread (no OpenMP team), as torch does.
+    _state["threads"] = 1
+    _state["forked"] = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def describe(dtype: str) -> str:
