@@ -347,19 +347,3 @@ def gemv_np(w: np.ndarray, x: np.ndarray, wdtype: str) -> np.ndarray | None:
     if wdtype in ("float32", "float64") and x.dtype.kind == "f":
         return np.dot(w, x.astype(w.dtype, copy=False))
     return None
-
-
-def rms_norm_np(x: np.ndarray, w: np.ndarray | None, eps: float, is_bf16: bool) -> np.ndarray | None:
-    """RMSNorm over the last axis of a C-contiguous float32 array (or bfloat16 bits, ``is_bf16``) with a
-    float32 weight or None, in float32; None where the kernel is not available."""
-    lib = kernel() if mode() == "auto" else None
-    if lib is None:
-        return None
-    D = x.shape[-1]
-    x = np.ascontiguousarray(x)
-    y = np.empty_like(x)
-    if w is not None:
-        w = np.ascontiguousarray(w, dtype=np.float32)
-    lib.wb_rms_norm(x.ctypes.data, None if w is None else w.ctypes.data, y.ctypes.data, x.size // D, D,
-                    float(eps), int(is_bf16))
-    return y
