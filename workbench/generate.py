@@ -208,9 +208,10 @@ class FastDecoder:
 
     torch on CUDA: the step (inductor-compiled unless ``compile=False``) is captured once into a CUDA graph
     that also advances the position and feeds its argmax back as the next input, so each token is one
-    ``graph.replay()``. torch on CPU: the eager static step (``compile=True`` uses inductor). MLX: the next
-    step is queued (mx.async_eval) while the current one runs. ``run(first_token, n)`` returns the n tokens
-    after ``first_token``."""
+    ``graph.replay()``. torch on CPU: the eager static step (``compile=True`` uses inductor). MLX: the static
+    step compiled with mx.compile (default on the GPU, see :func:`default_compile`; otherwise the plain cached
+    step), the next step queued (mx.async_eval) while the current one runs. ``run(first_token, n)`` returns
+    the n tokens after ``first_token``."""
 
     def __init__(self, model, cache, compile: bool | None = None, graph: bool | None = None):
         self.model = model
