@@ -12,8 +12,9 @@ bfloat16, tied head    14-16 GB/s          1.8 GB/s               20 GB/s (C ker
 bfloat16, 18 layers    7-10 GB/s                                  18 GB/s (C kernel)
 ====================  ==================  =====================  ===========================
 
-So the torch:cpu and mlx:cpu backends send one-row products (the decode step; prefill keeps the frameworks'
-GEMMs) here. Same math as the frameworks: every output is one dot product accumulated in float32 (float64
+So the torch:cpu and mlx:cpu backends send one-row products (the decode step) here; prefill keeps the
+frameworks' GEMMs, except float32 on mlx:cpu, whose products go to numpy's BLAS sgemm (MLX's CPU matmul is
+~20x slower there). Same math as the frameworks: every output is one dot product accumulated in float32 (float64
 for float64 weights), rounded once to the model dtype by the framework; only the summation order differs.
 
 Three routes, best first:
