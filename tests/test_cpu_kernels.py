@@ -184,3 +184,14 @@ def test_forked_child_does_not_hang():
         p.kill()
     assert p.exitcode == 0, "the forked child hung or failed in the kernel"
     assert q.get(timeout=5) == 3000 * 64
+
+
+def test_auto_leaves_other_cpus_alone(monkeypatch):
+    """Only x86-64 was measured: elsewhere "auto" keeps the frameworks' kernels, "kernel" forces the C one."""
+    monkeypatch.setattr(cpu_gemv, "_X86", False)
+    monkeypatch.delenv("WORKBENCH_CPU_GEMV", raising=False)
+    assert cpu_gemv.mode() == "off" and "not x86-64" in cpu_gemv.describe("float32")
+    monkeypatch.setenv("WORKBENCH_CPU_GEMV", "kernel")
+    assert cpu_gemv.mode() == "auto"
+    monkeypatch.setenv("WORKBENCH_CPU_GEMV", "blas")
+    assert cpu_gemv.mode() == "blas"

@@ -26,8 +26,9 @@ Three routes, best first:
   and float64 only. Used where the kernel can't be built and for float64.
 * the framework's own kernel otherwise (float16, no compiler).
 
-``WORKBENCH_CPU_GEMV`` = ``auto`` (default), ``blas`` (no C kernel) or ``off`` (the frameworks' kernels
-only) picks; :func:`describe` says what is in use (``workbench bench`` prints it).
+``WORKBENCH_CPU_GEMV`` = ``auto`` (default: all of the above on x86-64, the frameworks' kernels elsewhere —
+only x86-64 was measured), ``kernel`` (the C kernel on any CPU), ``blas`` (no C kernel) or ``off`` (the
+frameworks' kernels only) picks; :func:`describe` says what is in use (``workbench bench`` prints it).
 """
 from __future__ import annotations
 
@@ -178,13 +179,21 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
+# measured on x86-64 (AVX2); on Apple silicon / ARM the frameworks use Accelerate or NEON kernels that this
+# module has not been measured against, so "auto" leaves them alone there ("kernel" forces it)
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "x64")
+
+
 def mode() -> str:
+    """The effective route: ``auto`` (C kernel, else BLAS), ``blas`` or ``off``, from WORKBENCH_CPU_GEMV."""
     m = os.environ.get("WORKBENCH_CPU_GEMV", "auto").strip().lower()
     if m in ("torch", "mlx", "native", "framework", "0", "no", "none"):
         m = "off"
-    if m not in ("auto", "blas", "off"):
-        raise ValueError(f"WORKBENCH_CPU_GEMV={m!r}: expected auto, blas or off")
-    return m
+    if m not in ("auto", "kernel", "blas", "off"):
+        raise ValueError(f"WORKBENCH_CPU_GEMV={m!r}: expected auto, kernel, blas or off")
+    if m == "auto" and not _X86:
+        return "off"
+    return "auto" if m == "kernel" else m
 
 
 def _cpu_key() -> str:
@@ -297,6 +306,8 @@ def describe(dtype: str) -> str:
     """What one-row products of this dtype use on the CPU."""
     m = mode()
     if m == "off":
+        if not _X86 and os.environ.get("WORKBENCH_CPU_GEMV", "auto").strip().lower() == "auto":
+            return f"framework kernels (not x86-64: {platform.machine()}; WORKBENCH_CPU_GEMV=kernel tries the C one)"
         return "framework kernels (WORKBENCH_CPU_GEMV=off)"
     lib = kernel()
     if lib is not None and dtype in ("float32", "bfloat16"):
