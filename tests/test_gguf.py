@@ -233,15 +233,6 @@ def isolated_cache(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------------------------- 270M
 @pytest.fixture(scope="session")
-def g270m() -> Path:
-    from workbench.weights import registry
-    try:
-        return registry.resolve("gemma3-270m")
-    except ImportError as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="session")
 def loaded270m(g270m):
     return load_gguf(g270m, progress=False)
 

@@ -3,7 +3,6 @@ round trips, Gemma's chat template, special ids and errors."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,15 +43,6 @@ PROMPTS = [
     "ALL CAPS and camelCaseWords and snake_case_words",
     "Supercalifragilisticexpialidocious antidisestablishmentarianism",
 ]
-
-
-@pytest.fixture(scope="session")
-def g270m() -> Path:
-    from workbench.weights import registry
-    try:
-        return registry.resolve("gemma3-270m")
-    except ImportError as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="session")
