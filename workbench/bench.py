@@ -87,7 +87,7 @@ class BenchResult:
         kern = {(r["backend"], r["dtype"]): r.get("kernels") for r in self.rows
                 if r.get("kernels") and r["impl"] == "workbench"}
         for (b, d), k in kern.items():
-            lines.append(f"one-row products {b} {d}: {k}")
+            lines.append(f"decode kernels {b} {d}: {k}")
         rt = self.ratios()
         if not rt.empty:
             lines.append("workbench / peer:")
@@ -243,7 +243,8 @@ def bench_model(model, prompt_len=128, gen_len=64, repeats=3, fast=True, compile
     pp = [prompt_len / x["prefill"] for x in runs]
     tt = [x["ttft"] for x in runs]
     med_us = statistics.median(us)
-    return dict(ttft_s=statistics.median(tt), prefill_tok_s=statistics.median(pp), decode_us_median=med_us,
+    route = getattr(state.get("dec"), "route", None)
+    return dict(route=route, ttft_s=statistics.median(tt), prefill_tok_s=statistics.median(pp), decode_us_median=med_us,
                 decode_us_p10=float(np.percentile(us, 10)), decode_us_p90=float(np.percentile(us, 90)),
                 decode_tok_s=1e6 / med_us, tokens=runs[-1]["tokens"])
 
@@ -299,7 +300,7 @@ def bench(source="gemma3-270m", backends=None, dtypes=None, prompt_len: int = 12
                          peak_mem_bytes=_peak_mem(m.ops), bytes_per_step=nbytes, gbps=gbps, bw_limit_gbps=bw,
                          bw_fraction=gbps / bw if bw else None, bw_source=bw_src, device=dev,
                          path="fast" + ("+compile" if use_compile and fast else "") if fast else "plain",
-                         kernels=cpu_gemv.describe(d) if spec.device == "cpu" else None))
+                         kernels=cpu_gemv.describe(d) if spec.device == "cpu" else res.get("route")))
         del m
     if peers:
         rows += _peer_rows(path, targets, prompt_len, gen_len, repeats, progress)

@@ -202,6 +202,17 @@ def default_compile(spec) -> bool:
     return spec.device == "gpu" and os.environ.get("WORKBENCH_MLX_COMPILE", "1") != "0"
 
 
+def _triton_step(model, cache, on_cuda: bool):
+    """The Triton decode step where it applies: torch on CUDA unless WORKBENCH_GPU_DECODE says otherwise
+    (``fused``: the inductor step with fused reductions, ``cublas``: with cuBLAS products), and on the CPU
+    through Triton's interpreter when WORKBENCH_GPU_DECODE=triton and TRITON_INTERPRET=1 (tests)."""
+    mode = os.environ.get("WORKBENCH_GPU_DECODE", "triton" if on_cuda else "").lower()
+    if mode != "triton":
+        return None
+    from .backends import triton_decode
+    return triton_decode.make_step(model, cache)
+
+
 class FastDecoder:
     """Greedy decode through the static cache with the position on the device and no host sync per
     token.
@@ -234,10 +245,25 @@ class FastDecoder:
                 nxt = mx.argmax(logits, axis=-1, keepdims=True).astype(mx.int32)
                 return nxt, pos + 1, cache.static_state()
             self._fn = mx.compile(mstep)
+        self.route = None
+        tstep = None
         if self.fw == "torch":
+            tstep = _triton_step(model, cache, on_cuda)
+        if tstep is not None:
+            # the step as Triton kernels (five per layer, see backends/triton_decode); nothing to compile
+            self.route = "triton step (5 kernels/layer)"
+            self.compile = False
+
+            def tstep_argmax(tok, pos):
+                return model.ops.argmax_last(tstep(tok, pos))
+            self._fn = tstep_argmax
+        elif self.fw == "torch":
             def step(tok, pos):
                 return model.ops.argmax_last(model.decode_step(tok, pos, cache))
             self._fn = step
+            if on_cuda:
+                self.route = ("inductor, cuBLAS products" if os.environ.get("WORKBENCH_GPU_DECODE", "").lower()
+                              == "cublas" else "inductor, fused reductions") if self.compile else "eager"
             if self.compile:
                 import torch
                 opts = None

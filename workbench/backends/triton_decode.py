@@ -1,0 +1,481 @@
+"""The torch decode step on CUDA as five Triton kernels per layer (plus the head), for batch-1 greedy decoding.
+
+The compiled generic step (inductor) spends its time in ~13 small kernels per layer, each a few µs of launch
+and ramp-up for 1-5 MB of weights. Here one layer is six kernels, each latency-bound code written straight
+(every load of a program issued at once, no loop where the row fits one tile):
+
+* ``_norm_gemv`` (q/k/v): the residual update of the previous layer (its post-FFN norm + add) and this layer's
+  input RMSNorm as a prologue every program recomputes from the 1-row vectors, then the fused q/k/v product;
+* ``_attn_split``: q/k RMSNorm, RoPE (rows of the cache's tables), the cache write at ``pos % slots`` (and the
+  slot's position), and one-query attention over a chunk of slots with an online softmax (flash-decoding);
+* ``_attn_combine``: the chunks' partial softmaxes combined per head; ``_norm_gemv`` (o): the o projection;
+* ``_norm_gemv`` (gate/up): post-attention norm + residual add + pre-FFN norm in the prologue, gate and up rows
+  of the same index in one program, GELU(gate)·up in the epilogue;
+* ``_norm_gemv`` (down).
+
+The head is ``_norm_gemv`` with the last residual update and the final norm in its prologue (and the final
+softcap, Gemma 2, in its epilogue). No atomics, no inter-program communication inside a kernel: every kernel
+reads one buffer and writes another. Products and sums in float32, rounded to the model dtype where the plain
+path rounds (after each norm, projection, residual add, GELU), so the step computes what ``Gemma.decode_step``
+computes up to summation order (tested against it, and through the interpreter on CPU in CI).
+
+Supported: Gemma 1-3 text layers (post norms or not, q/k norms or not, attention and final softcaps, sliding
+windows, GQA), batch 1, float32 / bfloat16 / float16. Gemma 4 layers (KV sharing, k=v, V norm, PLE, layer scalar,
+MoE) and exact-erf GELU are not; :func:`make_step` returns None for them and the inductor step runs instead.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # optional: CUDA builds of torch ship it; CPU tests use its interpreter (TRITON_INTERPRET=1)
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - no triton
+    triton = None
+    tl = None
+try:  # programmatic dependent launch (Hopper+): the next kernel starts, loads its weights, then waits
+    from triton.language.extra.cuda import gdc_launch_dependents as _gdc_go
+    from triton.language.extra.cuda import gdc_wait as _gdc_wait
+except Exception:  # pragma: no cover - older triton
+    _gdc_go = _gdc_wait = None
+
+_DT = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def unsupported(model, cache=None) -> str | None:
+    """Why the Triton step can't run this model (None: it can)."""
+    if triton is None:
+        return "triton is not installed"
+    cfg, ops = model.config, model.ops
+    if ops.framework != "torch":
+        return "not a torch backend"
+    if ops.tdtype not in _DT:
+        return f"dtype {ops.dtype} (float32, bfloat16, float16 only)"
+    if ops.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return f"device {ops.device.type} (CUDA, or the interpreter with TRITON_INTERPRET=1)"
+    if cache is not None and cache.batch != 1:
+        return "batch > 1"
+    if cfg.hidden_activation == "gelu":
+        return "exact (erf) GELU"
+    if cfg.has_ple or cfg.has_layer_scalar or cfg.has_v_norm or not cfg.causal:
+        return "Gemma 4 features (PLE, layer scalar, V norm, bidirectional)"
+    if cfg.arch == "gemma4" and cfg.enable_moe_block:
+        return "MoE"
+    for i in range(cfg.num_hidden_layers):
+        if cfg.kv_shared(i) or cfg.k_eq_v(i):
+            return f"layer {i}: KV sharing / k=v"
+        if cfg.head_dim(i) % 2:
+            return f"layer {i}: odd head_dim"
+    return None
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rnd(x, DT: tl.constexpr):
+        """Round to the model dtype (float32 round trip: a no-op for float32 models)."""
+        return x.to(DT).to(tl.float32)
+
+    @triton.jit
+    def _tanh(x):
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+    @triton.jit
+    def _resid(R, Y, PW, o, m, rs_y, HAS_Y: tl.constexpr, POST_NORM: tl.constexpr, DT: tl.constexpr):
+        """A chunk of the residual after adding Y (post-normed when the model has post norms)."""
+        r = tl.load(R + o, mask=m, other=0.0).to(tl.float32)
+        if HAS_Y:
+            y = tl.load(Y + o, mask=m, other=0.0).to(tl.float32)
+            if POST_NORM:
+                y = _rnd(y * rs_y * tl.load(PW + o, mask=m, other=0.0), DT)
+            r = _rnd(r + y, DT)
+        return r
+
+    @triton.jit
+    def _xvec(R, Y, PW, NW, ROUT, o, m, K, eps, pid,
+              HAS_NORM: tl.constexpr, HAS_Y: tl.constexpr, POST_NORM: tl.constexpr, WRITE_R: tl.constexpr,
+              DT: tl.constexpr):
+        """The product's input over one tile holding all K entries: R itself, or rms_norm(resid) * NW with
+        resid = R (+ post_norm(Y) * PW), which program 0 also stores to ROUT."""
+        r = tl.load(R + o, mask=m, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            if HAS_Y:
+                y = tl.load(Y + o, mask=m, other=0.0).to(tl.float32)
+                if POST_NORM:
+                    rs_y = tl.rsqrt(tl.sum(y * y, 0) / K + eps)
+                    y = _rnd(y * rs_y * tl.load(PW + o, mask=m, other=0.0), DT)
+                r = _rnd(r + y, DT)
+            if WRITE_R:
+                tl.store(ROUT + o, r.to(DT), mask=m & (pid == 0))
+            rs_r = tl.rsqrt(tl.sum(r * r, 0) / K + eps)
+            r = _rnd(r * rs_r * tl.load(NW + o, mask=m, other=0.0), DT)
+        return r
+
+    @triton.jit
+    def _norm_gemv(R, Y, PW, NW, W, OUT, ROUT,
+                   N, K, eps, cap,
+                   HAS_NORM: tl.constexpr, HAS_Y: tl.constexpr, POST_NORM: tl.constexpr,
+                   WRITE_R: tl.constexpr, PAIR: tl.constexpr, CAP: tl.constexpr, SINGLE: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr, PDL: tl.constexpr):
+        """OUT[n] = sum_k W[n, k] x[k] for this program's BLOCK_N rows, x being R or (HAS_NORM)
+        rms_norm(resid) * NW with resid = R (+ post_norm(Y) * PW) — ROUT gets resid (program 0).
+        PAIR: rows n and N + n (gate, up) give GELU(gate) * up. CAP: cap * tanh(y / cap).
+        SINGLE (K <= BLOCK_K): straight-line code, every load issued at once — these products are latency-bound.
+        PDL: launched early (programmatic dependent launch); the weights load before waiting on the previous
+        kernel, everything it wrote after."""
+        if PDL:
+            _gdc_go()
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        ko = tl.arange(0, BLOCK_K)
+        if SINGLE:
+            m = ko < K
+            wm = rmask[:, None] & m[None, :]
+            w = tl.load(W + rows[:, None] * K + ko[None, :], mask=wm, other=0.0).to(tl.float32)
+            if PAIR:
+                w2 = tl.load(W + (rows[:, None] + N) * K + ko[None, :], mask=wm, other=0.0).to(tl.float32)
+            if PDL:
+                _gdc_wait()
+            x = _xvec(R, Y, PW, NW, ROUT, ko, m, K, eps, pid, HAS_NORM, HAS_Y, POST_NORM, WRITE_R, DT)
+            y = tl.sum(w * x[None, :], 1)
+            if PAIR:
+                y2 = tl.sum(w2 * x[None, :], 1)
+        else:
+            if PDL:
+                _gdc_wait()
+            if HAS_NORM:
+                rs_y = 1.0
+                if HAS_Y and POST_NORM:
+                    a = tl.zeros([BLOCK_K], tl.float32)
+                    for k0 in range(0, K, BLOCK_K):
+                        yv = tl.load(Y + k0 + ko, mask=k0 + ko < K, other=0.0).to(tl.float32)
+                        a += yv * yv
+                    rs_y = tl.rsqrt(tl.sum(a, 0) / K + eps)
+                a2 = tl.zeros([BLOCK_K], tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    r = _resid(R, Y, PW, k0 + ko, k0 + ko < K, rs_y, HAS_Y, POST_NORM, DT)
+                    a2 += r * r
+                rs_r = tl.rsqrt(tl.sum(a2, 0) / K + eps)
+            acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+            if PAIR:
+                acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                o = k0 + ko
+                m = o < K
+                if HAS_NORM:
+                    r = _resid(R, Y, PW, o, m, rs_y, HAS_Y, POST_NORM, DT)
+                    if WRITE_R:
+                        tl.store(ROUT + o, r.to(DT), mask=m & (pid == 0))
+                    x = _rnd(r * rs_r * tl.load(NW + o, mask=m, other=0.0), DT)
+                else:
+                    x = tl.load(R + o, mask=m, other=0.0).to(tl.float32)
+                wm = rmask[:, None] & m[None, :]
+                w = tl.load(W + rows[:, None] * K + o[None, :], mask=wm, other=0.0).to(tl.float32)
+                acc += w * x[None, :]
+                if PAIR:
+                    w2 = tl.load(W + (rows[:, None] + N) * K + o[None, :], mask=wm, other=0.0).to(tl.float32)
+                    acc2 += w2 * x[None, :]
+            y = tl.sum(acc, 1)
+            if PAIR:
+                y2 = tl.sum(acc2, 1)
+        if PAIR:
+            g = _rnd(y, DT)
+            u = _rnd(y2, DT)
+            g = _rnd(0.5 * g * (1.0 + _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))), DT)
+            y = g * u
+        if CAP:
+            y = _tanh(_rnd(y, DT) / cap) * cap
+        tl.store(OUT + rows, y.to(DT), mask=rmask)
+
+    @triton.jit
+    def _attn_combine(OP, MP, LP, Z, nsplit, H: tl.constexpr, HD: tl.constexpr,
+                      BLOCK_SP: tl.constexpr, BLOCK_D: tl.constexpr, DT: tl.constexpr, PDL: tl.constexpr):
+        """Program h: the chunks' partial softmaxes of head h combined, rounded to the dtype (the o input)."""
+        if PDL:
+            _gdc_go()
+            _gdc_wait()
+        h = tl.program_id(0)
+        sp = tl.arange(0, BLOCK_SP)
+        spm = sp < nsplit
+        d = tl.arange(0, BLOCK_D)
+        dm = d < HD
+        mp = tl.load(MP + sp * H + h, mask=spm, other=float("-inf"))
+        lp = tl.load(LP + sp * H + h, mask=spm, other=0.0)
+        op = tl.load(OP + (sp * H + h)[:, None] * HD + d[None, :], mask=spm[:, None] & dm[None, :], other=0.0)
+        mx = tl.max(mp, 0)
+        e = tl.where(spm, tl.exp(mp - mx), 0.0)
+        z = tl.sum(e[:, None] * op, 0) / tl.sum(e * lp, 0)
+        tl.store(Z + h * HD + d, z.to(DT), mask=dm)
+
+    @triton.jit
+    def _attn_block(KC, VC, KPOS, s0, end, S, kvh, pos, slot, window, scale, cap,
+                    q1, q2, k1, k2, v1, v2, d, dm, m_i, l_i, a1, a2,
+                    HD: tl.constexpr, HALF: tl.constexpr, BLOCK_S: tl.constexpr, CAP: tl.constexpr,
+                    WINDOW: tl.constexpr, DT: tl.constexpr):
+        """BLOCK_S slots from s0 (below end) folded into the online softmax (m_i, l_i, a1|a2); the slot being
+        written this step takes the new k/v from registers."""
+        sl = s0 + tl.arange(0, BLOCK_S)
+        sm = sl < end
+        new = sl == slot
+        lo = (kvh * S + sl)[:, None] * HD + d[None, :]
+        lm = sm[:, None] & dm[None, :]
+        kp = tl.load(KPOS + sl, mask=sm, other=-1)
+        K1 = tl.load(KC + lo, mask=lm, other=0.0)
+        K2 = tl.load(KC + lo + HALF, mask=lm, other=0.0)
+        V1 = tl.load(VC + lo, mask=lm, other=0.0)
+        V2 = tl.load(VC + lo + HALF, mask=lm, other=0.0)
+        kp = tl.where(new, pos, kp)
+        ok = sm & (kp >= 0) & (kp <= pos)
+        if WINDOW:
+            ok = ok & (pos - kp < window)
+        K1 = tl.where(new[:, None], k1[None, :].to(DT), K1).to(tl.float32)
+        K2 = tl.where(new[:, None], k2[None, :].to(DT), K2).to(tl.float32)
+        V1 = tl.where(new[:, None], v1[None, :].to(DT), V1).to(tl.float32)
+        V2 = tl.where(new[:, None], v2[None, :].to(DT), V2).to(tl.float32)
+        # q and K hold dtype values, multiplied and summed in float32 (IEEE: no TF32), as the plain path does
+        sc = tl.dot(q1, tl.trans(K1), input_precision="ieee") + tl.dot(q2, tl.trans(K2), input_precision="ieee")
+        sc = sc * scale
+        if CAP:
+            sc = _tanh(sc / cap) * cap
+        sc = tl.where(ok[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(sc - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        a1 = a1 * alpha[:, None] + tl.dot(p, V1, input_precision="ieee")
+        a2 = a2 * alpha[:, None] + tl.dot(p, V2, input_precision="ieee")
+        return m_new, l_i, a1, a2
+
+    @triton.jit
+    def _attn_split(QKV, QW, KW, COS, SIN, POS, KC, VC, KPOS, OP, MP, LP,
+                    S, chunk, scale, cap, eps, window,
+                    H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, HALF: tl.constexpr,
+                    BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
+                    QK_NORM: tl.constexpr, CAP: tl.constexpr, WINDOW: tl.constexpr, RING: tl.constexpr,
+                    ONE_BLOCK: tl.constexpr, DT: tl.constexpr, PDL: tl.constexpr):
+        """Program (kv head, chunk): the new token's q (the G query heads of this kv head), k and v — normed,
+        rotated, rounded as the plain path does; writes k, v (and the slot's position) when the slot is in
+        its chunk; attends over the chunk's slots; stores the unnormalised partial (acc, max, sum)."""
+        if PDL:
+            _gdc_go()
+        kvh = tl.program_id(0)
+        sp = tl.program_id(1)
+        pos = tl.load(POS)
+        slot = pos % S
+        g = tl.arange(0, BLOCK_G)
+        gm = g < G
+        d = tl.arange(0, BLOCK_H)
+        dm = d < HALF
+        heads = kvh * G + g
+        qm = gm[:, None] & dm[None, :]
+        qo = heads[:, None] * HD + d[None, :]
+        c1 = tl.load(COS + pos * HD + d, mask=dm, other=0.0).to(tl.float32)
+        c2 = tl.load(COS + pos * HD + HALF + d, mask=dm, other=0.0).to(tl.float32)
+        s1 = tl.load(SIN + pos * HD + d, mask=dm, other=0.0).to(tl.float32)
+        s2 = tl.load(SIN + pos * HD + HALF + d, mask=dm, other=0.0).to(tl.float32)
+        if PDL:
+            _gdc_wait()       # q/k/v come from the previous kernel; the tables and the position do not
+        q1 = tl.load(QKV + qo, mask=qm, other=0.0).to(tl.float32)
+        q2 = tl.load(QKV + qo + HALF, mask=qm, other=0.0).to(tl.float32)
+        ko = H * HD + kvh * HD + d
+        k1 = tl.load(QKV + ko, mask=dm, other=0.0).to(tl.float32)
+        k2 = tl.load(QKV + ko + HALF, mask=dm, other=0.0).to(tl.float32)
+        vo = (H + HKV) * HD + kvh * HD + d
+        v1 = tl.load(QKV + vo, mask=dm, other=0.0).to(tl.float32)
+        v2 = tl.load(QKV + vo + HALF, mask=dm, other=0.0).to(tl.float32)
+        if QK_NORM:
+            qr = tl.rsqrt((tl.sum(q1 * q1, 1) + tl.sum(q2 * q2, 1)) / HD + eps)
+            q1 = _rnd(q1 * qr[:, None] * tl.load(QW + d, mask=dm, other=0.0)[None, :], DT)
+            q2 = _rnd(q2 * qr[:, None] * tl.load(QW + HALF + d, mask=dm, other=0.0)[None, :], DT)
+            kr = tl.rsqrt((tl.sum(k1 * k1, 0) + tl.sum(k2 * k2, 0)) / HD + eps)
+            k1 = _rnd(k1 * kr * tl.load(KW + d, mask=dm, other=0.0), DT)
+            k2 = _rnd(k2 * kr * tl.load(KW + HALF + d, mask=dm, other=0.0), DT)
+        q1, q2 = _rnd(q1 * c1[None, :] - q2 * s1[None, :], DT), _rnd(q2 * c2[None, :] + q1 * s2[None, :], DT)
+        k1, k2 = _rnd(k1 * c1 - k2 * s1, DT), _rnd(k2 * c2 + k1 * s2, DT)
+
+        start = sp * chunk
+        mine = (slot >= start) & (slot < start + chunk)
+        co = (kvh * S + slot) * HD + d
+        tl.store(KC + co, k1.to(DT), mask=dm & mine)
+        tl.store(KC + co + HALF, k2.to(DT), mask=dm & mine)
+        tl.store(VC + co, v1.to(DT), mask=dm & mine)
+        tl.store(VC + co + HALF, v2.to(DT), mask=dm & mine)
+        tl.store(KPOS + slot, pos, mask=mine & (kvh == 0))
+
+        end = tl.minimum(start + chunk, S)
+        if not RING:
+            end = tl.minimum(end, pos + 1)     # slot == position: later slots are empty
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        a1 = tl.zeros([BLOCK_G, BLOCK_H], tl.float32)
+        a2 = tl.zeros([BLOCK_G, BLOCK_H], tl.float32)
+        if ONE_BLOCK:       # chunk == BLOCK_S: straight-line, the K/V loads issued with the q/k/v ones
+            m_i, l_i, a1, a2 = _attn_block(KC, VC, KPOS, start, end, S, kvh, pos, slot, window, scale, cap,
+                                           q1, q2, k1, k2, v1, v2, d, dm, m_i, l_i, a1, a2,
+                                           HD, HALF, BLOCK_S, CAP, WINDOW, DT)
+        else:
+            for s0 in range(start, end, BLOCK_S):
+                m_i, l_i, a1, a2 = _attn_block(KC, VC, KPOS, s0, end, S, kvh, pos, slot, window, scale, cap,
+                                               q1, q2, k1, k2, v1, v2, d, dm, m_i, l_i, a1, a2,
+                                               HD, HALF, BLOCK_S, CAP, WINDOW, DT)
+        oo = (sp * H + heads)[:, None] * HD + d[None, :]
+        tl.store(OP + oo, a1, mask=qm)
+        tl.store(OP + oo + HALF, a2, mask=qm)
+        tl.store(MP + sp * H + heads, m_i, mask=gm)
+        tl.store(LP + sp * H + heads, l_i, mask=gm)
+
+
+# (BLOCK_N, BLOCK_K, num_warps) per product of a layer and the head; attention: (BLOCK_S, num_warps, most
+# chunks per layer).
+# Picked by a sweep of whole-step CUDA-graph replays on an H100 (see README "Throughput"); WORKBENCH_TRITON_TUNE
+# ("kind=BN,BK,W;...") overrides them for tuning runs.
+TUNE = {"qkv": (8, 256, 4), "o": (4, 256, 4), "gu": (8, 256, 4), "down": (4, 256, 4), "head": (32, 256, 4),
+        "attn": (16, 4, 32)}
+
+
+def _single_max() -> int:
+    """Products with K up to this many columns load their whole rows at once (env: tests of the loop path)."""
+    return int(os.environ.get("WORKBENCH_TRITON_SINGLE_MAX", "2048"))
+
+
+def _tune(kind: str) -> tuple:
+    env = os.environ.get("WORKBENCH_TRITON_TUNE", "")
+    for part in filter(None, env.split(";")):
+        k, v = part.split("=")
+        if k.strip() == kind:
+            return tuple(int(x) for x in v.split(","))
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" and kind != "attn":
+        return (64,) + TUNE[kind][1:]          # the interpreter's cost is per program
+    return TUNE[kind]
+
+
+class TritonDecodeStep:
+    """``step(tok [1, 1], pos [1]) -> logits [1, V]`` for one model and its static cache (see module doc);
+    captured into a CUDA graph by :class:`workbench.generate.FastDecoder`."""
+
+    def __init__(self, model, cache):
+        why = unsupported(model, cache)
+        if why:
+            raise ValueError(f"the Triton decode step does not support this model: {why}")
+        self.model, self.cache = model, cache
+        cfg, ops, w = model.config, model.ops, model.w
+        self.cfg, self.ops = cfg, ops
+        self.dt = getattr(tl, _DT[ops.tdtype])
+        self.pdl = bool(ops.device.type == "cuda" and _gdc_wait is not None
+                        and torch.cuda.get_device_capability(ops.device)[0] >= 9
+                        and os.environ.get("WORKBENCH_TRITON_PDL", "1") != "0")
+        self.launch = {"launch_pdl": True} if self.pdl else {}
+        dev, D = ops.device, cfg.hidden_size
+        self.H = cfg.num_attention_heads
+        L = cfg.num_hidden_layers
+        self.layers = []
+        max_split, max_q = 1, 1
+        for i in range(L):
+            p = f"layers.{i}."
+            hd, kvh = cfg.head_dim(i), cfg.num_kv_heads(i)
+            lc = cache.layers[i]
+            S = lc.slots
+            bs_, _, most = _tune("attn")
+            chunk = max(bs_, _pow2(-(-S // most)))          # slots per program
+            nsplit = -(-S // chunk)
+            max_split = max(max_split, nsplit)
+            max_q = max(max_q, self.H * hd)
+            self.layers.append(dict(
+                hd=hd, kvh=kvh, S=S, chunk=chunk, nsplit=nsplit, ring=lc.ring, lc=lc, i=i,
+                qkv=w[p + "self_attn.qkv_proj.weight"], o=w[p + "self_attn.o_proj.weight"],
+                gu=w[p + "mlp.gate_up_proj.weight"], down=w[p + "mlp.down_proj.weight"],
+                n_in=w[p + "input_layernorm.weight"], n_pre=w[p + "pre_feedforward_layernorm.weight"],
+                n_pa=w.get(p + "post_attention_layernorm.weight"), n_pf=w.get(p + "post_feedforward_layernorm.weight"),
+                qn=w.get(p + "self_attn.q_norm.weight"), kn=w.get(p + "self_attn.k_norm.weight"),
+                F=cfg.intermediate(i), window=cfg.sliding_window(i), scale=cfg.attn_scale(i)))
+        self.head = w.get("lm_head.weight", w["embed_tokens.weight"])
+        self.embed = w["embed_tokens.weight"]
+        td = ops.tdtype
+        nq = max((self.H + 2 * lay["kvh"]) * lay["hd"] for lay in self.layers)
+        f32 = torch.float32
+        self.b_qkv = torch.empty(nq, dtype=td, device=dev)
+        self.b_p = torch.empty(D, dtype=td, device=dev)          # residual entering the attention
+        self.b_m = torch.empty(D, dtype=td, device=dev)          # residual entering the MLP
+        self.b_yo = torch.empty(D, dtype=td, device=dev)
+        self.b_yd = torch.empty(D, dtype=td, device=dev)
+        self.b_a = torch.empty(max(lay["F"] for lay in self.layers), dtype=td, device=dev)
+        self.b_z = torch.empty(max_q, dtype=td, device=dev)             # attention output (o's input)
+        self.b_op = torch.empty(max_split * max_q, dtype=f32, device=dev)
+        self.b_mp = torch.empty(max_split * self.H, dtype=f32, device=dev)
+        self.b_lp = torch.empty(max_split * self.H, dtype=f32, device=dev)
+        self.logits = torch.empty((1, self.head.shape[0]), dtype=td, device=dev)
+        self._dummy = torch.zeros(1, dtype=f32, device=dev)
+        # the embedding scale rounded to the dtype first, as ops.scale (and HF) do; on the device, so a CUDA
+        # graph can capture the step
+        self.escale = torch.tensor(cfg.embed_scale, dtype=td, device=dev)
+
+    def _gemv(self, kind, N, K, W, OUT, R, Y=None, PW=None, NW=None, ROUT=None, pair=False, cap=None):
+        bn, bk, nw = _tune(kind)
+        single = _pow2(K) <= _single_max()
+        bk = _pow2(K) if single else min(bk, _pow2(K))
+        z = self._dummy
+        _norm_gemv[(triton.cdiv(N, bn),)](
+            R, z if Y is None else Y, z if PW is None else PW, z if NW is None else NW,
+            W, OUT, z if ROUT is None else ROUT,
+            N, K, self.cfg.rms_norm_eps, float(cap or 1.0),
+            HAS_NORM=NW is not None, HAS_Y=Y is not None, POST_NORM=PW is not None, WRITE_R=ROUT is not None,
+            PAIR=pair, CAP=cap is not None, SINGLE=single, BLOCK_N=bn, BLOCK_K=bk, DT=self.dt, PDL=self.pdl,
+            num_warps=nw, **self.launch)
+
+    def __call__(self, tok, pos):
+        cfg, ops = self.cfg, self.ops
+        D, H = cfg.hidden_size, self.H
+        if not self.cache.static:
+            raise RuntimeError("the Triton decode step needs the cache in static mode (cache.begin_static())")
+        x0 = (ops.take_rows(self.embed, tok.reshape(1, 1)) * self.escale).reshape(D)
+        R, Y, PW = x0, None, None
+        capa = cfg.attn_logit_softcapping
+        bs, aw = _tune("attn")[:2]
+        for lay in self.layers:
+            hd, kvh, lc = lay["hd"], lay["kvh"], lay["lc"]
+            # residual update of the previous layer + input norm + q/k/v
+            nqkv = (H + 2 * kvh) * hd
+            self._gemv("qkv", nqkv, D, lay["qkv"], self.b_qkv, R, Y, PW, lay["n_in"], ROUT=self.b_p)
+            G = H // kvh
+            z = self._dummy
+            cos, sin = self.cache.rope_tables[lay["i"]]     # [max_len, hd], made by begin_static
+            _attn_split[(kvh, lay["nsplit"])](
+                self.b_qkv, z if lay["qn"] is None else lay["qn"], z if lay["kn"] is None else lay["kn"],
+                cos, sin, pos, lc.k, lc.v, lc.kpos_dev, self.b_op, self.b_mp, self.b_lp,
+                lay["S"], lay["chunk"], float(lay["scale"]), float(capa or 1.0), cfg.rms_norm_eps,
+                int(lay["window"] or 0),
+                H=H, HKV=kvh, G=G, HD=hd, HALF=hd // 2, BLOCK_G=max(16, _pow2(G)), BLOCK_H=max(16, _pow2(hd // 2)),
+                BLOCK_S=bs,
+                QK_NORM=lay["qn"] is not None, CAP=capa is not None, WINDOW=lay["window"] is not None,
+                RING=lay["ring"], ONE_BLOCK=lay["chunk"] == bs, DT=self.dt, PDL=self.pdl,
+                num_warps=aw, **self.launch)
+            _attn_combine[(H,)](self.b_op, self.b_mp, self.b_lp, self.b_z, lay["nsplit"], H=H, HD=hd,
+                                BLOCK_SP=_pow2(lay["nsplit"]), BLOCK_D=_pow2(hd), DT=self.dt, PDL=self.pdl,
+                                num_warps=4, **self.launch)
+            self._gemv("o", D, H * hd, lay["o"], self.b_yo, self.b_z)
+            F = lay["F"]
+            self._gemv("gu", F, D, lay["gu"], self.b_a, self.b_p, self.b_yo, lay["n_pa"], lay["n_pre"], ROUT=self.b_m,
+                       pair=True)
+            self._gemv("down", D, F, lay["down"], self.b_yd, self.b_a)
+            R, Y, PW = self.b_m, self.b_yd, lay["n_pf"]
+        V = self.head.shape[0]
+        self._gemv("head", V, D, self.head, self.logits, R, Y, PW, self.model.w["norm.weight"],
+                   cap=cfg.final_logit_softcapping)
+        return self.logits
+
+
+def make_step(model, cache):
+    """The Triton step for this model and cache, or None where it does not apply (reason in ``.why``)."""
+    why = unsupported(model, cache)
+    if why:
+        make_step.why = why
+        return None
+    return TritonDecodeStep(model, cache)
