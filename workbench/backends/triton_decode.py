@@ -195,6 +195,18 @@ if triton is not None:
         tl.store(OUT + rows, y.to(DT), mask=rmask)
 
     @triton.jit
+    def _norm_vec(R, Y, PW, NW, X, K, eps, POST_NORM: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr,
+                  PDL: tl.constexpr):
+        """One program: X = rms_norm(R + post_norm(Y) * PW) * NW (the input of the head)."""
+        if PDL:
+            _gdc_go()
+            _gdc_wait()
+        ko = tl.arange(0, BLOCK_K)
+        m = ko < K
+        x = _xvec(R, Y, PW, NW, X, ko, m, K, eps, 1, True, True, POST_NORM, False, DT)
+        tl.store(X + ko, x.to(DT), mask=m)
+
+    @triton.jit
     def _attn_combine(OP, MP, LP, Z, nsplit, H: tl.constexpr, HD: tl.constexpr,
                       BLOCK_SP: tl.constexpr, BLOCK_D: tl.constexpr, DT: tl.constexpr, PDL: tl.constexpr):
         """Program h: the chunks' partial softmaxes of head h combined, rounded to the dtype (the o input)."""
@@ -337,13 +349,8 @@ if triton is not None:
 # chunks per layer).
 # Picked by a sweep of whole-step CUDA-graph replays on an H100 (see README "Throughput"); WORKBENCH_TRITON_TUNE
 # ("kind=BN,BK,W;...") overrides them for tuning runs.
-TUNE = {"qkv": (8, 256, 4), "o": (4, 256, 4), "gu": (8, 256, 4), "down": (4, 256, 4), "head": (32, 256, 4),
-        "attn": (16, 4, 32)}
-
-
-def _single_max() -> int:
-    """Products with K up to this many columns load their whole rows at once (env: tests of the loop path)."""
-    return int(os.environ.get("WORKBENCH_TRITON_SINGLE_MAX", "2048"))
+TUNE = {"qkv": (16, 256, 8), "o": (4, 256, 4), "gu": (2, 256, 4), "down": (4, 256, 4), "head": (8, 256, 4),
+        "attn": (16, 4, 64)}
 
 
 def _tune(kind: str) -> tuple:
@@ -407,6 +414,7 @@ class TritonDecodeStep:
         self.b_yo = torch.empty(D, dtype=td, device=dev)
         self.b_yd = torch.empty(D, dtype=td, device=dev)
         self.b_a = torch.empty(max(lay["F"] for lay in self.layers), dtype=td, device=dev)
+        self.b_x = torch.empty(D, dtype=td, device=dev)          # final normed hidden state (the head's input)
         self.b_z = torch.empty(max_q, dtype=td, device=dev)             # attention output (o's input)
         self.b_op = torch.empty(max_split * max_q, dtype=f32, device=dev)
         self.b_mp = torch.empty(max_split * self.H, dtype=f32, device=dev)
@@ -418,11 +426,12 @@ class TritonDecodeStep:
         self.escale = torch.tensor(cfg.embed_scale, dtype=td, device=dev)
 
     def _gemv(self, kind, N, K, W, OUT, R, Y=None, PW=None, NW=None, ROUT=None, pair=False, cap=None):
+        """A launch of ``_norm_gemv`` (returned, not run)."""
         bn, bk, nw = _tune(kind)
         single = _pow2(K) <= _single_max()
         bk = _pow2(K) if single else min(bk, _pow2(K))
         z = self._dummy
-        _norm_gemv[(triton.cdiv(N, bn),)](
+        return lambda: _norm_gemv[(triton.cdiv(N, bn),)](
             R, z if Y is None else Y, z if PW is None else PW, z if NW is None else NW,
             W, OUT, z if ROUT is None else ROUT,
             N, K, self.cfg.rms_norm_eps, float(cap or 1.0),
@@ -430,45 +439,63 @@ class TritonDecodeStep:
             PAIR=pair, CAP=cap is not None, SINGLE=single, BLOCK_N=bn, BLOCK_K=bk, DT=self.dt, PDL=self.pdl,
             num_warps=nw, **self.launch)
 
-    def __call__(self, tok, pos):
-        cfg, ops = self.cfg, self.ops
+    def plan(self, x0, pos) -> list:
+        """The step's kernel launches in order, as (name, launch) pairs, for the embedded token x0 [D] and the
+        device-side position ``pos`` [1]."""
+        cfg = self.cfg
         D, H = cfg.hidden_size, self.H
-        if not self.cache.static:
-            raise RuntimeError("the Triton decode step needs the cache in static mode (cache.begin_static())")
-        x0 = (ops.take_rows(self.embed, tok.reshape(1, 1)) * self.escale).reshape(D)
         R, Y, PW = x0, None, None
         capa = cfg.attn_logit_softcapping
         bs, aw = _tune("attn")[:2]
+        z = self._dummy
+        out = []
         for lay in self.layers:
-            hd, kvh, lc = lay["hd"], lay["kvh"], lay["lc"]
+            hd, kvh, lc, F = lay["hd"], lay["kvh"], lay["lc"], lay["F"]
             # residual update of the previous layer + input norm + q/k/v
-            nqkv = (H + 2 * kvh) * hd
-            self._gemv("qkv", nqkv, D, lay["qkv"], self.b_qkv, R, Y, PW, lay["n_in"], ROUT=self.b_p)
-            G = H // kvh
-            z = self._dummy
+            out.append(("qkv", self._gemv("qkv", (H + 2 * kvh) * hd, D, lay["qkv"], self.b_qkv, R, Y, PW,
+                                          lay["n_in"], ROUT=self.b_p)))
             cos, sin = self.cache.rope_tables[lay["i"]]     # [max_len, hd], made by begin_static
-            _attn_split[(kvh, lay["nsplit"])](
+            out.append(("attn", lambda lay=lay, hd=hd, kvh=kvh, lc=lc, cos=cos, sin=sin: _attn_split[
+                (kvh, lay["nsplit"])](
                 self.b_qkv, z if lay["qn"] is None else lay["qn"], z if lay["kn"] is None else lay["kn"],
                 cos, sin, pos, lc.k, lc.v, lc.kpos_dev, self.b_op, self.b_mp, self.b_lp,
                 lay["S"], lay["chunk"], float(lay["scale"]), float(capa or 1.0), cfg.rms_norm_eps,
                 int(lay["window"] or 0),
-                H=H, HKV=kvh, G=G, HD=hd, HALF=hd // 2, BLOCK_G=max(16, _pow2(G)), BLOCK_H=max(16, _pow2(hd // 2)),
-                BLOCK_S=bs,
+                H=H, HKV=kvh, G=H // kvh, HD=hd, HALF=hd // 2, BLOCK_G=max(16, _pow2(H // kvh)),
+                BLOCK_H=max(16, _pow2(hd // 2)), BLOCK_S=bs,
                 QK_NORM=lay["qn"] is not None, CAP=capa is not None, WINDOW=lay["window"] is not None,
                 RING=lay["ring"], ONE_BLOCK=lay["chunk"] == bs, DT=self.dt, PDL=self.pdl,
-                num_warps=aw, **self.launch)
-            _attn_combine[(H,)](self.b_op, self.b_mp, self.b_lp, self.b_z, lay["nsplit"], H=H, HD=hd,
-                                BLOCK_SP=_pow2(lay["nsplit"]), BLOCK_D=_pow2(hd), DT=self.dt, PDL=self.pdl,
-                                num_warps=4, **self.launch)
-            self._gemv("o", D, H * hd, lay["o"], self.b_yo, self.b_z)
-            F = lay["F"]
-            self._gemv("gu", F, D, lay["gu"], self.b_a, self.b_p, self.b_yo, lay["n_pa"], lay["n_pre"], ROUT=self.b_m,
-                       pair=True)
-            self._gemv("down", D, F, lay["down"], self.b_yd, self.b_a)
+                num_warps=aw, **self.launch)))
+            out.append(("combine", lambda lay=lay, hd=hd: _attn_combine[(H,)](
+                self.b_op, self.b_mp, self.b_lp, self.b_z, lay["nsplit"], H=H, HD=hd,
+                BLOCK_SP=_pow2(lay["nsplit"]), BLOCK_D=_pow2(hd), DT=self.dt, PDL=self.pdl,
+                num_warps=4, **self.launch)))
+            out.append(("o", self._gemv("o", D, H * hd, lay["o"], self.b_yo, self.b_z)))
+            out.append(("gu", self._gemv("gu", F, D, lay["gu"], self.b_a, self.b_p, self.b_yo, lay["n_pa"],
+                                         lay["n_pre"], ROUT=self.b_m, pair=True)))
+            out.append(("down", self._gemv("down", D, F, lay["down"], self.b_yd, self.b_a)))
             R, Y, PW = self.b_m, self.b_yd, lay["n_pf"]
         V = self.head.shape[0]
-        self._gemv("head", V, D, self.head, self.logits, R, Y, PW, self.model.w["norm.weight"],
-                   cap=cfg.final_logit_softcapping)
+        nw = self.model.w["norm.weight"]
+        if _pow2(D) <= 8192:
+            # the last residual update and the final norm once, so the head's many programs read only x
+            out.append(("final_norm", lambda R=R, Y=Y, PW=PW: _norm_vec[(1,)](
+                R, Y, z if PW is None else PW, nw, self.b_x, D, cfg.rms_norm_eps, POST_NORM=PW is not None,
+                BLOCK_K=_pow2(D), DT=self.dt, PDL=self.pdl, num_warps=8, **self.launch)))
+            out.append(("head", self._gemv("head", V, D, self.head, self.logits, self.b_x,
+                                           cap=cfg.final_logit_softcapping)))
+        else:
+            out.append(("head", self._gemv("head", V, D, self.head, self.logits, R, Y, PW, nw,
+                                           cap=cfg.final_logit_softcapping)))
+        return out
+
+    def __call__(self, tok, pos):
+        if not self.cache.static:
+            raise RuntimeError("the Triton decode step needs the cache in static mode (cache.begin_static())")
+        D = self.cfg.hidden_size
+        x0 = (self.ops.take_rows(self.embed, tok.reshape(1, 1)) * self.escale).reshape(D)
+        for _, launch in self.plan(x0, pos):
+            launch()
         return self.logits
 
 
