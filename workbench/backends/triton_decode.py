@@ -6,8 +6,9 @@ and ramp-up for 1-5 MB of weights. Here one layer is six kernels, each latency-b
 
 * ``_norm_gemv`` (q/k/v): the residual update of the previous layer (its post-FFN norm + add) and this layer's
   input RMSNorm as a prologue every program recomputes from the 1-row vectors, then the fused q/k/v product;
-* ``_attn_split``: q/k RMSNorm, RoPE (rows of the cache's tables), the cache write at ``pos % slots`` (and the
-  slot's position), and one-query attention over a chunk of slots with an online softmax (flash-decoding);
+* ``_attn_split`` (one program per query head and chunk of slots): q/k RMSNorm, RoPE (rows of the cache's
+  tables), the cache write at ``pos % slots`` (and the slot's position), and one-query attention over the
+  chunk with an online softmax (flash-decoding);
 * ``_attn_combine``: the chunks' partial softmaxes combined per head; ``_norm_gemv`` (o): the o projection;
 * ``_norm_gemv`` (gate/up): post-attention norm + residual add + pre-FFN norm in the prologue, gate and up rows
   of the same index in one program, GELU(gate)·up in the epilogue;
@@ -227,76 +228,80 @@ if triton is not None:
         tl.store(Z + h * HD + d, z.to(DT), mask=dm)
 
     @triton.jit
-    def _attn_block(KC, VC, KPOS, s0, end, S, kvh, pos, slot, window, scale, cap,
-                    q1, q2, k1, k2, v1, v2, d, dm, m_i, l_i, a1, a2,
-                    HD: tl.constexpr, HALF: tl.constexpr, BLOCK_S: tl.constexpr, CAP: tl.constexpr,
-                    WINDOW: tl.constexpr, DT: tl.constexpr):
-        """BLOCK_S slots from s0 (below end) folded into the online softmax (m_i, l_i, a1|a2); the slot being
-        written this step takes the new k/v from registers."""
+    def _attn_load(KC, VC, KPOS, s0, lim, S, kvh, d, dm, HD: tl.constexpr, HALF: tl.constexpr,
+                   BLOCK_S: tl.constexpr):
+        """BLOCK_S cached slots from s0 (below lim): their positions and K, V halves in float32."""
         sl = s0 + tl.arange(0, BLOCK_S)
-        sm = sl < end
-        new = sl == slot
+        sm = sl < lim
         lo = (kvh * S + sl)[:, None] * HD + d[None, :]
         lm = sm[:, None] & dm[None, :]
         kp = tl.load(KPOS + sl, mask=sm, other=-1)
-        K1 = tl.load(KC + lo, mask=lm, other=0.0)
-        K2 = tl.load(KC + lo + HALF, mask=lm, other=0.0)
-        V1 = tl.load(VC + lo, mask=lm, other=0.0)
-        V2 = tl.load(VC + lo + HALF, mask=lm, other=0.0)
+        K1 = tl.load(KC + lo, mask=lm, other=0.0).to(tl.float32)
+        K2 = tl.load(KC + lo + HALF, mask=lm, other=0.0).to(tl.float32)
+        V1 = tl.load(VC + lo, mask=lm, other=0.0).to(tl.float32)
+        V2 = tl.load(VC + lo + HALF, mask=lm, other=0.0).to(tl.float32)
+        return sl, kp, K1, K2, V1, V2
+
+    @triton.jit
+    def _attn_fold(sl, kp, K1, K2, V1, V2, end, pos, slot, window, scale, cap,
+                   q1, q2, k1, k2, v1, v2, m_i, l_i, a1, a2, CAP: tl.constexpr, WINDOW: tl.constexpr):
+        """Fold loaded slots into the online softmax of one query (m_i, l_i, a1|a2); the slot written this step
+        takes the new k/v from registers. Products and sums in float32, as the plain path."""
+        new = sl == slot
         kp = tl.where(new, pos, kp)
-        ok = sm & (kp >= 0) & (kp <= pos)
+        ok = (sl < end) & (kp >= 0) & (kp <= pos)
         if WINDOW:
             ok = ok & (pos - kp < window)
-        K1 = tl.where(new[:, None], k1[None, :].to(DT), K1).to(tl.float32)
-        K2 = tl.where(new[:, None], k2[None, :].to(DT), K2).to(tl.float32)
-        V1 = tl.where(new[:, None], v1[None, :].to(DT), V1).to(tl.float32)
-        V2 = tl.where(new[:, None], v2[None, :].to(DT), V2).to(tl.float32)
-        # q and K hold dtype values, multiplied and summed in float32 (IEEE: no TF32), as the plain path does
-        sc = tl.dot(q1, tl.trans(K1), input_precision="ieee") + tl.dot(q2, tl.trans(K2), input_precision="ieee")
-        sc = sc * scale
+        K1 = tl.where(new[:, None], k1[None, :], K1)
+        K2 = tl.where(new[:, None], k2[None, :], K2)
+        V1 = tl.where(new[:, None], v1[None, :], V1)
+        V2 = tl.where(new[:, None], v2[None, :], V2)
+        sc = (tl.sum(K1 * q1[None, :], 1) + tl.sum(K2 * q2[None, :], 1)) * scale
         if CAP:
             sc = _tanh(sc / cap) * cap
-        sc = tl.where(ok[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        sc = tl.where(ok, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(sc - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        a1 = a1 * alpha[:, None] + tl.dot(p, V1, input_precision="ieee")
-        a2 = a2 * alpha[:, None] + tl.dot(p, V2, input_precision="ieee")
+        p = tl.exp(sc - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        a1 = a1 * alpha + tl.sum(p[:, None] * V1, 0)
+        a2 = a2 * alpha + tl.sum(p[:, None] * V2, 0)
         return m_new, l_i, a1, a2
 
     @triton.jit
     def _attn_split(QKV, QW, KW, COS, SIN, POS, KC, VC, KPOS, OP, MP, LP,
                     S, chunk, scale, cap, eps, window,
                     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, HALF: tl.constexpr,
-                    BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
+                    BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
                     QK_NORM: tl.constexpr, CAP: tl.constexpr, WINDOW: tl.constexpr, RING: tl.constexpr,
                     ONE_BLOCK: tl.constexpr, DT: tl.constexpr, PDL: tl.constexpr):
-        """Program (kv head, chunk): the new token's q (the G query heads of this kv head), k and v — normed,
-        rotated, rounded as the plain path does; writes k, v (and the slot's position) when the slot is in
-        its chunk; attends over the chunk's slots; stores the unnormalised partial (acc, max, sum)."""
+        """Program (query head h, chunk): the new token's q (head h), k and v of h's kv head — normed, rotated,
+        rounded as the plain path does; the first query head of each kv head writes k, v (and the slot's
+        position) when the slot is in its chunk; attends over the chunk's slots; stores the unnormalised
+        partial (acc, max, sum). ONE_BLOCK (chunk == BLOCK_S): the cached slots load first, before waiting on
+        the q/k/v product."""
         if PDL:
             _gdc_go()
-        kvh = tl.program_id(0)
+        h = tl.program_id(0)
         sp = tl.program_id(1)
-        pos = tl.load(POS)
-        slot = pos % S
-        g = tl.arange(0, BLOCK_G)
-        gm = g < G
+        kvh = h // G
         d = tl.arange(0, BLOCK_H)
         dm = d < HALF
-        heads = kvh * G + g
-        qm = gm[:, None] & dm[None, :]
-        qo = heads[:, None] * HD + d[None, :]
+        start = sp * chunk
+        lim = tl.minimum(start + chunk, S)
+        if ONE_BLOCK:
+            sl, kp, K1, K2, V1, V2 = _attn_load(KC, VC, KPOS, start, lim, S, kvh, d, dm, HD, HALF, BLOCK_S)
+        pos = tl.load(POS)
+        slot = pos % S
         c1 = tl.load(COS + pos * HD + d, mask=dm, other=0.0).to(tl.float32)
         c2 = tl.load(COS + pos * HD + HALF + d, mask=dm, other=0.0).to(tl.float32)
         s1 = tl.load(SIN + pos * HD + d, mask=dm, other=0.0).to(tl.float32)
         s2 = tl.load(SIN + pos * HD + HALF + d, mask=dm, other=0.0).to(tl.float32)
         if PDL:
-            _gdc_wait()       # q/k/v come from the previous kernel; the tables and the position do not
-        q1 = tl.load(QKV + qo, mask=qm, other=0.0).to(tl.float32)
-        q2 = tl.load(QKV + qo + HALF, mask=qm, other=0.0).to(tl.float32)
+            _gdc_wait()       # q/k/v come from the previous kernel; the cache, tables and position do not
+        q1 = tl.load(QKV + h * HD + d, mask=dm, other=0.0).to(tl.float32)
+        q2 = tl.load(QKV + h * HD + HALF + d, mask=dm, other=0.0).to(tl.float32)
         ko = H * HD + kvh * HD + d
         k1 = tl.load(QKV + ko, mask=dm, other=0.0).to(tl.float32)
         k2 = tl.load(QKV + ko + HALF, mask=dm, other=0.0).to(tl.float32)
@@ -304,17 +309,16 @@ if triton is not None:
         v1 = tl.load(QKV + vo, mask=dm, other=0.0).to(tl.float32)
         v2 = tl.load(QKV + vo + HALF, mask=dm, other=0.0).to(tl.float32)
         if QK_NORM:
-            qr = tl.rsqrt((tl.sum(q1 * q1, 1) + tl.sum(q2 * q2, 1)) / HD + eps)
-            q1 = _rnd(q1 * qr[:, None] * tl.load(QW + d, mask=dm, other=0.0)[None, :], DT)
-            q2 = _rnd(q2 * qr[:, None] * tl.load(QW + HALF + d, mask=dm, other=0.0)[None, :], DT)
+            qr = tl.rsqrt((tl.sum(q1 * q1, 0) + tl.sum(q2 * q2, 0)) / HD + eps)
+            q1 = _rnd(q1 * qr * tl.load(QW + d, mask=dm, other=0.0), DT)
+            q2 = _rnd(q2 * qr * tl.load(QW + HALF + d, mask=dm, other=0.0), DT)
             kr = tl.rsqrt((tl.sum(k1 * k1, 0) + tl.sum(k2 * k2, 0)) / HD + eps)
             k1 = _rnd(k1 * kr * tl.load(KW + d, mask=dm, other=0.0), DT)
             k2 = _rnd(k2 * kr * tl.load(KW + HALF + d, mask=dm, other=0.0), DT)
-        q1, q2 = _rnd(q1 * c1[None, :] - q2 * s1[None, :], DT), _rnd(q2 * c2[None, :] + q1 * s2[None, :], DT)
+        q1, q2 = _rnd(q1 * c1 - q2 * s1, DT), _rnd(q2 * c2 + q1 * s2, DT)
         k1, k2 = _rnd(k1 * c1 - k2 * s1, DT), _rnd(k2 * c2 + k1 * s2, DT)
 
-        start = sp * chunk
-        mine = (slot >= start) & (slot < start + chunk)
+        mine = (slot >= start) & (slot < start + chunk) & (h % G == 0)
         co = (kvh * S + slot) * HD + d
         tl.store(KC + co, k1.to(DT), mask=dm & mine)
         tl.store(KC + co + HALF, k2.to(DT), mask=dm & mine)
@@ -322,27 +326,26 @@ if triton is not None:
         tl.store(VC + co + HALF, v2.to(DT), mask=dm & mine)
         tl.store(KPOS + slot, pos, mask=mine & (kvh == 0))
 
-        end = tl.minimum(start + chunk, S)
+        end = lim
         if not RING:
             end = tl.minimum(end, pos + 1)     # slot == position: later slots are empty
-        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        a1 = tl.zeros([BLOCK_G, BLOCK_H], tl.float32)
-        a2 = tl.zeros([BLOCK_G, BLOCK_H], tl.float32)
-        if ONE_BLOCK:       # chunk == BLOCK_S: straight-line, the K/V loads issued with the q/k/v ones
-            m_i, l_i, a1, a2 = _attn_block(KC, VC, KPOS, start, end, S, kvh, pos, slot, window, scale, cap,
-                                           q1, q2, k1, k2, v1, v2, d, dm, m_i, l_i, a1, a2,
-                                           HD, HALF, BLOCK_S, CAP, WINDOW, DT)
+        m_i = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)
+        l_i = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)
+        a1 = tl.zeros([BLOCK_H], tl.float32)
+        a2 = tl.zeros([BLOCK_H], tl.float32)
+        if ONE_BLOCK:
+            m_i, l_i, a1, a2 = _attn_fold(sl, kp, K1, K2, V1, V2, end, pos, slot, window, scale, cap,
+                                          q1, q2, k1, k2, v1, v2, m_i, l_i, a1, a2, CAP, WINDOW)
         else:
             for s0 in range(start, end, BLOCK_S):
-                m_i, l_i, a1, a2 = _attn_block(KC, VC, KPOS, s0, end, S, kvh, pos, slot, window, scale, cap,
-                                               q1, q2, k1, k2, v1, v2, d, dm, m_i, l_i, a1, a2,
-                                               HD, HALF, BLOCK_S, CAP, WINDOW, DT)
-        oo = (sp * H + heads)[:, None] * HD + d[None, :]
-        tl.store(OP + oo, a1, mask=qm)
-        tl.store(OP + oo + HALF, a2, mask=qm)
-        tl.store(MP + sp * H + heads, m_i, mask=gm)
-        tl.store(LP + sp * H + heads, l_i, mask=gm)
+                sl, kp, K1, K2, V1, V2 = _attn_load(KC, VC, KPOS, s0, end, S, kvh, d, dm, HD, HALF, BLOCK_S)
+                m_i, l_i, a1, a2 = _attn_fold(sl, kp, K1, K2, V1, V2, end, pos, slot, window, scale, cap,
+                                              q1, q2, k1, k2, v1, v2, m_i, l_i, a1, a2, CAP, WINDOW)
+        oo = (sp * H + h) * HD + d
+        tl.store(OP + oo, a1, mask=dm)
+        tl.store(OP + oo + HALF, a2, mask=dm)
+        tl.store(MP + sp * H + h, m_i)
+        tl.store(LP + sp * H + h, l_i)
 
 
 # (BLOCK_N, BLOCK_K, num_warps) per product of a layer and the head; attention: (BLOCK_S, num_warps, most
@@ -351,6 +354,11 @@ if triton is not None:
 # ("kind=BN,BK,W;...") overrides them for tuning runs.
 TUNE = {"qkv": (16, 256, 8), "o": (4, 256, 4), "gu": (2, 256, 4), "down": (4, 256, 4), "head": (8, 256, 4),
         "attn": (16, 4, 64)}
+
+
+def _single_max() -> int:
+    """Products with K up to this many columns load their whole rows at once (env: tests of the loop path)."""
+    return int(os.environ.get("WORKBENCH_TRITON_SINGLE_MAX", "2048"))
 
 
 def _tune(kind: str) -> tuple:
@@ -456,13 +464,12 @@ class TritonDecodeStep:
                                           lay["n_in"], ROUT=self.b_p)))
             cos, sin = self.cache.rope_tables[lay["i"]]     # [max_len, hd], made by begin_static
             out.append(("attn", lambda lay=lay, hd=hd, kvh=kvh, lc=lc, cos=cos, sin=sin: _attn_split[
-                (kvh, lay["nsplit"])](
+                (H, lay["nsplit"])](
                 self.b_qkv, z if lay["qn"] is None else lay["qn"], z if lay["kn"] is None else lay["kn"],
                 cos, sin, pos, lc.k, lc.v, lc.kpos_dev, self.b_op, self.b_mp, self.b_lp,
                 lay["S"], lay["chunk"], float(lay["scale"]), float(capa or 1.0), cfg.rms_norm_eps,
                 int(lay["window"] or 0),
-                H=H, HKV=kvh, G=H // kvh, HD=hd, HALF=hd // 2, BLOCK_G=max(16, _pow2(H // kvh)),
-                BLOCK_H=max(16, _pow2(hd // 2)), BLOCK_S=bs,
+                H=H, HKV=kvh, G=H // kvh, HD=hd, HALF=hd // 2, BLOCK_H=_pow2(hd // 2), BLOCK_S=bs,
                 QK_NORM=lay["qn"] is not None, CAP=capa is not None, WINDOW=lay["window"] is not None,
                 RING=lay["ring"], ONE_BLOCK=lay["chunk"] == bs, DT=self.dt, PDL=self.pdl,
                 num_warps=aw, **self.launch)))
