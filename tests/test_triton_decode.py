@@ -26,6 +26,8 @@ def seq(m, ids, toks, triton):
     for t in toks:
         tk = torch.tensor([[t]])
         lg.append((step(tk, pos) if triton else m.decode_step(tk, pos, c)).double().reshape(-1))
+        if triton:   # the fused argmax (head programs + final pick) is the argmax of the stored logits
+            out["argmax_ok"] = out.get("argmax_ok", True) and int(step.token) == int(step.logits.argmax())
         pos = pos + 1
     return torch.stack(lg), c
 rng = np.random.default_rng(5)
@@ -99,6 +101,7 @@ def test_triton_step_bfloat16_no_worse_than_plain(interp):
 
 
 def test_fast_decoder_uses_triton_step_and_keeps_tokens(interp):
+    assert interp["argmax_ok"] is True
     assert interp["route"].startswith("triton")
     assert interp["fast_tokens"] == interp["plain_tokens"]
 

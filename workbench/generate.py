@@ -253,10 +253,7 @@ class FastDecoder:
             # the step as Triton kernels (five per layer, see backends/triton_decode); nothing to compile
             self.route = "triton step (5 kernels/layer)"
             self.compile = False
-
-            def tstep_argmax(tok, pos):
-                return model.ops.argmax_last(tstep(tok, pos))
-            self._fn = tstep_argmax
+            self._fn = tstep.greedy
         elif self.fw == "torch":
             def step(tok, pos):
                 return model.ops.argmax_last(model.decode_step(tok, pos, cache))
@@ -334,7 +331,7 @@ class FastDecoder:
                 outs = []
                 for _ in range(n):
                     tok = self._fn(tok, pos)
-                    outs.append(tok)
+                    outs.append(tok.clone())     # the Triton step returns the same buffer every time
                     pos = pos + one
                 res = torch.cat(outs, dim=1)[0].tolist()      # the only host sync
         elif self.compile:

@@ -1,7 +1,7 @@
 """The torch decode step on CUDA as five Triton kernels per layer (plus the head), for batch-1 greedy decoding.
 
 The compiled generic step (inductor) spends its time in ~13 small kernels per layer, each a few µs of launch
-and ramp-up for 1-5 MB of weights. Here one layer is six kernels, each latency-bound code written straight
+and ramp-up for 1-5 MB of weights. Here one layer is five kernels, each latency-bound code written straight
 (every load of a program issued at once, no loop where the row fits one tile):
 
 * ``_norm_gemv`` (q/k/v): the residual update of the previous layer (its post-FFN norm + add) and this layer's
@@ -9,14 +9,16 @@ and ramp-up for 1-5 MB of weights. Here one layer is six kernels, each latency-b
 * ``_attn_split`` (one program per query head and chunk of slots): q/k RMSNorm, RoPE (rows of the cache's
   tables), the cache write at ``pos % slots`` (and the slot's position), and one-query attention over the
   chunk with an online softmax (flash-decoding);
-* ``_attn_combine``: the chunks' partial softmaxes combined per head; ``_norm_gemv`` (o): the o projection;
+  the last program of each head to finish combines the chunks' partial softmaxes (a counter per head);
+* ``_norm_gemv`` (o): the o projection;
 * ``_norm_gemv`` (gate/up): post-attention norm + residual add + pre-FFN norm in the prologue, gate and up rows
   of the same index in one program, GELU(gate)·up in the epilogue;
 * ``_norm_gemv`` (down).
 
-The head is ``_norm_gemv`` with the last residual update and the final norm in its prologue (and the final
-softcap, Gemma 2, in its epilogue). No atomics, no inter-program communication inside a kernel: every kernel
-reads one buffer and writes another. Products and sums in float32, rounded to the model dtype where the plain
+The last residual update and the final norm run once (``_norm_vec``); the head is ``_norm_gemv`` with the final
+softcap (Gemma 2) and each program's argmax in its epilogue, ``_argmax_final`` picks the token. Apart from the
+attention's counter, every kernel reads one buffer and writes another; on Hopper each is launched early
+(programmatic dependent launch) and loads its weights while the previous kernel finishes. Products and sums in float32, rounded to the model dtype where the plain
 path rounds (after each norm, projection, residual add, GELU), so the step computes what ``Gemma.decode_step``
 computes up to summation order (tested against it, and through the interpreter on CPU in CI).
 
@@ -119,14 +121,16 @@ if triton is not None:
         return r
 
     @triton.jit
-    def _norm_gemv(R, Y, PW, NW, W, OUT, ROUT,
+    def _norm_gemv(R, Y, PW, NW, W, OUT, ROUT, PMAX, PIDX,
                    N, K, eps, cap,
                    HAS_NORM: tl.constexpr, HAS_Y: tl.constexpr, POST_NORM: tl.constexpr,
                    WRITE_R: tl.constexpr, PAIR: tl.constexpr, CAP: tl.constexpr, SINGLE: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr, PDL: tl.constexpr):
+                   ARGMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr,
+                   PDL: tl.constexpr):
         """OUT[n] = sum_k W[n, k] x[k] for this program's BLOCK_N rows, x being R or (HAS_NORM)
         rms_norm(resid) * NW with resid = R (+ post_norm(Y) * PW) — ROUT gets resid (program 0).
-        PAIR: rows n and N + n (gate, up) give GELU(gate) * up. CAP: cap * tanh(y / cap).
+        PAIR: rows n and N + n (gate, up) give GELU(gate) * up. CAP: cap * tanh(y / cap). ARGMAX: the
+        program's largest (stored) output and its row go to PMAX/PIDX (first row on ties, as torch.argmax).
         SINGLE (K <= BLOCK_K): straight-line code, every load issued at once — these products are latency-bound.
         PDL: launched early (programmatic dependent launch); the weights load before waiting on the previous
         kernel, everything it wrote after."""
@@ -194,6 +198,21 @@ if triton is not None:
         if CAP:
             y = _tanh(_rnd(y, DT) / cap) * cap
         tl.store(OUT + rows, y.to(DT), mask=rmask)
+        if ARGMAX:
+            yv = tl.where(rmask, y.to(DT).to(tl.float32), float("-inf"))
+            tl.store(PMAX + pid, tl.max(yv, 0))
+            tl.store(PIDX + pid, pid * BLOCK_N + tl.argmax(yv, 0, tie_break_left=True))
+
+    @triton.jit
+    def _argmax_final(PMAX, PIDX, TOK, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """One program: the row of the largest of the head programs' maxima (first on ties) -> TOK [1]."""
+        if PDL:
+            _gdc_go()
+            _gdc_wait()
+        o = tl.arange(0, BLOCK)
+        v = tl.load(PMAX + o, mask=o < n, other=float("-inf"))
+        j = tl.argmax(v, 0, tie_break_left=True)
+        tl.store(TOK, tl.load(PIDX + j).to(tl.int64))
 
     @triton.jit
     def _norm_vec(R, Y, PW, NW, X, K, eps, POST_NORM: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr,
@@ -206,26 +225,6 @@ if triton is not None:
         m = ko < K
         x = _xvec(R, Y, PW, NW, X, ko, m, K, eps, 1, True, True, POST_NORM, False, DT)
         tl.store(X + ko, x.to(DT), mask=m)
-
-    @triton.jit
-    def _attn_combine(OP, MP, LP, Z, nsplit, H: tl.constexpr, HD: tl.constexpr,
-                      BLOCK_SP: tl.constexpr, BLOCK_D: tl.constexpr, DT: tl.constexpr, PDL: tl.constexpr):
-        """Program h: the chunks' partial softmaxes of head h combined, rounded to the dtype (the o input)."""
-        if PDL:
-            _gdc_go()
-            _gdc_wait()
-        h = tl.program_id(0)
-        sp = tl.arange(0, BLOCK_SP)
-        spm = sp < nsplit
-        d = tl.arange(0, BLOCK_D)
-        dm = d < HD
-        mp = tl.load(MP + sp * H + h, mask=spm, other=float("-inf"))
-        lp = tl.load(LP + sp * H + h, mask=spm, other=0.0)
-        op = tl.load(OP + (sp * H + h)[:, None] * HD + d[None, :], mask=spm[:, None] & dm[None, :], other=0.0)
-        mx = tl.max(mp, 0)
-        e = tl.where(spm, tl.exp(mp - mx), 0.0)
-        z = tl.sum(e[:, None] * op, 0) / tl.sum(e * lp, 0)
-        tl.store(Z + h * HD + d, z.to(DT), mask=dm)
 
     @triton.jit
     def _attn_load(KC, VC, KPOS, s0, lim, S, kvh, d, dm, HD: tl.constexpr, HALF: tl.constexpr,
@@ -270,17 +269,18 @@ if triton is not None:
         return m_new, l_i, a1, a2
 
     @triton.jit
-    def _attn_split(QKV, QW, KW, COS, SIN, POS, KC, VC, KPOS, OP, MP, LP,
-                    S, chunk, scale, cap, eps, window,
+    def _attn_split(QKV, QW, KW, COS, SIN, POS, KC, VC, KPOS, OP, MP, LP, CNT, Z,
+                    S, chunk, nsplit, scale, cap, eps, window,
                     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, HALF: tl.constexpr,
                     BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
                     QK_NORM: tl.constexpr, CAP: tl.constexpr, WINDOW: tl.constexpr, RING: tl.constexpr,
-                    ONE_BLOCK: tl.constexpr, DT: tl.constexpr, PDL: tl.constexpr):
+                    ONE_BLOCK: tl.constexpr, BLOCK_SP: tl.constexpr, DT: tl.constexpr, PDL: tl.constexpr):
         """Program (query head h, chunk): the new token's q (head h), k and v of h's kv head — normed, rotated,
         rounded as the plain path does; the first query head of each kv head writes k, v (and the slot's
         position) when the slot is in its chunk; attends over the chunk's slots; stores the unnormalised
-        partial (acc, max, sum). ONE_BLOCK (chunk == BLOCK_S): the cached slots load first, before waiting on
-        the q/k/v product."""
+        partial (acc, max, sum); the last of head h's programs to finish (a counter per head) combines the
+        partials into Z (the o projection's input) and resets the counter. ONE_BLOCK (chunk == BLOCK_S): the
+        cached slots load first, before waiting on the q/k/v product."""
         if PDL:
             _gdc_go()
         h = tl.program_id(0)
@@ -346,6 +346,23 @@ if triton is not None:
         tl.store(OP + oo + HALF, a2, mask=dm)
         tl.store(MP + sp * H + h, m_i)
         tl.store(LP + sp * H + h, l_i)
+        tl.debug_barrier()                                     # every thread's partial stored ...
+        done = tl.atomic_add(CNT + h, 1, sem="acq_rel")        # ... before the count (release) / after (acquire)
+        if done == nsplit - 1:
+            tl.debug_barrier()
+            spi = tl.arange(0, BLOCK_SP)
+            spm = spi < nsplit
+            mp = tl.load(MP + spi * H + h, mask=spm, other=float("-inf"), cache_modifier=".cg")
+            lp = tl.load(LP + spi * H + h, mask=spm, other=0.0, cache_modifier=".cg")
+            po = (spi * H + h)[:, None] * HD + d[None, :]
+            pm = spm[:, None] & dm[None, :]
+            o1 = tl.load(OP + po, mask=pm, other=0.0, cache_modifier=".cg")
+            o2 = tl.load(OP + po + HALF, mask=pm, other=0.0, cache_modifier=".cg")
+            e = tl.where(spm, tl.exp(mp - tl.max(mp, 0)), 0.0)
+            den = tl.sum(e * lp, 0)
+            tl.store(Z + h * HD + d, (tl.sum(e[:, None] * o1, 0) / den).to(DT), mask=dm)
+            tl.store(Z + h * HD + HALF + d, (tl.sum(e[:, None] * o2, 0) / den).to(DT), mask=dm)
+            tl.store(CNT + h, 0)
 
 
 # (BLOCK_N, BLOCK_K, num_warps) per product of a layer and the head; attention: (BLOCK_S, num_warps, most
@@ -353,7 +370,7 @@ if triton is not None:
 # Picked by a sweep of whole-step CUDA-graph replays on an H100 (see README "Throughput"); WORKBENCH_TRITON_TUNE
 # ("kind=BN,BK,W;...") overrides them for tuning runs.
 TUNE = {"qkv": (16, 256, 8), "o": (4, 256, 4), "gu": (2, 256, 4), "down": (4, 256, 4), "head": (8, 256, 4),
-        "attn": (16, 4, 64)}
+        "attn": (16, 2, 64)}
 
 
 def _single_max() -> int:
@@ -428,12 +445,18 @@ class TritonDecodeStep:
         self.b_mp = torch.empty(max_split * self.H, dtype=f32, device=dev)
         self.b_lp = torch.empty(max_split * self.H, dtype=f32, device=dev)
         self.logits = torch.empty((1, self.head.shape[0]), dtype=td, device=dev)
+        nh = triton.cdiv(self.head.shape[0], _tune("head")[0])           # head programs: argmax partials
+        self.b_pmax = torch.empty(nh, dtype=f32, device=dev)
+        self.b_pidx = torch.empty(nh, dtype=torch.int32, device=dev)
+        self.token = torch.zeros((1, 1), dtype=torch.long, device=dev)
+        self.b_cnt = torch.zeros(self.H, dtype=torch.int32, device=dev)  # finished chunks per head
         self._dummy = torch.zeros(1, dtype=f32, device=dev)
         # the embedding scale rounded to the dtype first, as ops.scale (and HF) do; on the device, so a CUDA
         # graph can capture the step
         self.escale = torch.tensor(cfg.embed_scale, dtype=td, device=dev)
 
-    def _gemv(self, kind, N, K, W, OUT, R, Y=None, PW=None, NW=None, ROUT=None, pair=False, cap=None):
+    def _gemv(self, kind, N, K, W, OUT, R, Y=None, PW=None, NW=None, ROUT=None, pair=False, cap=None,
+              argmax=False):
         """A launch of ``_norm_gemv`` (returned, not run)."""
         bn, bk, nw = _tune(kind)
         single = _pow2(K) <= _single_max()
@@ -441,10 +464,10 @@ class TritonDecodeStep:
         z = self._dummy
         return lambda: _norm_gemv[(triton.cdiv(N, bn),)](
             R, z if Y is None else Y, z if PW is None else PW, z if NW is None else NW,
-            W, OUT, z if ROUT is None else ROUT,
+            W, OUT, z if ROUT is None else ROUT, self.b_pmax if argmax else z, self.b_pidx if argmax else z,
             N, K, self.cfg.rms_norm_eps, float(cap or 1.0),
             HAS_NORM=NW is not None, HAS_Y=Y is not None, POST_NORM=PW is not None, WRITE_R=ROUT is not None,
-            PAIR=pair, CAP=cap is not None, SINGLE=single, BLOCK_N=bn, BLOCK_K=bk, DT=self.dt, PDL=self.pdl,
+            PAIR=pair, CAP=cap is not None, SINGLE=single, ARGMAX=argmax, BLOCK_N=bn, BLOCK_K=bk, DT=self.dt, PDL=self.pdl,
             num_warps=nw, **self.launch)
 
     def plan(self, x0, pos) -> list:
@@ -466,17 +489,13 @@ class TritonDecodeStep:
             out.append(("attn", lambda lay=lay, hd=hd, kvh=kvh, lc=lc, cos=cos, sin=sin: _attn_split[
                 (H, lay["nsplit"])](
                 self.b_qkv, z if lay["qn"] is None else lay["qn"], z if lay["kn"] is None else lay["kn"],
-                cos, sin, pos, lc.k, lc.v, lc.kpos_dev, self.b_op, self.b_mp, self.b_lp,
-                lay["S"], lay["chunk"], float(lay["scale"]), float(capa or 1.0), cfg.rms_norm_eps,
+                cos, sin, pos, lc.k, lc.v, lc.kpos_dev, self.b_op, self.b_mp, self.b_lp, self.b_cnt, self.b_z,
+                lay["S"], lay["chunk"], lay["nsplit"], float(lay["scale"]), float(capa or 1.0), cfg.rms_norm_eps,
                 int(lay["window"] or 0),
                 H=H, HKV=kvh, G=H // kvh, HD=hd, HALF=hd // 2, BLOCK_H=_pow2(hd // 2), BLOCK_S=bs,
                 QK_NORM=lay["qn"] is not None, CAP=capa is not None, WINDOW=lay["window"] is not None,
-                RING=lay["ring"], ONE_BLOCK=lay["chunk"] == bs, DT=self.dt, PDL=self.pdl,
-                num_warps=aw, **self.launch)))
-            out.append(("combine", lambda lay=lay, hd=hd: _attn_combine[(H,)](
-                self.b_op, self.b_mp, self.b_lp, self.b_z, lay["nsplit"], H=H, HD=hd,
-                BLOCK_SP=_pow2(lay["nsplit"]), BLOCK_D=_pow2(hd), DT=self.dt, PDL=self.pdl,
-                num_warps=4, **self.launch)))
+                RING=lay["ring"], ONE_BLOCK=lay["chunk"] == bs, BLOCK_SP=_pow2(lay["nsplit"]), DT=self.dt,
+                PDL=self.pdl, num_warps=aw, **self.launch)))
             out.append(("o", self._gemv("o", D, H * hd, lay["o"], self.b_yo, self.b_z)))
             out.append(("gu", self._gemv("gu", F, D, lay["gu"], self.b_a, self.b_p, self.b_yo, lay["n_pa"],
                                          lay["n_pre"], ROUT=self.b_m, pair=True)))
@@ -490,13 +509,19 @@ class TritonDecodeStep:
                 R, Y, z if PW is None else PW, nw, self.b_x, D, cfg.rms_norm_eps, POST_NORM=PW is not None,
                 BLOCK_K=_pow2(D), DT=self.dt, PDL=self.pdl, num_warps=8, **self.launch)))
             out.append(("head", self._gemv("head", V, D, self.head, self.logits, self.b_x,
-                                           cap=cfg.final_logit_softcapping)))
+                                           cap=cfg.final_logit_softcapping, argmax=True)))
         else:
             out.append(("head", self._gemv("head", V, D, self.head, self.logits, R, Y, PW, nw,
-                                           cap=cfg.final_logit_softcapping)))
+                                           cap=cfg.final_logit_softcapping, argmax=True)))
+        nh = self.b_pmax.shape[0]
+        out.append(("argmax", lambda: _argmax_final[(1,)](self.b_pmax, self.b_pidx, self.token, nh,
+                                                          BLOCK=_pow2(nh), PDL=self.pdl, num_warps=16,
+                                                          **self.launch)))
         return out
 
     def __call__(self, tok, pos):
+        """Logits [1, V] of the token after ``tok`` at position ``pos``; its greedy choice lands in
+        ``self.token`` [1, 1] (see :meth:`greedy`)."""
         if not self.cache.static:
             raise RuntimeError("the Triton decode step needs the cache in static mode (cache.begin_static())")
         D = self.cfg.hidden_size
@@ -504,6 +529,11 @@ class TritonDecodeStep:
         for _, launch in self.plan(x0, pos):
             launch()
         return self.logits
+
+    def greedy(self, tok, pos):
+        """The step's argmax token [1, 1] (int64; the first on ties, as torch.argmax)."""
+        self(tok, pos)
+        return self.token
 
 
 def make_step(model, cache):
