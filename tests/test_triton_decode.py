@@ -60,6 +60,14 @@ out["plain_tokens"] = m.generate(prompt, max_new_tokens=8, ignore_eos=True).toke
 out["fast_tokens"], _ = greedy_fast(m, prompt, 8)
 c = m.new_cache(max_len=30)
 out["route"] = FastDecoder(m, c).route
+# advance(): the self-feeding step (token and position updated on the device) gives the same tokens
+c = m.new_cache(max_len=30); m.forward(np.asarray([prompt]), cache=c, last_only=True); c.begin_static()
+step = td.TritonDecodeStep(m, c)
+tok = torch.tensor([[out["plain_tokens"][0]]]); pos = torch.tensor([len(prompt)])
+adv = []
+for _ in range(4):
+    step.advance(tok, pos); adv.append(int(tok))
+out["advance"] = adv == out["plain_tokens"][1:5] and int(pos) == len(prompt) + 4
 g4 = wb.load(f"{fx}/gemma4_kv", backend="torch:cpu", progress=False)
 out["gemma4_kv"] = td.unsupported(g4)
 out["float64"] = td.unsupported(wb.load(f"{fx}/gemma2", backend="torch:cpu", dtype="float64", progress=False))
@@ -102,6 +110,7 @@ def test_triton_step_bfloat16_no_worse_than_plain(interp):
 
 def test_fast_decoder_uses_triton_step_and_keeps_tokens(interp):
     assert interp["argmax_ok"] is True
+    assert interp["advance"] is True
     assert interp["route"].startswith("triton")
     assert interp["fast_tokens"] == interp["plain_tokens"]
 

@@ -234,6 +234,7 @@ class FastDecoder:
         self.compile = bool(compile if compile is not None else default_compile(self.ops.spec))
         self.graph = bool(graph if graph is not None else on_cuda)
         self._fn = None
+        self._advance = None
         self._g = None
         if self.fw == "mlx" and self.compile:
             import mlx.core as mx
@@ -254,6 +255,7 @@ class FastDecoder:
             self.route = "triton step (5 kernels/layer)"
             self.compile = False
             self._fn = tstep.greedy
+            self._advance = tstep.advance       # the graph's step feeds itself (token and position)
         elif self.fw == "torch":
             def step(tok, pos):
                 return model.ops.argmax_last(model.decode_step(tok, pos, cache))
@@ -278,6 +280,8 @@ class FastDecoder:
         fn = self._fn
 
         def body():
+            if self._advance is not None:
+                return self._advance(self._tok, self._pos)
             nxt = fn(self._tok, self._pos)
             self._tok.copy_(nxt)
             self._pos.add_(1)
@@ -288,6 +292,8 @@ class FastDecoder:
         with torch.cuda.stream(s):
             for _ in range(2):
                 fn(self._tok, self._pos)
+                if self._advance is not None:      # its kernels built too, on copies it may move on
+                    self._advance(self._tok.clone(), self._pos.clone())
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):

@@ -101,32 +101,36 @@ if triton is not None:
         return r
 
     @triton.jit
-    def _xvec(R, Y, PW, NW, ROUT, o, m, K, eps, pid,
+    def _xvec(R, Y, pw, nw, ROUT, o, m, K, eps, pid, TOK, esc,
               HAS_NORM: tl.constexpr, HAS_Y: tl.constexpr, POST_NORM: tl.constexpr, WRITE_R: tl.constexpr,
-              DT: tl.constexpr):
-        """The product's input over one tile holding all K entries: R itself, or rms_norm(resid) * NW with
-        resid = R (+ post_norm(Y) * PW), which program 0 also stores to ROUT."""
-        r = tl.load(R + o, mask=m, other=0.0).to(tl.float32)
+              EMB: tl.constexpr, DT: tl.constexpr):
+        """The product's input over one tile holding all K entries: R itself, or rms_norm(resid) * nw with
+        resid = R (+ post_norm(Y) * pw), which program 0 also stores to ROUT (pw, nw: the loaded norm weights).
+        EMB: R is the embedding table, the residual its row TOK[0] times esc (the scale in the dtype)."""
+        if EMB:
+            r = _rnd(tl.load(R + tl.load(TOK) * K + o, mask=m, other=0.0).to(tl.float32) * esc, DT)
+        else:
+            r = tl.load(R + o, mask=m, other=0.0).to(tl.float32)
         if HAS_NORM:
             if HAS_Y:
                 y = tl.load(Y + o, mask=m, other=0.0).to(tl.float32)
                 if POST_NORM:
                     rs_y = tl.rsqrt(tl.sum(y * y, 0) / K + eps)
-                    y = _rnd(y * rs_y * tl.load(PW + o, mask=m, other=0.0), DT)
+                    y = _rnd(y * rs_y * pw, DT)
                 r = _rnd(r + y, DT)
             if WRITE_R:
                 tl.store(ROUT + o, r.to(DT), mask=m & (pid == 0))
             rs_r = tl.rsqrt(tl.sum(r * r, 0) / K + eps)
-            r = _rnd(r * rs_r * tl.load(NW + o, mask=m, other=0.0), DT)
+            r = _rnd(r * rs_r * nw, DT)
         return r
 
     @triton.jit
-    def _norm_gemv(R, Y, PW, NW, W, OUT, ROUT, PMAX, PIDX,
-                   N, K, eps, cap,
+    def _norm_gemv(R, Y, PW, NW, W, OUT, ROUT, PMAX, PIDX, TOK,
+                   N, K, eps, cap, esc,
                    HAS_NORM: tl.constexpr, HAS_Y: tl.constexpr, POST_NORM: tl.constexpr,
                    WRITE_R: tl.constexpr, PAIR: tl.constexpr, CAP: tl.constexpr, SINGLE: tl.constexpr,
-                   ARGMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr,
-                   PDL: tl.constexpr):
+                   ARGMAX: tl.constexpr, EMB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   DT: tl.constexpr, PDL: tl.constexpr):
         """OUT[n] = sum_k W[n, k] x[k] for this program's BLOCK_N rows, x being R or (HAS_NORM)
         rms_norm(resid) * NW with resid = R (+ post_norm(Y) * PW) — ROUT gets resid (program 0).
         PAIR: rows n and N + n (gate, up) give GELU(gate) * up. CAP: cap * tanh(y / cap). ARGMAX: the
@@ -146,9 +150,12 @@ if triton is not None:
             w = tl.load(W + rows[:, None] * K + ko[None, :], mask=wm, other=0.0).to(tl.float32)
             if PAIR:
                 w2 = tl.load(W + (rows[:, None] + N) * K + ko[None, :], mask=wm, other=0.0).to(tl.float32)
+            pw = tl.load(PW + ko, mask=m & POST_NORM, other=0.0)       # constants: before the wait too
+            nw = tl.load(NW + ko, mask=m & HAS_NORM, other=0.0)
             if PDL:
                 _gdc_wait()
-            x = _xvec(R, Y, PW, NW, ROUT, ko, m, K, eps, pid, HAS_NORM, HAS_Y, POST_NORM, WRITE_R, DT)
+            x = _xvec(R, Y, pw, nw, ROUT, ko, m, K, eps, pid, TOK, esc, HAS_NORM, HAS_Y, POST_NORM, WRITE_R,
+                      EMB, DT)
             y = tl.sum(w * x[None, :], 1)
             if PAIR:
                 y2 = tl.sum(w2 * x[None, :], 1)
@@ -204,8 +211,9 @@ if triton is not None:
             tl.store(PIDX + pid, pid * BLOCK_N + tl.argmax(yv, 0, tie_break_left=True))
 
     @triton.jit
-    def _argmax_final(PMAX, PIDX, TOK, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        """One program: the row of the largest of the head programs' maxima (first on ties) -> TOK [1]."""
+    def _argmax_final(PMAX, PIDX, TOK, POS, n, BLOCK: tl.constexpr, ADVANCE: tl.constexpr, PDL: tl.constexpr):
+        """One program: the row of the largest of the head programs' maxima (first on ties) -> TOK [1];
+        ADVANCE: TOK is the step's own input and the position POS moves on by one (a self-feeding graph)."""
         if PDL:
             _gdc_go()
             _gdc_wait()
@@ -213,6 +221,8 @@ if triton is not None:
         v = tl.load(PMAX + o, mask=o < n, other=float("-inf"))
         j = tl.argmax(v, 0, tie_break_left=True)
         tl.store(TOK, tl.load(PIDX + j).to(tl.int64))
+        if ADVANCE:
+            tl.store(POS, tl.load(POS) + 1)
 
     @triton.jit
     def _norm_vec(R, Y, PW, NW, X, K, eps, POST_NORM: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr,
@@ -223,7 +233,9 @@ if triton is not None:
             _gdc_wait()
         ko = tl.arange(0, BLOCK_K)
         m = ko < K
-        x = _xvec(R, Y, PW, NW, X, ko, m, K, eps, 1, True, True, POST_NORM, False, DT)
+        pw = tl.load(PW + ko, mask=m & POST_NORM, other=0.0)
+        x = _xvec(R, Y, pw, tl.load(NW + ko, mask=m, other=0.0), X, ko, m, K, eps, 1, X, 1.0, True, True,
+                  POST_NORM, False, False, DT)
         tl.store(X + ko, x.to(DT), mask=m)
 
     @triton.jit
@@ -369,7 +381,7 @@ if triton is not None:
 # chunks per layer).
 # Picked by a sweep of whole-step CUDA-graph replays on an H100 (see README "Throughput"); WORKBENCH_TRITON_TUNE
 # ("kind=BN,BK,W;...") overrides them for tuning runs.
-TUNE = {"qkv": (16, 256, 8), "o": (4, 256, 4), "gu": (2, 256, 4), "down": (4, 256, 4), "head": (8, 256, 4),
+TUNE = {"qkv": (8, 256, 4), "o": (4, 256, 4), "gu": (2, 256, 4), "down": (2, 256, 4), "head": (16, 256, 8),
         "attn": (16, 2, 64)}
 
 
@@ -454,10 +466,12 @@ class TritonDecodeStep:
         # the embedding scale rounded to the dtype first, as ops.scale (and HF) do; on the device, so a CUDA
         # graph can capture the step
         self.escale = torch.tensor(cfg.embed_scale, dtype=td, device=dev)
+        self.esc = float(self.escale.float().cpu())
+        self.b_x0 = torch.empty(D, dtype=td, device=dev)
 
     def _gemv(self, kind, N, K, W, OUT, R, Y=None, PW=None, NW=None, ROUT=None, pair=False, cap=None,
-              argmax=False):
-        """A launch of ``_norm_gemv`` (returned, not run)."""
+              argmax=False, tok=None):
+        """A launch of ``_norm_gemv`` (returned, not run). tok: R is the embedding table, x its row tok[0]."""
         bn, bk, nw = _tune(kind)
         single = _pow2(K) <= _single_max()
         bk = _pow2(K) if single else min(bk, _pow2(K))
@@ -465,26 +479,34 @@ class TritonDecodeStep:
         return lambda: _norm_gemv[(triton.cdiv(N, bn),)](
             R, z if Y is None else Y, z if PW is None else PW, z if NW is None else NW,
             W, OUT, z if ROUT is None else ROUT, self.b_pmax if argmax else z, self.b_pidx if argmax else z,
-            N, K, self.cfg.rms_norm_eps, float(cap or 1.0),
+            z if tok is None else tok, N, K, self.cfg.rms_norm_eps, float(cap or 1.0), self.esc,
             HAS_NORM=NW is not None, HAS_Y=Y is not None, POST_NORM=PW is not None, WRITE_R=ROUT is not None,
-            PAIR=pair, CAP=cap is not None, SINGLE=single, ARGMAX=argmax, BLOCK_N=bn, BLOCK_K=bk, DT=self.dt, PDL=self.pdl,
+            PAIR=pair, CAP=cap is not None, SINGLE=single, ARGMAX=argmax, EMB=tok is not None, BLOCK_N=bn, BLOCK_K=bk, DT=self.dt, PDL=self.pdl,
             num_warps=nw, **self.launch)
 
-    def plan(self, x0, pos) -> list:
-        """The step's kernel launches in order, as (name, launch) pairs, for the embedded token x0 [D] and the
-        device-side position ``pos`` [1]."""
+    def plan(self, tok, pos, advance: bool = False) -> list:
+        """The step's kernel launches in order, as (name, launch) pairs, for the token ``tok`` [1, 1] at the
+        device-side position ``pos`` [1]. advance: the argmax goes back into ``tok`` and ``pos`` moves on
+        (the step feeds itself, for a CUDA graph replayed token after token); else it lands in ``self.token``."""
         cfg = self.cfg
         D, H = cfg.hidden_size, self.H
-        R, Y, PW = x0, None, None
-        capa = cfg.attn_logit_softcapping
-        bs, aw = _tune("attn")[:2]
         z = self._dummy
         out = []
+        if _pow2(D) <= _single_max():          # the embedding row is read by the first product's prologue
+            R, Y, PW, emb = self.embed, None, None, tok
+        else:
+            def embed():
+                self.b_x0.copy_((self.ops.take_rows(self.embed, tok.reshape(1, 1)) * self.escale).reshape(D))
+            out.append(("embed", embed))
+            R, Y, PW, emb = self.b_x0, None, None, None
+        capa = cfg.attn_logit_softcapping
+        bs, aw = _tune("attn")[:2]
         for lay in self.layers:
             hd, kvh, lc, F = lay["hd"], lay["kvh"], lay["lc"], lay["F"]
             # residual update of the previous layer + input norm + q/k/v
             out.append(("qkv", self._gemv("qkv", (H + 2 * kvh) * hd, D, lay["qkv"], self.b_qkv, R, Y, PW,
-                                          lay["n_in"], ROUT=self.b_p)))
+                                          lay["n_in"], ROUT=self.b_p, tok=emb)))
+            emb = None
             cos, sin = self.cache.rope_tables[lay["i"]]     # [max_len, hd], made by begin_static
             out.append(("attn", lambda lay=lay, hd=hd, kvh=kvh, lc=lc, cos=cos, sin=sin: _attn_split[
                 (H, lay["nsplit"])](
@@ -514,19 +536,15 @@ class TritonDecodeStep:
             out.append(("head", self._gemv("head", V, D, self.head, self.logits, R, Y, PW, nw,
                                            cap=cfg.final_logit_softcapping, argmax=True)))
         nh = self.b_pmax.shape[0]
-        out.append(("argmax", lambda: _argmax_final[(1,)](self.b_pmax, self.b_pidx, self.token, nh,
-                                                          BLOCK=_pow2(nh), PDL=self.pdl, num_warps=16,
-                                                          **self.launch)))
+        out.append(("argmax", lambda: _argmax_final[(1,)](
+            self.b_pmax, self.b_pidx, tok if advance else self.token, pos, nh, BLOCK=_pow2(nh), ADVANCE=advance,
+            PDL=self.pdl, num_warps=16, **self.launch)))
         return out
 
     def __call__(self, tok, pos):
         """Logits [1, V] of the token after ``tok`` at position ``pos``; its greedy choice lands in
         ``self.token`` [1, 1] (see :meth:`greedy`)."""
-        if not self.cache.static:
-            raise RuntimeError("the Triton decode step needs the cache in static mode (cache.begin_static())")
-        D = self.cfg.hidden_size
-        x0 = (self.ops.take_rows(self.embed, tok.reshape(1, 1)) * self.escale).reshape(D)
-        for _, launch in self.plan(x0, pos):
+        for _, launch in self._plan(tok, pos, False):
             launch()
         return self.logits
 
@@ -534,6 +552,19 @@ class TritonDecodeStep:
         """The step's argmax token [1, 1] (int64; the first on ties, as torch.argmax)."""
         self(tok, pos)
         return self.token
+
+    def advance(self, tok, pos):
+        """One step that writes its argmax into ``tok`` and adds one to ``pos`` (both [1], on the device)."""
+        for _, launch in self._plan(tok, pos, True):
+            launch()
+        return tok
+
+    def _plan(self, tok, pos, advance):
+        if not self.cache.static:
+            raise RuntimeError("the Triton decode step needs the cache in static mode (cache.begin_static())")
+        if tok.dtype != torch.long or pos.dtype != torch.long:
+            raise TypeError(f"token and position must be int64 tensors, got {tok.dtype} and {pos.dtype}")
+        return self.plan(tok, pos, advance)
 
 
 def make_step(model, cache):
