@@ -238,15 +238,18 @@ class FastDecoder:
         self._g = None
         if self.fw == "mlx" and self.compile:
             import mlx.core as mx
+            from .backends import mlx_cuda_decode
+            cstep = mlx_cuda_decode.make_step(model, cache)     # custom CUDA kernels where MLX runs on CUDA
+            self.route = "mx.compile, custom CUDA kernels (5/layer)" if cstep is not None else "mx.compile"
 
             def mstep(state, tok, pos):
                 # functional: the cache arrays come in and go out, so mx.compile can fuse the whole step
                 cache.set_static_state(state)
-                logits = model.decode_step(tok, pos, cache)
+                logits = cstep(tok, pos) if cstep is not None else model.decode_step(tok, pos, cache)
                 nxt = mx.argmax(logits, axis=-1, keepdims=True).astype(mx.int32)
                 return nxt, pos + 1, cache.static_state()
             self._fn = mx.compile(mstep)
-        self.route = None
+        self.route = getattr(self, "route", None)
         tstep = None
         if self.fw == "torch":
             tstep = _triton_step(model, cache, on_cuda)
