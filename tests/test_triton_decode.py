@@ -118,3 +118,55 @@ def test_fast_decoder_uses_triton_step_and_keeps_tokens(interp):
 def test_triton_step_declines_what_it_does_not_implement(interp):
     assert "KV sharing" in interp["gemma4_kv"] or "Gemma 4" in interp["gemma4_kv"]
     assert "float64" in interp["float64"]
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU (torch.cuda)")
+@pytest.mark.parametrize("name", ["gemma1", "gemma2", "gemma3_text"])
+def test_triton_step_on_cuda_matches_plain(name):
+    """On the GPU itself (compiled kernels, PDL on Hopper, the self-feeding CUDA graph): float32 logits of the
+    Triton step against the plain static step, and greedy tokens of the captured graph against the eager path."""
+    import numpy as np
+    import torch
+
+    import workbench as wb
+    from conftest import fixture_dir
+    from workbench.backends import triton_decode as td
+    from workbench.generate import FastDecoder
+    m = wb.load(fixture_dir(name), backend="torch:cuda", dtype="float32")
+    rng = np.random.default_rng(9)
+    ids = rng.integers(1, 256, size=(1, 13))
+    res = []
+    for triton in (False, True):
+        c = m.new_cache(max_len=64)
+        m.forward(ids, cache=c, last_only=True)
+        c.begin_static()
+        st = td.TritonDecodeStep(m, c) if triton else None
+        pos = torch.tensor([13], device="cuda")
+        out = []
+        for t in (5, 77, 130, 201):
+            tk = torch.tensor([[t]], device="cuda")
+            out.append((st(tk, pos) if triton else m.decode_step(tk, pos, c)).double().cpu().reshape(-1))
+            pos = pos + 1
+        res.append(torch.stack(out))
+    P, T = res
+    assert torch.isfinite(T).all()
+    assert ((T - P).abs().max() / P.abs().max()).item() < 2e-6
+    toks = []
+    for route, graph in (("triton", True), ("fused", False)):
+        os.environ["WORKBENCH_GPU_DECODE"] = route
+        try:
+            c = m.new_cache(max_len=64)
+            first = int(np.argmax(m.forward(ids, cache=c, last_only=True).logits[0, -1]))
+            toks.append(FastDecoder(m, c, compile=False, graph=graph).run(first, 40))
+        finally:
+            del os.environ["WORKBENCH_GPU_DECODE"]
+    assert toks[0] == toks[1]

@@ -119,7 +119,8 @@ if triton is not None:
                     y = _rnd(y * rs_y * pw, DT)
                 r = _rnd(r + y, DT)
             if WRITE_R:
-                tl.store(ROUT + o, r.to(DT), mask=m & (pid == 0))
+                if pid == 0:
+                    tl.store(ROUT + o, r.to(DT), mask=m)
             rs_r = tl.rsqrt(tl.sum(r * r, 0) / K + eps)
             r = _rnd(r * rs_r * nw, DT)
         return r
@@ -150,8 +151,12 @@ if triton is not None:
             w = tl.load(W + rows[:, None] * K + ko[None, :], mask=wm, other=0.0).to(tl.float32)
             if PAIR:
                 w2 = tl.load(W + (rows[:, None] + N) * K + ko[None, :], mask=wm, other=0.0).to(tl.float32)
-            pw = tl.load(PW + ko, mask=m & POST_NORM, other=0.0)       # constants: before the wait too
-            nw = tl.load(NW + ko, mask=m & HAS_NORM, other=0.0)
+            pw = tl.zeros([BLOCK_K], tl.float32)           # constants: loaded before the wait too
+            nw = tl.zeros([BLOCK_K], tl.float32)
+            if POST_NORM:
+                pw = tl.load(PW + ko, mask=m, other=0.0)
+            if HAS_NORM:
+                nw = tl.load(NW + ko, mask=m, other=0.0)
             if PDL:
                 _gdc_wait()
             x = _xvec(R, Y, pw, nw, ROUT, ko, m, K, eps, pid, TOK, esc, HAS_NORM, HAS_Y, POST_NORM, WRITE_R,
@@ -184,7 +189,8 @@ if triton is not None:
                 if HAS_NORM:
                     r = _resid(R, Y, PW, o, m, rs_y, HAS_Y, POST_NORM, DT)
                     if WRITE_R:
-                        tl.store(ROUT + o, r.to(DT), mask=m & (pid == 0))
+                        if pid == 0:
+                            tl.store(ROUT + o, r.to(DT), mask=m)
                     x = _rnd(r * rs_r * tl.load(NW + o, mask=m, other=0.0), DT)
                 else:
                     x = tl.load(R + o, mask=m, other=0.0).to(tl.float32)
@@ -233,7 +239,9 @@ if triton is not None:
             _gdc_wait()
         ko = tl.arange(0, BLOCK_K)
         m = ko < K
-        pw = tl.load(PW + ko, mask=m & POST_NORM, other=0.0)
+        pw = tl.zeros([BLOCK_K], tl.float32)
+        if POST_NORM:
+            pw = tl.load(PW + ko, mask=m, other=0.0)
         x = _xvec(R, Y, pw, tl.load(NW + ko, mask=m, other=0.0), X, ko, m, K, eps, 1, X, 1.0, True, True,
                   POST_NORM, False, False, DT)
         tl.store(X + ko, x.to(DT), mask=m)
@@ -332,11 +340,13 @@ if triton is not None:
 
         mine = (slot >= start) & (slot < start + chunk) & (h % G == 0)
         co = (kvh * S + slot) * HD + d
-        tl.store(KC + co, k1.to(DT), mask=dm & mine)
-        tl.store(KC + co + HALF, k2.to(DT), mask=dm & mine)
-        tl.store(VC + co, v1.to(DT), mask=dm & mine)
-        tl.store(VC + co + HALF, v2.to(DT), mask=dm & mine)
-        tl.store(KPOS + slot, pos, mask=mine & (kvh == 0))
+        if mine:
+            tl.store(KC + co, k1.to(DT), mask=dm)
+            tl.store(KC + co + HALF, k2.to(DT), mask=dm)
+            tl.store(VC + co, v1.to(DT), mask=dm)
+            tl.store(VC + co + HALF, v2.to(DT), mask=dm)
+            if kvh == 0:
+                tl.store(KPOS + slot, pos)
 
         end = lim
         if not RING:
