@@ -200,3 +200,22 @@ class Ops:
     def attention(self, q, k, v, mask, scale: float, softcap: float | None, want_probs: bool): ...
     def softmax_f32(self, x): ...
     def topk(self, x, k): ...
+
+
+def fused_decode_unsupported(cfg, ops, cache=None) -> str | None:
+    """What keeps a model off the hand-written batch-1 decode kernels (Triton on torch:cuda, CUDA C on mlx:gpu):
+    they implement Gemma 1-3 text layers in float32/bfloat16/float16 — None when this model is one."""
+    if ops.dtype not in ("float32", "bfloat16", "float16"):
+        return f"dtype {ops.dtype} (float32, bfloat16, float16 only)"
+    if cache is not None and cache.batch != 1:
+        return "batch > 1"
+    if cfg.hidden_activation == "gelu":
+        return "exact (erf) GELU"
+    if cfg.has_ple or cfg.has_layer_scalar or cfg.has_v_norm or not cfg.causal:
+        return "Gemma 4 features (PLE, layer scalar, V norm, bidirectional)"
+    if cfg.arch == "gemma4" and cfg.enable_moe_block:
+        return "MoE"
+    for i in range(cfg.num_hidden_layers):
+        if cfg.kv_shared(i) or cfg.k_eq_v(i):
+            return f"layer {i}: KV sharing / k=v"
+    return None

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 
+from .base import fused_decode_unsupported
+
 _HEADER = r"""
 template <typename T> __device__ __forceinline__ float rnd(float x) { return static_cast<float>(static_cast<T>(x)); }
 __device__ __forceinline__ float warp_sum(float v) {
@@ -222,20 +224,11 @@ def unsupported(model, cache=None) -> str | None:
             return "MLX is not on a CUDA GPU (Metal keeps the generic compiled step)"
     except Exception as e:  # pragma: no cover
         return f"mlx: {e}"
-    if ops.dtype not in ("float32", "bfloat16", "float16"):
-        return f"dtype {ops.dtype}"
-    if cache is not None and cache.batch != 1:
-        return "batch > 1"
-    if cfg.hidden_activation == "gelu":
-        return "exact (erf) GELU"
-    if cfg.has_ple or cfg.has_layer_scalar or cfg.has_v_norm or not cfg.causal:
-        return "Gemma 4 features"
-    if cfg.arch == "gemma4" and cfg.enable_moe_block:
-        return "MoE"
+    why = fused_decode_unsupported(cfg, ops, cache)
+    if why:
+        return why
     D = cfg.hidden_size
     for i in range(cfg.num_hidden_layers):
-        if cfg.kv_shared(i) or cfg.k_eq_v(i):
-            return f"layer {i}: KV sharing / k=v"
         if cfg.head_dim(i) % 32 or cfg.head_dim(i) > 256 or D % 8 or cfg.intermediate(i) % 8:
             return (f"layer {i}: head_dim {cfg.head_dim(i)} (a multiple of 32 up to 256 needed), hidden and "
                     "intermediate sizes multiples of 8")

@@ -32,6 +32,8 @@ import os
 
 import torch
 
+from .base import fused_decode_unsupported
+
 try:  # optional: CUDA builds of torch ship it; CPU tests use its interpreter (TRITON_INTERPRET=1)
     import triton
     import triton.language as tl
@@ -54,21 +56,12 @@ def unsupported(model, cache=None) -> str | None:
     cfg, ops = model.config, model.ops
     if ops.framework != "torch":
         return "not a torch backend"
-    if ops.tdtype not in _DT:
-        return f"dtype {ops.dtype} (float32, bfloat16, float16 only)"
     if ops.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         return f"device {ops.device.type} (CUDA, or the interpreter with TRITON_INTERPRET=1)"
-    if cache is not None and cache.batch != 1:
-        return "batch > 1"
-    if cfg.hidden_activation == "gelu":
-        return "exact (erf) GELU"
-    if cfg.has_ple or cfg.has_layer_scalar or cfg.has_v_norm or not cfg.causal:
-        return "Gemma 4 features (PLE, layer scalar, V norm, bidirectional)"
-    if cfg.arch == "gemma4" and cfg.enable_moe_block:
-        return "MoE"
+    why = fused_decode_unsupported(cfg, ops, cache)
+    if why:
+        return why
     for i in range(cfg.num_hidden_layers):
-        if cfg.kv_shared(i) or cfg.k_eq_v(i):
-            return f"layer {i}: KV sharing / k=v"
         if cfg.head_dim(i) % 2:
             return f"layer {i}: odd head_dim"
     return None
