@@ -236,6 +236,7 @@ class FastDecoder:
         self._fn = None
         self._advance = None
         self._g = None
+        self.route = None           # which decode kernels run (bench prints it)
         if self.fw == "mlx" and self.compile:
             import mlx.core as mx
             from .backends import mlx_cuda_decode
@@ -249,7 +250,6 @@ class FastDecoder:
                 nxt = mx.argmax(logits, axis=-1, keepdims=True).astype(mx.int32)
                 return nxt, pos + 1, cache.static_state()
             self._fn = mx.compile(mstep)
-        self.route = getattr(self, "route", None)
         tstep = None
         if self.fw == "torch":
             tstep = _triton_step(model, cache, on_cuda)
