@@ -243,8 +243,9 @@ def bench_model(model, prompt_len=128, gen_len=64, repeats=3, fast=True, compile
     pp = [prompt_len / x["prefill"] for x in runs]
     tt = [x["ttft"] for x in runs]
     med_us = statistics.median(us)
-    route = getattr(state.get("dec"), "route", None)
-    return dict(route=route, ttft_s=statistics.median(tt), prefill_tok_s=statistics.median(pp), decode_us_median=med_us,
+    dec = state.get("dec")
+    return dict(route=getattr(dec, "route", None), compiled=bool(getattr(dec, "compile", False)),
+                ttft_s=statistics.median(tt), prefill_tok_s=statistics.median(pp), decode_us_median=med_us,
                 decode_us_p10=float(np.percentile(us, 10)), decode_us_p90=float(np.percentile(us, 90)),
                 decode_tok_s=1e6 / med_us, tokens=runs[-1]["tokens"])
 
@@ -299,7 +300,7 @@ def bench(source="gemma3-270m", backends=None, dtypes=None, prompt_len: int = 12
                          decode_us_p90=res["decode_us_p90"], decode_tok_s=res["decode_tok_s"],
                          peak_mem_bytes=_peak_mem(m.ops), bytes_per_step=nbytes, gbps=gbps, bw_limit_gbps=bw,
                          bw_fraction=gbps / bw if bw else None, bw_source=bw_src, device=dev,
-                         path="fast" + ("+compile" if use_compile and fast else "") if fast else "plain",
+                         path="fast" + ("+compile" if res.get("compiled") else "") if fast else "plain",
                          kernels=cpu_gemv.describe(d) if spec.device == "cpu" else res.get("route")))
         del m
     if peers:
