@@ -18,9 +18,10 @@ and ramp-up for 1-5 MB of weights. Here one layer is five kernels, each latency-
 The last residual update and the final norm run once (``_norm_vec``); the head is ``_norm_gemv`` with the final
 softcap (Gemma 2) and each program's argmax in its epilogue, ``_argmax_final`` picks the token. Apart from the
 attention's counter, every kernel reads one buffer and writes another; on Hopper each is launched early
-(programmatic dependent launch) and loads its weights while the previous kernel finishes. Products and sums in float32, rounded to the model dtype where the plain
-path rounds (after each norm, projection, residual add, GELU), so the step computes what ``Gemma.decode_step``
-computes up to summation order (tested against it, and through the interpreter on CPU in CI).
+(programmatic dependent launch) and loads its weights while the previous kernel finishes. Products and sums in
+float32, rounded to the model dtype where the plain path rounds (after each norm, projection, residual add,
+GELU), so the step computes what ``Gemma.decode_step`` computes up to summation order (tested against it, and
+through the interpreter on CPU in CI).
 
 Supported: Gemma 1-3 text layers (post norms or not, q/k norms or not, attention and final softcaps, sliding
 windows, GQA), batch 1, float32 / bfloat16 / float16. Gemma 4 layers (KV sharing, k=v, V norm, PLE, layer scalar,
@@ -484,8 +485,8 @@ class TritonDecodeStep:
             W, OUT, z if ROUT is None else ROUT, self.b_pmax if argmax else z, self.b_pidx if argmax else z,
             z if tok is None else tok, N, K, self.cfg.rms_norm_eps, float(cap or 1.0), self.esc,
             HAS_NORM=NW is not None, HAS_Y=Y is not None, POST_NORM=PW is not None, WRITE_R=ROUT is not None,
-            PAIR=pair, CAP=cap is not None, SINGLE=single, ARGMAX=argmax, EMB=tok is not None, BLOCK_N=bn, BLOCK_K=bk, DT=self.dt, PDL=self.pdl,
-            num_warps=nw, **self.launch)
+            PAIR=pair, CAP=cap is not None, SINGLE=single, ARGMAX=argmax, EMB=tok is not None, BLOCK_N=bn,
+            BLOCK_K=bk, DT=self.dt, PDL=self.pdl, num_warps=nw, **self.launch)
 
     def plan(self, tok, pos, advance: bool = False) -> list:
         """The step's kernel launches in order, as (name, launch) pairs, for the token ``tok`` [1, 1] at the
@@ -571,9 +572,5 @@ class TritonDecodeStep:
 
 
 def make_step(model, cache):
-    """The Triton step for this model and cache, or None where it does not apply (reason in ``.why``)."""
-    why = unsupported(model, cache)
-    if why:
-        make_step.why = why
-        return None
-    return TritonDecodeStep(model, cache)
+    """The Triton step for this model and cache, or None where it does not apply (:func:`unsupported` says why)."""
+    return None if unsupported(model, cache) else TritonDecodeStep(model, cache)
