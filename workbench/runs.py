@@ -51,7 +51,7 @@ _list = builtins.list  # this module defines list() below
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x47574231  # "GWB1": marks the file as a gemma-workbench results store
-KINDS = ("parity", "bench")
+KINDS = ("parity", "bench", "diverge")
 BUSY_TIMEOUT_S = 30.0
 WRITE_ATTEMPTS = 8
 _SQLITE_MAGIC = b"SQLite format 3\x00"
