@@ -36,6 +36,7 @@ class BenchResult:
     meta: dict
     run_id: str | None = None
     regressions: object = None
+    comparison: object = None     # with a baseline: RunStore.compare_bench's frame (all rows)
     skipped: dict = field(default_factory=dict)
 
     def to_frame(self):
@@ -260,6 +261,7 @@ def bench(source="gemma3-270m", backends=None, dtypes=None, prompt_len: int = 12
     from .parity import _targets
 
     targets = _targets(backends, dtypes)
+    base_run = _load_baseline(baseline, db) if baseline else None   # a bad id fails before anything runs
     cfg, tensors, path, tok = read_source(source, dtype="float32", progress=progress)
     rows: list[dict] = []
     skipped: dict[str, str] = {}
@@ -323,10 +325,44 @@ def bench(source="gemma3-270m", backends=None, dtypes=None, prompt_len: int = 12
         res.run_id = st.save("bench", dict(meta, versions=runs.collect_versions(), git_commit=runs.git_commit(),
                                            params=dict(prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
                                                        peers=peers, fast=fast)), rows)
-        if baseline:
-            cmp = st.compare_bench(res.run_id, baseline)
-            res.regressions = cmp[cmp["regression"]] if "regression" in cmp else None
+    if base_run is not None:
+        cmp = _compare_with_baseline(res, base_run, db)
+        res.comparison = cmp
+        res.regressions = cmp[cmp["regression"]].reset_index(drop=True)
+        meta["baseline"] = base_run.run_id
     return res
+
+
+def _load_baseline(baseline: str, db):
+    """The stored bench run ``baseline`` (id or unique prefix); unknown id -> UnknownRunError, another kind of
+    run -> ValueError. Called before measuring, so a typo costs nothing and stores nothing."""
+    from . import runs
+    with runs.RunStore(db) as st:
+        try:
+            run = st.load(baseline)
+        except runs.UnknownRunError as e:
+            raise runs.UnknownRunError(f"baseline: {e} (list the stored bench runs with "
+                                       "wb.runs.list(kind='bench'))") from None
+    if run.kind != "bench":
+        raise ValueError(f"baseline {run.run_id} is a {run.kind} run, not a bench run")
+    return run
+
+
+def _compare_with_baseline(res: BenchResult, base_run, db):
+    """RunStore.compare_bench of this result against ``base_run``: in the store when the result was stored,
+    otherwise (store=False) in a throw-away store holding copies of both runs, so the real one is not written."""
+    from . import runs
+    if res.run_id is not None:
+        with runs.RunStore(db) as st:
+            return st.compare_bench(res.run_id, base_run.run_id)
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="wb-baseline-") as tmp:
+        with runs.RunStore(os.path.join(tmp, "compare.sqlite")) as st:
+            cur = st.save("bench", res.meta, res.rows)
+            base = st.save("bench", base_run.meta, base_run.rows.to_dict("records"))
+            cmp = st.compare_bench(cur, base)
+    cmp.attrs.update(run_id=None, baseline_id=base_run.run_id)
+    return cmp
 
 
 def _peer_rows(path, targets, prompt_len, gen_len, repeats, progress) -> list[dict]:

@@ -1,13 +1,21 @@
-"""The ``workbench`` command: info, parity, generate, bench, notebooks, dashboard, demo."""
+"""The ``workbench`` command: info, parity, generate, bench, notebooks, dashboard, demo.
+
+One parser (:func:`build_parser`) holds every subcommand and its defaults. Each subcommand is declared by an
+``_add_<name>(sub)`` function listed in ``SUBCOMMANDS``; to add one, write its ``_add_`` function and its
+``cmd_`` function and append the former to ``SUBCOMMANDS``. Commands that run other commands (``demo``) go
+through the same parser (:func:`parse`), so their arguments can't drift from the real ones.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
 
 DEFAULT_MODEL = "gemma3-270m"
+DEFAULT_PORT = 8501
 
 
 def _versions() -> dict:
@@ -22,6 +30,49 @@ def _versions() -> dict:
     return out
 
 
+# ============================================================================ argument types
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {v}")
+    return v
+
+
+def _pos_int(s: str) -> int:
+    v = _nonneg_int(s)
+    if v == 0:
+        raise argparse.ArgumentTypeError("expected a whole number >= 1, got 0")
+    return v
+
+
+def _token_ids(s: str) -> list[int]:
+    """'1,2,3' -> [1, 2, 3] (argparse type of --prompt-ids)."""
+    parts = [x.strip() for x in s.split(",") if x.strip()]
+    try:
+        ids = [int(x) for x in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids such as 2,651,6037, got {s!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("expected at least one token id, e.g. 2,651,6037")
+    if any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"token ids are >= 0, got {min(ids)}")
+    return ids
+
+
+def _default_port() -> int:
+    v = os.environ.get("WORKBENCH_PORT")
+    if not v:
+        return DEFAULT_PORT
+    try:
+        return int(v)
+    except ValueError:
+        raise SystemExit(f"workbench: error: WORKBENCH_PORT must be a port number, not {v!r}") from None
+
+
+# ============================================================================ commands
 def cmd_info(args) -> int:
     from . import backends
     print("Gemma Workbench")
@@ -53,20 +104,28 @@ def cmd_info(args) -> int:
         print("registered models: " + ", ".join(registry.names()))
     except Exception:
         pass
+    try:
+        from . import resources
+        print(f"dashboard: {resources.dashboard_path()}")
+        print(f"notebooks: {resources.notebook_dir()}")
+    except Exception as e:
+        print(f"package data: {e}")
     return 0
 
 
 def cmd_parity(args) -> int:
     from .parity import compare
     refs = [r for r in (args.references or "").split(",") if r]
-    prompt = args.prompt
-    if args.prompt_ids:
-        prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+    prompt = args.prompt_ids if args.prompt_ids is not None else args.prompt
     tols = {}
     for t in args.tolerance or []:
         key, _, val = t.partition("=")
         parts = key.split(":")
-        tols[(":".join(parts[:-1]), parts[-1]) if len(parts) > 1 else key] = float(val)
+        try:
+            tols[(":".join(parts[:-1]), parts[-1]) if len(parts) > 1 else key] = float(val)
+        except ValueError:
+            raise ValueError(f"--tolerance {t!r}: expected KEY=NUMBER, e.g. float32=1e-5 or "
+                             "mlx:gpu:float32=1e-2") from None
     rep = compare(args.model, backends=args.backends, dtypes=args.dtypes, reference=args.reference,
                   prompt=prompt, decode_steps=args.decode_steps, references=refs, db=args.db,
                   store=not args.no_store, progress=True, tolerances=tols or None)
@@ -84,14 +143,25 @@ def cmd_parity(args) -> int:
 
 def cmd_generate(args) -> int:
     from .loader import load
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise ValueError("give the prompt as text (workbench generate \"Once upon a time\") or as token ids "
+                         "(--prompt-ids 2,651,6037), not both" if args.prompt is not None else
+                         "no prompt: give text (workbench generate \"Once upon a time\") or token ids "
+                         "(--prompt-ids 2,651,6037)")
     m = load(args.model, backend=args.backend, dtype=args.dtype)
+    prompt = args.prompt if args.prompt is not None else args.prompt_ids
     t0 = time.perf_counter()
-    it = m.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    it = m.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=True, chat=args.chat)
-    if not args.quiet:
-        print(args.prompt, end="", flush=True)
+    sep = ""
+    if m.tokenizer is None:          # no tokenizer: the pieces are token ids; keep them apart
+        sep = " "
+        if not args.quiet:
+            print(" ".join(map(str, prompt)) + " ->", end="", flush=True)
+    elif not args.quiet:
+        print(prompt if isinstance(prompt, str) else m.tokenizer.decode(prompt), end="", flush=True)
     for piece in it:
-        print(piece, end="", flush=True)
+        print(sep + piece, end="", flush=True)
     print()
     st = getattr(m, "last_stats", {})
     print(f"[{m.backend} {m.dtype}] prompt {st.get('prompt_tokens')} tok at {st.get('prompt_tok_s', 0):.1f} tok/s, "
@@ -114,7 +184,12 @@ def cmd_bench(args) -> int:
         print(f"csv written to {args.csv}")
     if res.run_id:
         print(f"stored run {res.run_id}")
-    return 1 if getattr(res, "regressions", None) else 0
+    regs = res.regressions
+    n_regs = 0 if regs is None else len(regs)
+    if args.baseline:
+        print(f"baseline {res.meta.get('baseline', args.baseline)}: "
+              + (f"{n_regs} regression(s) (throughput more than 5 % below)" if n_regs else "no regressions"))
+    return 1 if n_regs else 0
 
 
 def cmd_notebooks(args) -> int:
@@ -141,41 +216,59 @@ def _coerce(v):
 
 def cmd_dashboard(args) -> int:
     import subprocess
-    from pathlib import Path
-    app = Path(__file__).resolve().parent.parent / "dashboards" / "parity.py"
+    from . import resources
+    app = resources.dashboard_path()
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
-           "--server.headless", "true" if args.headless else "false"]
+           "--server.address", args.address, "--server.headless", "true" if args.headless else "false",
+           "--browser.gatherUsageStats", "false"]
     if args.db:
         cmd += ["--", "--db", args.db]
     print(" ".join(cmd))
+    host = "localhost" if args.address in ("127.0.0.1", "localhost", "0.0.0.0") else args.address
+    print(f"dashboard: http://{host}:{args.port}  (Ctrl-C stops it)", flush=True)
     return subprocess.call(cmd)
 
 
 def cmd_demo(args) -> int:
-    """The main job: parity of the embedded default model on every backend here, stored; then the dashboard."""
-    pargs = argparse.Namespace(model=args.model, backends="all", dtypes="float32,bfloat16",
-                               reference="torch:cpu:float64", prompt=None, decode_steps=4, references="hf",
-                               db=args.db, no_store=False, heatmap=None, json=None)
-    rc = cmd_parity(pargs)
+    """The main job: parity of the embedded default model on every backend here (anchor, float64 and HF as
+    references), stored; a short benchmark, stored; then the dashboard on both. Every step is parsed by the
+    real parser, so it runs with exactly the defaults of ``workbench parity`` / ``bench`` / ``dashboard``."""
+    import importlib.util
+    db = ["--db", args.db] if args.db else []
+    refs = "hf"
+    if importlib.util.find_spec("transformers") is None:
+        refs = ""
+        print("demo: HF transformers is not installed, so the comparison is against float64 only "
+              "(pip install 'gemma-workbench[reference]' adds HF)", file=sys.stderr)
+    print(f"== demo 1/3: parity of {args.model}", flush=True)
+    ids = ["--prompt-ids", ",".join(map(str, args.prompt_ids))] if args.prompt_ids else []
+    pargs = parse(["parity", "--model", args.model, "--dtypes", "float32,bfloat16", "--references", refs, *ids, *db])
+    prc = pargs.fn(pargs)
+    print(f"== demo 2/3: decode throughput of {args.model}", flush=True)
+    bargs = parse(["bench", "--model", args.model, "--dtypes", "float32,bfloat16", "--prompt-len", "64",
+                   "--gen-len", "32", "--repeats", "2", *db])
     try:
-        from .bench import bench
-        res = bench(args.model, backends="all", dtypes=["float32", "bfloat16"], prompt_len=64, gen_len=32,
-                    repeats=2, db=args.db)
-        print(res.table())
-    except Exception as e:  # the dashboard still shows parity
-        print(f"benchmark skipped: {e}", file=sys.stderr)
+        brc = bargs.fn(bargs)
+    except Exception as e:  # the dashboard still shows parity; the exit code says what failed
+        print(f"demo: the benchmark failed: {type(e).__name__}: {e}", file=sys.stderr)
+        brc = 1
+    rc = prc or brc
+    print(f"== demo: parity {'PASSED' if prc == 0 else 'FAILED'}, benchmark {'done' if brc == 0 else 'FAILED'}; "
+          "both stored in the results store", flush=True)
     if args.no_dashboard:
         return rc
-    return cmd_dashboard(argparse.Namespace(port=args.port, headless=True, db=args.db))
+    print("== demo 3/3: dashboard", flush=True)
+    dargs = parse(["dashboard", "--headless", "--port", str(args.port), *db])
+    drc = dargs.fn(dargs)
+    return rc or drc
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="workbench", description="Gemma Workbench: one Gemma over torch and MLX, "
-                                 "per-layer parity and throughput")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-
+# ============================================================================ the parser
+def _add_info(sub):
     sub.add_parser("info", help="versions, backends and devices").set_defaults(fn=cmd_info)
 
+
+def _add_parity(sub):
     p = sub.add_parser("parity", help="per-layer comparison of backends x dtypes against float64")
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF dir, .gguf, or registered name (default %(default)s)")
     p.add_argument("--backends", default="all", help="'all' or a comma list, e.g. torch:cpu,mlx:cpu")
@@ -183,45 +276,58 @@ def main(argv=None) -> int:
     p.add_argument("--reference", default="torch:cpu:float64")
     p.add_argument("--references", default="", help="independent references to include: hf,llamacpp")
     p.add_argument("--prompt", default=None)
-    p.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of a text prompt")
+    p.add_argument("--prompt-ids", type=_token_ids, default=None,
+                   help="comma-separated token ids instead of a text prompt")
     p.add_argument("--tolerance", action="append", help="override, e.g. float32=1e-5 or mlx:gpu:float32=1e-2")
-    p.add_argument("--decode-steps", type=int, default=4)
+    p.add_argument("--decode-steps", type=_nonneg_int, default=4)
     p.add_argument("--db", default=None, help="results database (default $WORKBENCH_DB or the user data dir)")
     p.add_argument("--no-store", action="store_true")
     p.add_argument("--heatmap", default=None, help="write a per-layer heatmap PNG here")
     p.add_argument("--json", default=None, help="write per-tap rows as JSON here")
     p.set_defaults(fn=cmd_parity)
+    return p
 
+
+def _add_generate(sub):
     g = sub.add_parser("generate", help="stream a continuation and print tokens/s")
-    g.add_argument("prompt")
+    g.add_argument("prompt", nargs="?", default=None, help="text prompt (or use --prompt-ids)")
+    g.add_argument("--prompt-ids", type=_token_ids, default=None,
+                   help="comma-separated token ids instead of text (checkpoints without a tokenizer)")
     g.add_argument("--model", default=DEFAULT_MODEL)
     g.add_argument("--backend", default="torch:cpu")
     g.add_argument("--dtype", default="float32")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=_nonneg_int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-k", type=_pos_int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in Gemma's chat template")
     g.add_argument("--quiet", action="store_true", help="do not echo the prompt")
     g.set_defaults(fn=cmd_generate)
+    return g
 
+
+def _add_bench(sub):
     b = sub.add_parser("bench", help="prefill/decode throughput per backend x dtype (pp/tg)")
     b.add_argument("--model", default=DEFAULT_MODEL)
     b.add_argument("--backends", default="all")
     b.add_argument("--dtypes", default="float32")
-    b.add_argument("--prompt-len", type=int, default=128)
-    b.add_argument("--gen-len", type=int, default=64)
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--prompt-len", type=_pos_int, default=128)
+    b.add_argument("--gen-len", type=_pos_int, default=64)
+    b.add_argument("--repeats", type=_pos_int, default=3)
     b.add_argument("--peers", action="store_true", help="also measure HF transformers, mlx-lm, llama.cpp")
     b.add_argument("--plain", action="store_true", help="plain decode path (no compile / static cache)")
-    b.add_argument("--baseline", default=None, help="run id to compare against (flags regressions)")
+    b.add_argument("--baseline", default=None, help="stored bench run id (or unique prefix) to compare against: "
+                   "exit code 1 when a throughput is more than 5 %% below it")
     b.add_argument("--db", default=None)
     b.add_argument("--no-store", action="store_true")
     b.add_argument("--json", default=None)
     b.add_argument("--csv", default=None)
     b.set_defaults(fn=cmd_bench)
+    return b
 
+
+def _add_notebooks(sub):
     n = sub.add_parser("notebooks", help="run a notebook with papermill")
     nsub = n.add_subparsers(dest="nbcmd", required=True)
     nr = nsub.add_parser("run", help="workbench notebooks run parity -p model gemma3-270m -p backends '[\"torch:cpu\"]'")
@@ -230,26 +336,69 @@ def main(argv=None) -> int:
     nr.add_argument("--param", action="append", help="NAME=VALUE")
     nr.add_argument("-o", "--output", default=None)
     nr.set_defaults(fn=cmd_notebooks)
+    return n
 
-    d = sub.add_parser("dashboard", help="streamlit run dashboards/parity.py")
-    d.add_argument("--port", type=int, default=8501)
+
+def _add_dashboard(sub):
+    d = sub.add_parser("dashboard", help="the Streamlit dashboard of the results store")
+    d.add_argument("--port", type=int, default=_default_port(), help="default $WORKBENCH_PORT or %(default)s")
+    d.add_argument("--address", default="127.0.0.1", help="interface to listen on (default loopback; 0.0.0.0 "
+                   "serves other machines)")
     d.add_argument("--db", default=None)
-    d.add_argument("--headless", action="store_true")
+    d.add_argument("--headless", action="store_true", help="do not open a browser")
     d.set_defaults(fn=cmd_dashboard)
+    return d
 
+
+def _add_demo(sub):
     m = sub.add_parser("demo", help="the main job: parity + bench of the default model, then the dashboard")
     m.add_argument("--model", default=DEFAULT_MODEL)
     m.add_argument("--db", default=None)
-    m.add_argument("--port", type=int, default=8501)
+    m.add_argument("--prompt-ids", type=_token_ids, default=None,
+                   help="parity prompt as token ids (checkpoints without a tokenizer)")
+    m.add_argument("--port", type=int, default=_default_port(), help="default $WORKBENCH_PORT or %(default)s")
     m.add_argument("--no-dashboard", action="store_true")
     m.set_defaults(fn=cmd_demo)
+    return m
 
-    args = ap.parse_args(argv)
+
+SUBCOMMANDS = [_add_info, _add_parity, _add_generate, _add_bench, _add_notebooks, _add_dashboard, _add_demo]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="workbench", description="Gemma Workbench: one Gemma over torch and MLX, "
+                                 "per-layer parity and throughput")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return ap
+
+
+def parse(argv) -> argparse.Namespace:
+    """``argv`` (a list of strings) through the one parser: the Namespace ``workbench ARGV...`` would get."""
+    return build_parser().parse_args(list(argv))
+
+
+def _user_errors() -> tuple:
+    """Exceptions that mean bad input (file, id, value): one line on stderr and exit code 2, no traceback."""
+    errs = [ValueError, FileNotFoundError, NotImplementedError]
+    try:
+        from .runs import RunStoreError, UnknownRunError
+        errs += [RunStoreError, UnknownRunError]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errs)
+
+
+def main(argv=None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
     try:
         return args.fn(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
         print(f"workbench {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 
