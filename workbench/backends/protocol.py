@@ -1,0 +1,157 @@
+"""``Ops``: the whole interface between the model code and a backend, as a ``typing.Protocol``.
+
+Everything ``workbench/model``, the KV cache, the multimodal towers, generate and bench call on an ops object is
+declared here, with its contract; nothing else may be called (``tests/test_ops_conformance.py`` checks both: every
+backend class implements every member with a compatible signature, and a static scan of ``workbench/`` finds no
+``ops.X`` / ``self.ops.X`` / ``model.ops.X`` outside this list). ``tests/test_ops_conformance.py`` also runs every op
+on every backend and dtype against a float64 numpy reference (``tools/gpu/ops_conformance.py`` on the GPUs).
+
+Conventions. Arrays ("A") are the backend's own (``torch.Tensor``, ``mx.array``); numpy crosses the boundary only
+through ``asarray``/``asids``/``asmask`` (in) and ``numpy`` (out). Layouts: activations [B, T, D]; attention heads
+[B, H, T, hd] (K/V: [B, Hkv, S, hd], Hkv divides H: grouped-query attention); weights [out, in] (``linear``
+computes x @ w.T). "The dtype" is the model's (``self.dtype``); "acc" is float32, or float64 for a float64 model:
+norms, softmax and RoPE angles are computed in acc and rounded once to the dtype. Positions are absolute token
+indices. A dtype argument is a name from ``base.DTYPES`` ("float32", "bfloat16", "float16", "float64"); None means
+the model's dtype.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+A = Any     # a backend array
+
+
+@runtime_checkable
+class Ops(Protocol):
+    # ------------------------------------------------------------------------------------------ identity
+    spec: Any           # base.BackendSpec: framework, device, index; .name "torch:cuda:1", .kind "torch:cuda"
+    dtype: str          # the model's dtype name
+    framework: str      # "torch" | "mlx"
+    device: Any         # the framework's device object (torch.device / mx.Device), for arrays made outside ops
+
+    # ------------------------------------------------------------------------------------------ data movement
+    def asarray(self, a: np.ndarray, dtype: str | None = None) -> A:
+        """numpy (or a backend array) -> a backend array in ``dtype`` (None: the model's), same shape; values
+        rounded once to the dtype (round to nearest even)."""
+
+    def asids(self, a: np.ndarray) -> A:
+        """Integer ids/positions (any shape) -> a backend integer array, values unchanged (int64 / int32)."""
+
+    def asmask(self, m: np.ndarray) -> A:
+        """A numpy bool array (any shape) -> a backend bool array (True = attend / keep)."""
+
+    def zeros(self, shape: Sequence[int], dtype: str | None = None) -> A:
+        """A zero-filled array of ``shape`` in ``dtype`` (None: the model's)."""
+
+    def numpy(self, x: A) -> np.ndarray:
+        """A backend array -> numpy, same shape: float32 for bfloat16/float16, the array's own dtype otherwise
+        (float32, float64, integers, bool). Waits for the value."""
+
+    def cast(self, x: A, dtype: str | None = None) -> A:
+        """``x`` converted to ``dtype`` (None: the model's), rounded to nearest even; same shape."""
+
+    def synchronize(self) -> None:
+        """Wait until all queued work on the device has finished (for timing)."""
+
+    def peak_memory(self) -> int | None:
+        """Peak bytes allocated on the device so far, or None where the backend cannot say (torch:cpu)."""
+
+    # ------------------------------------------------------------------------------------------ shape
+    def reshape(self, x: A, shape: Sequence[int]) -> A:
+        """Same elements in row-major order, new ``shape``."""
+
+    def transpose(self, x: A, axes: Sequence[int]) -> A:
+        """Axes permuted as numpy ``transpose(x, axes)``."""
+
+    def concat(self, xs: Sequence[A], axis: int) -> A:
+        """Arrays of equal shape except along ``axis``, joined along it."""
+
+    def take_rows(self, w: A, ids: A) -> A:
+        """Embedding lookup: ``w`` [V, D], integer ``ids`` [...] (from ``asids``) -> [..., D] = w[ids], exact."""
+
+    # ------------------------------------------------------------------------------------------ math
+    def linear(self, x: A, w: A) -> A:
+        """x [..., K] @ w[N, K].T -> [..., N] in x's dtype; products summed in acc (or wider), rounded once."""
+
+    def rms_norm(self, x: A, w: A | None, eps: float) -> A:
+        """x / sqrt(mean(x**2, -1) + eps) * w over the last axis, computed in acc, rounded once to x's dtype.
+        ``w`` [D] (the model passes it in acc with Gemma's 1 + w offset already folded in) or None (no scale)."""
+
+    def gelu(self, x: A, approximate: bool = True) -> A:
+        """GELU, elementwise, x's dtype: the tanh approximation (``gelu_pytorch_tanh``) or, approximate=False,
+        the exact erf form."""
+
+    def softcap(self, x: A, cap: float) -> A:
+        """tanh(x / cap) * cap, elementwise, x's dtype (Gemma 2 attention and final logits)."""
+
+    def scale(self, x: A, s: float) -> A:
+        """x * s with ``s`` first rounded to x's dtype (as HF multiplies the embeddings by sqrt(D))."""
+
+    def softmax_f32(self, x: A) -> A:
+        """Softmax over the last axis, computed and returned in acc (float32; float64 for a float64 model)."""
+
+    def topk(self, x: A, k: int) -> tuple[A, A]:
+        """The ``k`` largest entries of the last axis: (values [..., k] in x's dtype, descending; their integer
+        indices [..., k])."""
+
+    def argmax_last(self, logits: A) -> A:
+        """logits [B, V] -> integer [B, 1]: the index of each row's maximum (greedy decoding)."""
+
+    # ------------------------------------------------------------------------------------------ RoPE
+    def rope(self, x: A, inv_freq: np.ndarray, start: int) -> A:
+        """Rotary embedding of x [B, H, T, hd] at positions start .. start+T-1 (NeoX/HF pairing: i with
+        i + hd/2); angles pos * inv_freq (numpy [hd/2]) in acc, cos/sin rounded to the dtype."""
+
+    def rope_table(self, inv_freq: np.ndarray, n: int) -> tuple[A, A]:
+        """(cos, sin) [n, hd] for positions 0..n-1, each row [angles, angles]; angles in acc, rounded to the
+        model's dtype. The static decode step reads rows of it at device-side positions."""
+
+    def rope_rows(self, table: tuple[A, A], pos: A) -> tuple[A, A]:
+        """Rows of a ``rope_table`` at integer device positions ``pos`` [S] (-1 = an empty slot: row 0) ->
+        (cos, sin) [S, hd]."""
+
+    def rope_apply(self, x: A, cs: tuple[A, A]) -> A:
+        """x * cos + rotate_half(x) * sin with (cos, sin) from ``rope_rows`` broadcast over x [B, H, S, hd]."""
+
+    def rope_at(self, x: A, table: tuple[A, A], pos: A) -> A:
+        """``rope_apply(x, rope_rows(table, pos))``: x [B, H, S, hd] at device positions ``pos`` [S]."""
+
+    # ------------------------------------------------------------------------------------------ attention
+    def attention(self, q: A, k: A, v: A, mask: A | None, scale: float, softcap: float | None,
+                  want_probs: bool) -> tuple[A, A | None]:
+        """softmax(softcap(q @ k.T * scale) masked) @ v. q [B, H, T, hd]; k, v [B, Hkv, S, hd]; mask bool
+        [T, S] (or broadcastable to [B, H, T, S]; True = attend) or None (all). Returns (out [B, H, T, hd] in q's
+        dtype, probabilities [B, H, T, S] when ``want_probs`` else None). Softmax in acc."""
+
+    def decode_mask(self, kpos: A, pos: A, window: int | None) -> A:
+        """The one-query mask of the static decode step: slot positions ``kpos`` [S] (-1 = empty), the query's
+        position ``pos`` [1] (device integers) -> bool [1, 1, 1, S]: filled, not after pos, and within
+        ``window`` keys (pos - kpos < window) when a window is given."""
+
+    def decode_attention(self, q: A, k: A, v: A, mask: A | None, scale: float, softcap: float | None) -> A:
+        """``attention`` for one query per head against the whole cache: q [B, H, 1, hd], k/v [B, Hkv, S, hd],
+        mask from ``decode_mask`` (or None) -> [B, H, 1, hd] in q's dtype; no probabilities."""
+
+
+def _unimplemented(fn):
+    """A backend that subclasses ``Ops`` but lacks a method gets this instead of the docstring stub (which would
+    return None): calling it says which backend lacks which op."""
+    @functools.wraps(fn)
+    def missing(self, *a, **k):
+        raise NotImplementedError(f"{type(self).__name__} does not implement Ops.{fn.__name__} "
+                                  "(workbench/backends/protocol.py lists every op with its contract)")
+    missing.protocol_stub = True
+    return missing
+
+
+for _n, _f in list(vars(Ops).items()):
+    if callable(_f) and not _n.startswith("_"):
+        setattr(Ops, _n, _unimplemented(_f))
+del _n, _f
+
+MEMBERS: tuple[str, ...] = tuple(n for n in list(Ops.__annotations__) + [
+    k for k, v in vars(Ops).items() if callable(v) and not k.startswith("_")])
+"""Every name of the protocol: attributes first, then methods, in declaration order."""
