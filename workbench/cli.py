@@ -362,7 +362,13 @@ def _add_demo(sub):
     return m
 
 
-SUBCOMMANDS = [_add_info, _add_parity, _add_generate, _add_bench, _add_notebooks, _add_dashboard, _add_demo]
+def _add_diverge(sub):
+    from .diverge import add_cli    # the subcommand lives beside wb.diverge
+    return add_cli(sub)
+
+
+SUBCOMMANDS = [_add_info, _add_parity, _add_diverge, _add_generate, _add_bench, _add_notebooks, _add_dashboard,
+               _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,688 @@
+"""Divergence over a generation: where a backend's greedy continuation parts from the float64 reference, whether
+that is a near-tie or a fault, and which layer starts it.
+
+    div = wb.diverge("gemma3-270m", backends=["torch:cpu", "mlx:cpu"], dtypes=["bfloat16"], steps=64)
+    div.first_divergence      # earliest differing token over the targets: step, both tokens, the reference's margin
+    div.to_frame()            # per target and step: KL(ref || target) over the full vocabulary, top-k overlap, ...
+    div.kv_diff               # per target, layer and absolute position: K and V error of the cache
+    div.local_error           # per target and layer: the layer's own error beside the error it inherits
+
+What is computed, per target (backend x dtype):
+
+1. **Its own greedy tokens.** ``route="fast"`` (default): the model's public ``generate`` (temperature 0, EOS
+   ignored) — whatever decode route it takes, recorded from ``g.stats["route"]``; ``route="plain"``: a plain
+   per-token forward loop through the KV cache; ``"both"``: the two, as separate targets (``...@plain``).
+2. **Its logits on those tokens**: prefill, then one cached forward per token (the plain loop, teacher-forced on
+   the target's own tokens; for the plain route this *is* the generation). The fast route's tokens are checked
+   against this loop's argmax (``route_mismatch``).
+3. **The reference teacher-forced** on prompt + the target's tokens: one full float64 forward (logits at every
+   position, resid taps, its KV cache). The reference also generates its own greedy continuation.
+
+Per step s (token s is chosen from the logits after position P+s-2): KL(ref || target) over the whole vocabulary
+(float64 log-softmax), top-k overlap, top-1 agreement, the logits' relative max/L2 error, the reference's margin
+between the two candidates (``ref[ref_choice] - ref[target_choice]``; its top-1 minus top-2 where they agree), the
+per-layer residual error at the step's input position, both top-k lists with text and probabilities.
+
+The **first differing token** is the first step where the target's token is not the reference's argmax on the same
+prefix (before it the prefixes are equal, so this is where the two generations part). It is called a *near-tie*
+when the reference's margin is within twice the target's typical logit error on the candidates (the median over
+all steps of max |Δlogit| among the reference's top-k), else a *fault*: the target moved a logit by much more than
+it usually does. Non-finite logits are their own verdict.
+
+**KV cache** after prefill + N tokens: every layer's K and V per absolute position against the reference's cache
+(relative L2 per position). Sliding layers hold a ring of ``sliding_window`` slots: positions are matched by the
+absolute position each slot records, evicted ones are absent (NaN). KV-shared layers (Gemma 4) have no cache of
+their own and show their source layer's values (``shared_from``); k_eq_v layers store V only (K is rebuilt from
+it), so only V is compared there.
+
+**Local versus inherited error** (prefill mode over prompt + the target's tokens): one target forward in which a
+hook replaces *every* layer's ``hook_resid_pre`` (and ``hook_ple_in``) with the reference's value cast to the
+target dtype, so each layer's ``hook_resid_post`` is that layer's computation on the reference's input — its own
+error against the reference's output. Inherited = the error of the target's ordinary full run at the same point.
+``input_nonfinite`` counts reference inputs the dtype cannot hold (float16 past 65504); ``overflow`` marks a layer
+that turns a representable input into inf/NaN. ``floor`` is the error of merely rounding the reference's output
+to the dtype.
+
+Stored in the results store as kind ``diverge``: one row per (section, target, ...), sections ``step``,
+``layer_step``, ``kv``, ``local``; :meth:`Divergence.from_run` rebuilds the object (the dashboard page and the
+notebook use it).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .backends import base as _bk
+from .parity import DEFAULT_PROMPT, _make_fault, _targets, metrics
+
+NEAR_TIE_FACTOR = 2.0
+SUSPECT_RATIO = 100.0     # a layer whose own error is this many times its output's rounding floor is suspect
+SECTIONS = ("step", "layer_step", "kv", "local")
+
+
+# ============================================================================================ small numerics
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    m = np.max(z, axis=-1, keepdims=True)
+    s = z - m
+    return s - np.log(np.sum(np.exp(s), axis=-1, keepdims=True))
+
+
+def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """KL(softmax(ref) || softmax(x)) over the last axis, in float64. NaN where either side is not finite
+    (NaN never passes as a small number)."""
+    ref = np.asarray(ref_logits, dtype=np.float64)
+    x = np.asarray(logits, dtype=np.float64)
+    bad = ~(np.isfinite(ref).all(-1) & np.isfinite(x).all(-1))
+    lp = log_softmax(np.where(np.isfinite(ref), ref, 0.0))
+    lq = log_softmax(np.where(np.isfinite(x), x, 0.0))
+    kl = np.sum(np.exp(lp) * (lp - lq), axis=-1)
+    kl = np.maximum(kl, 0.0)            # rounding can give -1e-17
+    return np.where(bad, np.nan, kl)
+
+
+def _topk(z: np.ndarray, k: int) -> np.ndarray:
+    z = np.where(np.isfinite(z), z, -np.inf)
+    idx = np.argpartition(-z, k - 1)[:k]
+    return idx[np.argsort(-z[idx], kind="stable")]
+
+
+# ============================================================================================ the result
+@dataclass
+class Divergence:
+    """What ``wb.diverge`` found. ``steps``/``layer_steps``/``kv``/``local`` are lists of flat row dicts (the
+    stored rows); ``logits`` holds the target and reference logits per step when ``keep_logits=True``."""
+    meta: dict
+    steps: list[dict] = field(default_factory=list)
+    layer_steps: list[dict] = field(default_factory=list)
+    kv: list[dict] = field(default_factory=list)
+    local: list[dict] = field(default_factory=list)
+    logits: dict = field(default_factory=dict)
+    run_id: str | None = None
+
+    # ------------------------------------------------------------------ verdicts
+    @property
+    def targets(self) -> list[str]:
+        return list(self.meta.get("targets") or dict.fromkeys(r["target"] for r in self.steps))
+
+    def divergences(self) -> dict[str, dict | None]:
+        """Per target: its first differing token (a dict) or None when every step agrees."""
+        fd = self.meta.get("first_divergence") or {}
+        return {t: fd.get(t) for t in self.targets}
+
+    @property
+    def first_divergence(self) -> dict | None:
+        """The earliest first differing token over all targets (ties: the first target); None if none."""
+        divs = [d for d in self.divergences().values() if d]
+        return min(divs, key=lambda d: d["step"]) if divs else None
+
+    # ------------------------------------------------------------------ frames
+    def to_frame(self, section: str = "step"):
+        """Rows of one section as a DataFrame: ``step`` (default: KL, top-k, margins per target and step),
+        ``layer_step`` (per-layer residual error per step), ``kv`` or ``local``."""
+        import pandas as pd
+        if section not in SECTIONS:
+            raise ValueError(f"section must be one of {', '.join(SECTIONS)}, not {section!r}")
+        rows = {"step": self.steps, "layer_step": self.layer_steps, "kv": self.kv, "local": self.local}[section]
+        df = pd.DataFrame(rows)
+        if "section" in df:
+            df = df.drop(columns="section")
+        return df
+
+    @property
+    def kv_diff(self):
+        """DataFrame: target, layer, position, k_rel / v_rel (relative L2 per position), ...; see kv_matrix."""
+        return self.to_frame("kv")
+
+    @property
+    def local_error(self):
+        """DataFrame: target, layer, local (the layer's own error), inherited (the full run's), floor, ..."""
+        return self.to_frame("local")
+
+    def kv_matrix(self, target: str | None = None, which: str = "k", metric: str = "rel") -> tuple:
+        """(layers, positions, matrix [layers x positions]) of one target's KV error; NaN where a slot does not
+        hold the position (evicted from a sliding ring) or the layer has no such tensor (k_eq_v: no K)."""
+        target = target or self.targets[0]
+        rows = [r for r in self.kv if r["target"] == target]
+        if not rows:
+            raise KeyError(f"no KV rows for target {target!r}; targets: {self.targets}")
+        layers = sorted({int(r["layer"]) for r in rows})
+        positions = sorted({int(r["position"]) for r in rows})
+        li = {v: i for i, v in enumerate(layers)}
+        pi = {v: i for i, v in enumerate(positions)}
+        mat = np.full((len(layers), len(positions)), np.nan)
+        key = f"{which}_{metric}"
+        for r in rows:
+            v = r.get(key)
+            if v is not None:
+                mat[li[int(r["layer"])], pi[int(r["position"])]] = float(v)
+        return np.array(layers), np.array(positions), mat
+
+    # ------------------------------------------------------------------ text
+    def summary(self) -> str:
+        m = self.meta
+        lines = [f"Divergence of {m.get('model')} from {m.get('reference')} over {m.get('steps')} greedy steps "
+                 f"(prompt {m.get('prompt_tokens')} tokens)"]
+        ref_text = m.get("reference_text")
+        if ref_text is not None:
+            lines.append(f"reference continues: {ref_text!r}")
+        hdr = (f"{'target':28s} {'route':26s} {'first diff':>10s} {'KL mean':>9s} {'KL max':>9s} {'top1':>5s} "
+               f"{'top5 ovl':>8s}  verdict")
+        lines += [hdr, "-" * len(hdr)]
+        divs = self.divergences()
+        for t in self.targets:
+            rs = [r for r in self.steps if r["target"] == t]
+            info = (m.get("target_info") or {}).get(t, {})
+            kl = np.array([r["kl"] for r in rs], dtype=float)
+            klm = f"{np.nanmean(kl):9.2e}" if np.isfinite(kl).any() else f"{'nan':>9s}"
+            klx = f"{np.nanmax(kl):9.2e}" if np.isfinite(kl).any() else f"{'nan':>9s}"
+            top1 = np.mean([bool(r["agree"]) for r in rs]) if rs else float("nan")
+            ovl = np.mean([r["topk_overlap"] for r in rs]) if rs else float("nan")
+            d = divs.get(t)
+            fd = "-" if d is None else f"step {d['step']}"
+            verdict = "no differing token" if d is None else d["verdict"]
+            lines.append(f"{t:28s} {str(info.get('route') or '-')[:26]:26s} {fd:>10s} {klm} {klx} {top1:5.2f} "
+                         f"{ovl:8.2f}  {verdict}")
+        for t in self.targets:
+            d = divs.get(t)
+            if d is None:
+                continue
+            lines.append(f"{t}: step {d['step']} (position {d['position']}): target {d['token_text']!r} "
+                         f"({d['token']}) vs reference {d['ref_token_text']!r} ({d['ref_token']}); reference margin "
+                         f"{_fmt(d['ref_margin'])} logits, typical error {_fmt(d['typical_error'])}, KL {_fmt(d['kl'])}")
+            errs = d.get("layer_errors") or []
+            if errs:
+                worst = max(errs, key=lambda e: _key(e["rel_l2"]))
+                lines.append(f"    per-layer resid error at that step: layer 0 {_fmt(errs[0]['rel_l2'])} ... "
+                             f"layer {errs[-1]['layer']} {_fmt(errs[-1]['rel_l2'])} (worst layer {worst['layer']})")
+        for t in self.targets:
+            loc = [r for r in self.local if r["target"] == t]
+            if not loc:
+                continue
+            over = [r["layer"] for r in loc if r.get("overflow")]
+            top = max(loc, key=lambda r: _key(r["local"]))
+            s = f"{t}: largest local error at layer {top['layer']} ({_fmt(top['local'])}, inherited " \
+                f"{_fmt(top['inherited'])})"
+            if over:
+                s += f"; local overflow (inf/NaN from a representable input) at layer(s) {over}"
+            sus = [r["layer"] for r in loc if r.get("suspect") and not r.get("overflow")]
+            if sus:
+                s += f"; suspect layer(s) {sus} (own error > {SUSPECT_RATIO:g}x the rounding floor)"
+            lines.append(s)
+        for k, why in (m.get("skipped") or {}).items():
+            lines.append(f"skipped {k}: {why}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+    # ------------------------------------------------------------------ store
+    def rows(self) -> list[dict]:
+        out = []
+        for sec, rs in (("step", self.steps), ("layer_step", self.layer_steps), ("kv", self.kv),
+                        ("local", self.local)):
+            out += [dict(section=sec, **r) for r in rs]
+        return out
+
+    @classmethod
+    def from_run(cls, run) -> "Divergence":
+        """Rebuild from a stored run (``RunStore.load(run_id)``) of kind ``diverge``."""
+        if getattr(run, "kind", "diverge") != "diverge":
+            raise ValueError(f"run {run.run_id} is a {run.kind!r} run, not 'diverge'")
+        df = run.rows
+        secs: dict[str, list] = {s: [] for s in SECTIONS}
+        if len(df):
+            for sec, g in df.groupby("section", sort=False):
+                g = g.drop(columns="section").dropna(axis=1, how="all")
+                recs = g.to_dict("records")
+                secs[str(sec)] = [{k: _py(v) for k, v in r.items()} for r in recs]
+        return cls(meta=dict(run.meta), steps=secs["step"], layer_steps=secs["layer_step"], kv=secs["kv"],
+                   local=secs["local"], run_id=run.run_id)
+
+
+def _py(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _key(v) -> float:
+    v = float(v) if v is not None else float("nan")
+    return math.inf if (math.isnan(v) or math.isinf(v)) else v
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    v = float(v)
+    return f"{v:.3g}" if math.isfinite(v) else str(v)
+
+
+# ============================================================================================ progress
+class _Progress:
+    def __init__(self, progress, total: int):
+        self.fn = progress if callable(progress) else None
+        self.print = progress is True
+        self.total = total
+        self.i = 0
+        self.t0 = time.perf_counter()
+
+    def __call__(self, what: str):
+        self.i += 1
+        if self.fn is not None:
+            self.fn(self.i, self.total, what)
+        elif self.print:
+            print(f"[{self.i}/{self.total}] {what} ({time.perf_counter() - self.t0:.1f}s)", file=sys.stderr,
+                  flush=True)
+
+
+# ============================================================================================ passes
+def _resid_taps(cfg) -> list[str]:
+    return ["blocks.*.hook_resid_post"]
+
+
+def _decode_pass(m, prompt: list[int], n: int, tokens: list[int] | None = None, taps=None):
+    """Prefill, then one cached forward per token: greedy when ``tokens`` is None (stops early on non-finite
+    logits), else teacher-forced on ``tokens``. Every produced token is also fed, so the cache ends holding
+    prompt + tokens. Returns (tokens, logits [n, V] float32/64, per-step taps {name: [n, D]}, cache)."""
+    P = len(prompt)
+    cache = m.new_cache(batch=1, max_len=P + n)
+    out = m.forward(np.asarray(prompt, dtype=np.int64)[None], taps=taps, cache=cache, last_only=True)
+    toks: list[int] = []
+    logits, steps_taps = [], []
+    for s in range(n):
+        lg = out.logits[0, -1]
+        logits.append(lg)
+        steps_taps.append({k: v[0, -1] for k, v in out.taps.items()})
+        if tokens is not None:
+            t = int(tokens[s])
+        else:
+            if not np.isfinite(lg).any():
+                break
+            t = int(np.argmax(np.where(np.isfinite(lg), lg, -np.inf)))
+        toks.append(t)
+        out = m.forward(np.asarray([[t]], dtype=np.int64), taps=taps, cache=cache, last_only=True)
+    lgs = np.stack(logits) if logits else np.zeros((0, m.config.vocab_size), np.float32)
+    tp = {k: np.stack([st[k] for st in steps_taps]) for k in (steps_taps[0] if steps_taps else {})}
+    return toks, lgs, tp, cache
+
+
+def _cache_arrays(cache) -> list:
+    """Per layer: None (KV-shared) or (K [kvh, slots, hd] | None, V [kvh, slots, hd], pos [slots], ring)."""
+    out = []
+    for c in cache.layers:
+        if c is None:
+            out.append(None)
+            continue
+        k = None if c.k is None else np.asarray(c.ops.numpy(c.k), dtype=np.float64)[0]
+        v = np.asarray(c.ops.numpy(c.v), dtype=np.float64)[0]
+        out.append((k, v, np.asarray(c.pos).copy(), bool(c.ring)))
+    return out
+
+
+def _kv_rows(cfg, ref_kv, tgt_kv, target: str) -> list[dict]:
+    rows = []
+    for i in range(cfg.num_hidden_layers):
+        src = cfg.kv_source(i) if cfg.kv_shared(i) else i
+        r, t = ref_kv[src], tgt_kv[src]
+        if r is None or t is None:
+            continue
+        rk, rv, rpos, ring = r
+        tk, tv, tpos, _ = t
+        rslot = {int(p): s for s, p in enumerate(rpos) if p >= 0}
+        tslot = {int(p): s for s, p in enumerate(tpos) if p >= 0}
+        for p in sorted(set(rslot) & set(tslot)):
+            a, b = rslot[p], tslot[p]
+            row = dict(target=target, layer=i, position=p, shared_from=None if src == i else src, ring=ring,
+                       slot=b)
+            mv = metrics(rv[:, a], tv[:, b])
+            row.update(v_rel=mv["rel_l2"], v_rel_max=mv["rel_max"], v_nonfinite=mv["nan_count"] + mv["inf_count"])
+            if rk is not None and tk is not None:
+                mk = metrics(rk[:, a], tk[:, b])
+                row.update(k_rel=mk["rel_l2"], k_rel_max=mk["rel_max"],
+                           k_nonfinite=mk["nan_count"] + mk["inf_count"])
+            else:
+                row.update(k_rel=None, k_rel_max=None, k_nonfinite=None)
+            rows.append(row)
+    return rows
+
+
+class _Stop(Exception):
+    pass
+
+
+def _cast_like(m, x: np.ndarray) -> np.ndarray:
+    """x rounded to the model's dtype (as a hook's returned value is), back as float64."""
+    ops = m.ops
+    a = x.astype(np.float32) if m.dtype != "float64" else x
+    return np.asarray(ops.numpy(ops.asarray(a, dtype=ops.dtype)), dtype=np.float64)
+
+
+def _local_rows(m, cfg, seq: np.ndarray, ref_taps: dict, target: str) -> list[dict]:
+    """Each layer on the reference's input (all layers substituted in one pass) vs the full run."""
+    L = cfg.num_hidden_layers
+    post = [f"blocks.{i}.hook_resid_post" for i in range(L)]
+    full = m.forward(seq, taps=post)
+    hooks = {}
+    for i in range(L):
+        hooks[f"blocks.{i}.hook_resid_pre"] = (lambda v, n, i=i: ref_taps[f"blocks.{i}.hook_resid_pre"])
+        if cfg.has_ple and f"blocks.{i}.hook_ple_in" in ref_taps:
+            hooks[f"blocks.{i}.hook_ple_in"] = (lambda v, n, i=i: ref_taps[f"blocks.{i}.hook_ple_in"])
+    loc = m.forward(seq, taps=post, hooks=hooks)
+    rows = []
+    for i in range(L):
+        rp = ref_taps[post[i]]
+        cin = _cast_like(m, ref_taps[f"blocks.{i}.hook_resid_pre"])
+        in_bad = int((~np.isfinite(cin)).sum())
+        ml = metrics(rp, loc.taps[post[i]])
+        mi = metrics(rp, full.taps[post[i]])
+        fl = metrics(rp, _cast_like(m, rp))
+        loc_bad = ml["nan_count"] + ml["inf_count"]
+        rows.append(dict(target=target, layer=i, local=ml["rel_l2"], local_max=ml["rel_max"],
+                         inherited=mi["rel_l2"], inherited_max=mi["rel_max"], floor=fl["rel_l2"],
+                         input_nonfinite=in_bad, local_nonfinite=int(loc_bad),
+                         inherited_nonfinite=int(mi["nan_count"] + mi["inf_count"]),
+                         overflow=bool(loc_bad > 0 and in_bad == 0)))
+        ratio = ml["rel_l2"] / fl["rel_l2"] if fl["rel_l2"] > 0 else (0.0 if ml["rel_l2"] == 0 else math.inf)
+        rows[-1]["local_over_floor"] = ratio
+        rows[-1]["suspect"] = bool(rows[-1]["overflow"] or (in_bad == 0 and ratio > SUSPECT_RATIO))
+        if loc_bad:          # the norms above use finite entries only: say so in the number
+            rows[-1]["local"] = math.inf
+        if mi["nan_count"] + mi["inf_count"]:
+            rows[-1]["inherited"] = math.inf
+    return rows
+
+
+# ============================================================================================ the engine
+def diverge(source="gemma3-270m", backends=None, dtypes=None, prompt: str | list[int] | None = None,
+            steps: int = 64, reference: str = "torch:cpu:float64", route: str = "fast", k: int = 5,
+            max_tokens: int = 64, fault: dict | None = None, keep_logits: bool = False, db=None,
+            store: bool = True, progress: bool | Callable = True) -> Divergence:
+    """Each target (backend x dtype) generates ``steps`` tokens greedily; the float64 reference is teacher-forced on
+    them and generates its own. See the module docstring for every number. backends: list, comma string or "all";
+    dtypes: list or comma string (default bfloat16). route: "fast" (the model's generate), "plain" (a per-token
+    forward loop) or "both". fault: test-only perturbation of a target, as in ``wb.compare``
+    ({"backend": "torch:cpu", "layer": 3, "tap": "hook_attn_out", "scale": 1e-2}). progress: True prints to
+    stderr, a callable gets (step, total, what). Stored as a ``diverge`` run unless store=False."""
+    from .loader import read_source, source_hash
+    from .model.gemma import Gemma
+
+    if route not in ("fast", "plain", "both"):
+        raise ValueError(f"route must be 'fast', 'plain' or 'both', not {route!r}")
+    steps = int(steps)
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    targets = _targets(backends, dtypes if dtypes is not None else ["bfloat16"])
+    routes = ["fast", "plain"] if route == "both" else [route]
+    prog = _Progress(progress, 2 + 4 * len(targets) * len(routes))
+
+    cfg, tensors, path, tok = read_source(source, dtype="float64", progress=progress is True)
+    if prompt is None:
+        if tok is None:
+            raise ValueError(f"{source}: this checkpoint has no tokenizer; pass the prompt as token ids")
+        prompt = DEFAULT_PROMPT
+    if isinstance(prompt, str):
+        if tok is None:
+            raise ValueError(f"{source}: no tokenizer for a text prompt; pass token ids")
+        ids = list(tok.encode(prompt))[:max_tokens]
+    else:
+        ids = [int(i) for i in np.asarray(prompt).reshape(-1)]
+    if not ids:
+        raise ValueError("empty prompt: at least one token is needed")
+    P = len(ids)
+    if P + steps > cfg.max_position_embeddings:
+        raise ValueError(f"prompt ({P} tokens) + {steps} steps exceed the model's context "
+                         f"({cfg.max_position_embeddings})")
+    k = min(k, cfg.vocab_size)
+    text = (lambda t: tok.decode([int(t)])) if tok is not None else (lambda t: f"<{int(t)}>")
+
+    def build(ops):
+        mm = Gemma(cfg, tensors, ops, where=str(path))
+        mm.tokenizer, mm.source, mm.source_path = tok, str(source), path
+        return mm
+
+    rparts = reference.split(":")
+    ref = build(_bk.get_ops(":".join(rparts[:-1]), rparts[-1]))
+    ref_tokens, _, _, _ = _decode_pass(ref, ids, steps)
+    prog(f"reference {reference}: {len(ref_tokens)} greedy tokens")
+
+    L = cfg.num_hidden_layers
+    ref_tap_names = [f"blocks.{i}.hook_resid_pre" for i in range(L)] + \
+        [f"blocks.{i}.hook_resid_post" for i in range(L)] + \
+        ([f"blocks.{i}.hook_ple_in" for i in range(L)] if cfg.has_ple else [])
+    ref_memo: dict[tuple, tuple] = {}
+
+    def ref_on(toks: list[int]):
+        key = tuple(toks)
+        if key not in ref_memo:
+            seq = np.asarray(ids + list(toks), dtype=np.int64)[None]
+            cache = ref.new_cache(batch=1, max_len=len(ids) + steps)
+            out = ref.forward(seq, taps=ref_tap_names, cache=cache)
+            ref_memo.clear()           # one sequence at a time (the 270M's logits are 2 MB per position)
+            ref_memo[key] = (out.logits[0], out.taps, _cache_arrays(cache))
+        return ref_memo[key]
+
+    res = Divergence(meta={})
+    skipped: dict[str, str] = {}
+    info: dict[str, dict] = {}
+    firsts: dict[str, dict | None] = {}
+    devices: dict[str, str] = {}
+    order: list[str] = []
+    for b, d in targets:
+        base = f"{b}:{d}"
+        try:
+            spec = _bk.parse(b)
+            ok, why = _bk.status(b)
+            if not ok:
+                raise _bk.BackendError(why)
+            d = _bk.check_dtype(d, spec)
+        except _bk.BackendError as e:
+            for r in routes:
+                skipped[base + ("" if r == "fast" else "@plain")] = str(e)
+                for _ in range(4):
+                    prog(f"{base} skipped: {e}")
+            continue
+        devices[base] = why
+        m = build(_bk.get_ops(b, d))
+        if fault and _bk.parse(fault["backend"]).name == spec.name and fault.get("dtype", d) == d:
+            m.perturb = _make_fault(fault)
+        for r in routes:
+            key = base + ("" if r == "fast" else "@plain")
+            order.append(key)
+            t0 = time.perf_counter()
+            route_name, route_err = "plain per-token forward", None
+            plain_toks = None
+            if r == "fast":
+                try:
+                    g = m.generate(list(ids), max_new_tokens=steps, temperature=0.0, ignore_eos=True)
+                    toks = [int(t) for t in g.token_ids]
+                    route_name = (g.stats or {}).get("route") or "generate (route not reported)"
+                except FloatingPointError as e:       # non-finite logits: the plain loop shows where
+                    route_err = str(e)
+                    toks = None
+            else:
+                toks = None
+            gen_s = time.perf_counter() - t0
+            prog(f"{key}: generated ({route_name})")
+            taps = _resid_taps(cfg)
+            if toks is None:
+                toks, lg, st, cache = _decode_pass(m, ids, steps, None, taps)
+                plain_toks = toks
+            else:
+                _, lg, st, cache = _decode_pass(m, ids, len(toks), toks, taps)
+            n = len(toks)
+            prog(f"{key}: teacher-forced its own {n} tokens")
+            ref_lg, ref_taps, ref_kv = ref_on(toks)
+            rlg = ref_lg[P - 1:P - 1 + n]
+            if keep_logits:
+                res.logits[key] = dict(target=np.asarray(lg[:n], np.float32), reference=np.asarray(rlg),
+                                       tokens=list(toks), prompt=list(ids))
+            # ---- per step
+            srows, lsrows = _step_rows(key, b, d, r, ids, toks, lg, rlg, st, ref_taps, ref_tokens, k, text, L)
+            if plain_toks is None and r == "fast":
+                am = [int(np.argmax(np.where(np.isfinite(x), x, -np.inf))) for x in lg[:n]]
+                mism = [s + 1 for s in range(n) if am[s] != toks[s]]
+            else:
+                mism = []
+            # a non-finite stop: the step that could not choose
+            if n < steps and len(lg) > n:
+                srows.append(_nonfinite_row(key, b, d, r, P, n, lg[n], ref_lg[P - 1 + n] if P - 1 + n < len(ref_lg)
+                                            else None, ref_tokens, k, text))
+            res.steps += srows
+            res.layer_steps += lsrows
+            firsts[key] = _first(srows, lsrows)
+            prog(f"{key}: steps compared")
+            # ---- KV cache and local error (once per backend/dtype/token sequence)
+            res.kv += _kv_rows(cfg, ref_kv, _cache_arrays(cache), key)
+            seq = np.asarray(ids + list(toks), dtype=np.int64)[None]
+            res.local += _local_rows(m, cfg, seq, ref_taps, key)
+            prog(f"{key}: KV cache and local error")
+            info[key] = dict(backend=b, dtype=d, route=route_name, route_error=route_err, generated=n,
+                             route_mismatch=mism, generate_s=gen_s, text=tok.decode(toks) if tok else None,
+                             tokens=list(toks))
+        del m
+
+    meta = dict(model=str(source), source=str(path), source_hash=source_hash(path), reference=reference,
+                backends=sorted({b for b, _ in targets}), dtypes=sorted({d for _, d in targets}), steps=steps,
+                prompt=prompt if isinstance(prompt, str) else None, prompt_ids=ids, prompt_tokens=P,
+                prompt_text=tok.decode(ids) if tok else None, route=route, k=k, targets=order,
+                reference_tokens=ref_tokens, reference_text=tok.decode(ref_tokens) if tok else None,
+                target_info=info, first_divergence=firsts, skipped=skipped, devices=devices, arch=cfg.arch,
+                layers=L, fault=fault, near_tie_factor=NEAR_TIE_FACTOR)
+    res.meta = meta
+    if store:
+        from . import runs
+        st = runs.RunStore(db)
+        meta_store = dict(meta, versions=runs.collect_versions(), git_commit=runs.git_commit(),
+                          machine=runs.machine_info(), device=", ".join(sorted(set(devices.values()))) or None,
+                          passed=None, params=dict(steps=steps, route=route, k=k, fault=fault, reference=reference))
+        res.run_id = st.save("diverge", meta_store, res.rows())
+    return res
+
+
+def _step_rows(key, b, d, route, ids, toks, lg, rlg, st, ref_taps, ref_tokens, k, text, L):
+    P = len(ids)
+    n = len(toks)
+    kl = kl_divergence(rlg[:n], lg[:n]) if n else np.zeros(0)
+    srows, lsrows = [], []
+    for s in range(n):
+        r, x = np.asarray(rlg[s], np.float64), np.asarray(lg[s], np.float64)
+        t = toks[s]
+        rt = int(np.argmax(r))
+        rk, xk = _topk(r, k), _topk(x, k)
+        rlp, xlp = log_softmax(r), log_softmax(np.where(np.isfinite(x), x, 0.0))
+        mt = metrics(r, x)
+        r2 = np.sort(r)[-2:] if r.size > 1 else np.array([r[0], r[0]])
+        xr_fin = np.isfinite(x[rt]) and np.isfinite(x[t])
+        row = dict(target=key, backend=b, dtype=d, route=route, step=s + 1, position=P + s, token=t,
+                   token_text=text(t), ref_token=rt, ref_token_text=text(rt),
+                   ref_own_token=ref_tokens[s] if s < len(ref_tokens) else None,
+                   agree=bool(t == rt), kl=float(kl[s]),
+                   topk_overlap=len(set(rk.tolist()) & set(xk.tolist())) / k,
+                   logit_rel_max=mt["rel_max"], logit_rel_l2=mt["rel_l2"], logit_max_abs=mt["max_abs"],
+                   topk_max_abs=float(np.max(np.abs(x[rk] - r[rk]))) if np.isfinite(x[rk]).all() else math.inf,
+                   ref_top1_top2=float(r2[1] - r2[0]),
+                   ref_margin=float(r[rt] - r[t]) if t != rt else float(r2[1] - r2[0]),
+                   target_margin=float(x[t] - x[rt]) if (t != rt and xr_fin) else None,
+                   nan_count=mt["nan_count"], inf_count=mt["inf_count"],
+                   ref_topk=rk.tolist(), ref_topk_text=[text(i) for i in rk],
+                   ref_topk_p=np.exp(rlp[rk]).tolist(),
+                   topk=xk.tolist(), topk_text=[text(i) for i in xk], topk_p=np.exp(xlp[xk]).tolist())
+        srows.append(row)
+        pos = P - 1 + s              # the input position whose logits chose token s+1
+        for i in range(L):
+            nm = f"blocks.{i}.hook_resid_post"
+            if nm not in st:
+                continue
+            me = metrics(ref_taps[nm][0, pos], st[nm][s])
+            lsrows.append(dict(target=key, step=s + 1, layer=i, rel_l2=me["rel_l2"], rel_max=me["rel_max"],
+                               nonfinite=me["nan_count"] + me["inf_count"]))
+    return srows, lsrows
+
+
+def _nonfinite_row(key, b, d, route, P, s, x, r, ref_tokens, k, text):
+    row = dict(target=key, backend=b, dtype=d, route=route, step=s + 1, position=P + s, token=None,
+               token_text="(no finite logit)", agree=False, kl=math.nan, topk_overlap=0.0,
+               nan_count=int(np.isnan(x).sum()), inf_count=int(np.isinf(x).sum()),
+               ref_own_token=ref_tokens[s] if s < len(ref_tokens) else None, nonfinite_stop=True)
+    if r is not None:
+        r = np.asarray(r, np.float64)
+        rt = int(np.argmax(r))
+        rk = _topk(r, k)
+        r2 = np.sort(r)[-2:]
+        row.update(ref_token=rt, ref_token_text=text(rt), ref_top1_top2=float(r2[1] - r2[0]), ref_margin=math.inf,
+                   logit_rel_max=math.inf, logit_rel_l2=math.nan, ref_topk=rk.tolist(),
+                   ref_topk_text=[text(i) for i in rk], ref_topk_p=np.exp(log_softmax(r)[rk]).tolist(),
+                   topk=[], topk_text=[], topk_p=[])
+    return row
+
+
+def _first(srows: list[dict], lsrows: list[dict]) -> dict | None:
+    diff = [r for r in srows if not r["agree"]]
+    if not diff:
+        return None
+    d = diff[0]
+    errs = [dict(layer=r["layer"], rel_l2=r["rel_l2"], rel_max=r["rel_max"], nonfinite=r["nonfinite"])
+            for r in lsrows if r["target"] == d["target"] and r["step"] == d["step"]]
+    noise = [r["topk_max_abs"] for r in srows if r.get("topk_max_abs") is not None
+             and math.isfinite(r["topk_max_abs"])]
+    typical = float(np.median(noise)) if noise else math.nan
+    out = dict(target=d["target"], step=d["step"], position=d["position"], token=d["token"],
+               token_text=d["token_text"], ref_token=d.get("ref_token"), ref_token_text=d.get("ref_token_text"),
+               ref_margin=d.get("ref_margin"), target_margin=d.get("target_margin"), kl=d.get("kl"),
+               typical_error=typical, layer_errors=errs)
+    if d.get("nonfinite_stop") or d["token"] is None:
+        out.update(near_tie=False, verdict="non-finite logits (overflow/NaN): the target could not choose a token")
+    else:
+        m = float(d["ref_margin"])
+        near = bool(math.isfinite(typical) and m <= NEAR_TIE_FACTOR * typical)
+        ratio = m / typical if typical and math.isfinite(typical) and typical > 0 else math.inf
+        out.update(near_tie=near, margin_over_typical=ratio,
+                   verdict=(f"near-tie (margin {m:.3g} <= {NEAR_TIE_FACTOR:g} x typical error {typical:.3g})"
+                            if near else f"fault? (margin {m:.3g} = {ratio:.1f} x typical error {typical:.3g})"))
+    return out
+
+
+# ============================================================================================ command line
+def add_cli(sub) -> None:
+    """``workbench diverge`` (called by workbench.cli)."""
+    p = sub.add_parser("diverge", help="where each backend's greedy generation parts from float64: per-step KL, "
+                       "first differing token, KV-cache diff, local vs inherited error per layer")
+    p.add_argument("--model", default="gemma3-270m", help="HF dir, .gguf, or registered name (default %(default)s)")
+    p.add_argument("--backends", default="torch:cpu", help="'all' or a comma list, e.g. torch:cpu,mlx:cpu")
+    p.add_argument("--dtypes", default="bfloat16", help="comma list: float32,bfloat16,float16")
+    p.add_argument("--steps", type=int, default=64, help="greedy tokens per target (default %(default)s)")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of a text prompt")
+    p.add_argument("--route", default="fast", choices=["fast", "plain", "both"],
+                   help="fast: the model's generate (its decode route); plain: a per-token forward loop")
+    p.add_argument("--reference", default="torch:cpu:float64")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--db", default=None, help="results database (default $WORKBENCH_DB or the user data dir)")
+    p.add_argument("--no-store", action="store_true")
+    p.add_argument("--json", default=None, help="write the per-step rows as JSON here")
+    p.set_defaults(fn=cmd_diverge)
+    return p
+
+
+def cmd_diverge(args) -> int:
+    prompt = args.prompt
+    if args.prompt_ids:
+        prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+    div = diverge(args.model, backends=args.backends, dtypes=args.dtypes, prompt=prompt, steps=args.steps,
+                  reference=args.reference, route=args.route, k=args.top_k, db=args.db, store=not args.no_store,
+                  progress=True)
+    print(div.summary())
+    if div.run_id:
+        print(f"stored run {div.run_id}")
+    if args.json:
+        div.to_frame().to_json(args.json, orient="records", indent=1)
+        print(f"json written to {args.json}")
+    return 0
