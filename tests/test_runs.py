@@ -115,8 +115,15 @@ def test_numpy_values_are_stored_as_python(store):
     r = store.load(rid)
     assert r.meta["passed"] is True and r.meta["params"] == {"a": 0.5}
     rec = r.rows.to_dict("records")[0]
-    assert rec["v"] == 0.25 and rec["n"] == 3 and rec["b"] is False or rec["b"] == False  # noqa: E712
+    # each term on its own (was `A and B and C or b == False`, which checked only the last term)
+    assert rec["v"] == 0.25 and type(rec["v"]) is float
+    assert rec["n"] == 3 and type(rec["n"]) is int
+    assert r.rows["b"].dtype == bool and bool(rec["b"]) is False
     assert math.isnan(rec["nan"])
+    with sqlite3.connect(store.path) as c:  # stored as JSON values, not reprs of numpy objects
+        data = json.loads(c.execute("SELECT data FROM run_rows WHERE run_id = ?", (rid,)).fetchone()[0])
+    c.close()
+    assert data["v"] == 0.25 and data["n"] == 3 and data["b"] is False and data["nan"] == {"$float": "nan"}
 
 
 def test_bad_kind_and_bad_rows_rejected(store):

@@ -370,6 +370,26 @@ def _utc_iso(value=None) -> str:
     return t.astimezone(_dt.timezone.utc).isoformat(timespec="microseconds")
 
 
+# (st_dev, st_ino) -> (st_size, st_mtime_ns) of database files that passed PRAGMA quick_check in this process.
+# The file of a WAL database changes only when a checkpoint writes to it, so the dashboard, which reopens the
+# store on every rerun, checks a 10,000-run store once (~0.3 s) rather than every time; any change of size or
+# modification time (a checkpoint, a damaged or replaced file) makes the next open check it again.
+_VERIFIED: dict = {}
+
+
+def _file_stamp(path: Path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino), (st.st_size, st.st_mtime_ns)
+
+
+def _hook(stage: str) -> None:
+    """Called at the stages of a write ("begin", "run_row", "rows", "before_commit"); does nothing. Tests
+    replace it (in a child process) to stop a writer there and kill it."""
+
+
 def _is_locked(e: BaseException) -> bool:
     msg = str(e).lower()
     return isinstance(e, sqlite3.OperationalError) and ("locked" in msg or "busy" in msg)
@@ -382,18 +402,33 @@ def _is_locked(e: BaseException) -> bool:
 class RunStore:
     """An embedded SQLite store of parity and benchmark runs. ``path`` None -> :func:`default_path`.
 
-    Opening checks the file (SQLite header, ``PRAGMA quick_check``, application id, schema version) before
-    anything is written; parent directories are created. Usable as a context manager; safe to share between
+    Opening verifies the file on a **read-only** connection (SQLite format, ``PRAGMA quick_check``,
+    application id, schema version, tables) before anything is written; a file that fails is refused and left
+    as it was. Reads go through that read-only connection; the first write opens a read-write one. A store on
+    a file or directory this process can't write (or ``readonly=True``) opens for reading only, and any write
+    raises :class:`RunStoreError` saying so (``store.read_only`` holds the reason, None when writable).
+    Parent directories are created for a new store. Usable as a context manager; safe to share between
     threads; reconnects after ``fork``.
+
+    The raw bytes of the database file are never read with ``open()``: closing any descriptor of a file
+    drops every POSIX lock this process holds on it (also those of other SQLite connections in this
+    process), after which a writer elsewhere can checkpoint and delete the WAL under them; readers then see
+    "database disk image is malformed" (issue 20).
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, *, timeout: float = BUSY_TIMEOUT_S):
+    def __init__(self, path: str | os.PathLike | None = None, *, timeout: float = BUSY_TIMEOUT_S,
+                 readonly: bool = False):
         self.path = Path(path).expanduser() if path is not None else default_path()
         self.timeout = float(timeout)
         self.problems: list[str] = []
+        self.read_only: str | None = "opened with readonly=True" if readonly else None
+        self._want_readonly = bool(readonly)
         self._lock = threading.RLock()
-        self._conn: sqlite3.Connection | None = None
+        self._conn: sqlite3.Connection | None = None    # reads (read-only connection, or the writer's)
+        self._wconn: sqlite3.Connection | None = None   # writes, opened on the first write
+        self._ino = None
         self._pid = None
+        self._has_imports = False
         self._connect()
 
     # -- connection -------------------------------------------------------------------------------------------
@@ -401,35 +436,153 @@ class RunStore:
     def _refuse(self, why: str) -> RunStoreError:
         return RunStoreError(f"{self.path}: {why}; the file was not modified")
 
-    def _check_header(self) -> None:
+    def _uri(self, **params) -> str:
+        from urllib.parse import quote
+        q = "&".join(f"{k}={v}" for k, v in params.items())
+        return "file:" + quote(str(self.path.resolve()), safe="/") + ("?" + q if q else "")
+
+    def _new_conn(self, **params) -> sqlite3.Connection:
+        if params:
+            conn = sqlite3.connect(self._uri(**params), uri=True, timeout=self.timeout, isolation_level=None,
+                                   check_same_thread=False)
+        else:
+            conn = sqlite3.connect(str(self.path), timeout=self.timeout, isolation_level=None,
+                                   check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+        return conn
+
+    def _not_writable_reason(self) -> str | None:
+        if not os.access(self.path, os.W_OK):
+            return "the file is not writable"
+        if not os.access(self.path.parent, os.W_OK):
+            return "its directory is not writable (SQLite needs to create -wal/-shm files there to write)"
+        return None
+
+    def _inspect(self, conn: sqlite3.Connection) -> tuple[str, int]:
+        """('new' | 'ours', schema version) for a sound file; RunStoreError for a foreign/damaged/newer one.
+        Reads only, in one read transaction: another process may be creating the schema right now, and
+        reading application_id before its commit and user_version after it would look like a foreign file."""
+        stamp = _file_stamp(self.path)
+        conn.execute("BEGIN")
+        try:
+            if stamp is not None and _VERIFIED.get(stamp[0]) == stamp[1]:
+                bad = ["ok"]  # this very file passed quick_check in this process and hasn't changed since
+            else:
+                bad = [r[0] for r in conn.execute("PRAGMA quick_check(5)").fetchall()]
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            objects = {(r[0], r[1]) for r in conn.execute(
+                "SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")}
+        finally:
+            with contextlib.suppress(Exception):
+                conn.execute("COMMIT")
+        tables = {n for t, n in objects if t == "table"}
+        if bad != ["ok"]:
+            raise self._refuse("is corrupt (PRAGMA quick_check: " + "; ".join(map(str, bad)) +
+                               "); pass another --db/WORKBENCH_DB, or move the file aside")
+        if app_id not in (0, APPLICATION_ID):
+            raise self._refuse(f"is an SQLite database of another application (application_id {app_id:#x}), "
+                               "not a gemma-workbench results store; pass another --db/WORKBENCH_DB")
+        if version > SCHEMA_VERSION and app_id == APPLICATION_ID:
+            raise RunStoreError(f"{self.path} was written by a newer gemma-workbench (schema {version} > "
+                                f"{SCHEMA_VERSION}); upgrade gemma-workbench, or pass another --db/WORKBENCH_DB; "
+                                "the file was not modified")
+        if app_id == 0 and version == 0 and not objects:
+            return "new", 0  # an empty database: ours to initialise
+        if app_id != APPLICATION_ID or version == 0:
+            # a store we made has application_id and user_version set in the transaction creating its tables
+            raise self._refuse("is an SQLite database of another application (tables: " +
+                               (", ".join(sorted(tables)) or "none") + f", application_id {app_id:#x}, "
+                               f"user_version {version}), not a gemma-workbench results store; "
+                               "pass another --db/WORKBENCH_DB")
+        if not _OUR_TABLES <= tables:
+            raise self._refuse(f"is not a gemma-workbench results store (schema {version}, tables: " +
+                               (", ".join(sorted(tables)) or "none") + "); pass another --db/WORKBENCH_DB")
+        self._has_imports = "run_imports" in tables
+        if stamp is not None and _file_stamp(self.path) == stamp:
+            _VERIFIED[stamp[0]] = stamp[1]
+        return "ours", version
+
+    def _initialise(self, conn: sqlite3.Connection) -> None:
+        """Create the schema in a new (empty) database, unless another process just did."""
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            v = conn.execute("PRAGMA user_version").fetchone()[0]
+            n = conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]
+            if v == 0 and app_id == 0 and n == 0:
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.execute("ROLLBACK")
+            raise
+        if not (v == 0 and app_id == 0 and n == 0):
+            self._inspect(conn)  # someone else created it meanwhile: check what they made
+
+    def _sidecars(self) -> dict:
+        return {s: Path(str(self.path) + s).exists() for s in ("-wal", "-shm")}
+
+    def _tidy_after_refusal(self, before: dict) -> None:
+        """A read-only connection to a WAL-mode file creates -wal/-shm next to it and can't remove them. If we
+        made them, let SQLite remove them the way it does when its last connection closes (a read-write
+        connection that reads nothing: its WAL is empty, so the database file isn't written)."""
+        if all(before.values()) or not any(self._sidecars().values()):
+            return
+        with contextlib.suppress(Exception):
+            c = sqlite3.connect(str(self.path), timeout=1.0, isolation_level=None)
+            with contextlib.suppress(Exception):
+                c.execute("PRAGMA schema_version").fetchone()
+            c.close()
+
+    def _verify_existing(self) -> sqlite3.Connection:
+        """A read-only connection to the existing, non-empty file, after checking it; else RunStoreError."""
+        before = self._sidecars()
+        conn = self._new_conn(mode="ro")
+        try:
+            try:
+                state, _ = self._inspect(conn)
+            except sqlite3.OperationalError as e:
+                if "unable to open" not in str(e).lower() or os.access(self.path.parent, os.W_OK):
+                    raise
+                # a WAL-mode store in a read-only directory without -wal/-shm: nobody can have written to it
+                # since its last writer closed it (which folds the WAL into the file), so read the file itself
+                conn.close()
+                conn = self._new_conn(mode="ro", immutable=1)
+                state, _ = self._inspect(conn)
+                if self.read_only is None:
+                    self.read_only = ("its directory is not writable; read as an immutable file (changes made "
+                                      "meanwhile by others are not seen)")
+        except BaseException as e:
+            conn.close()
+            if not _is_locked(e):
+                self._tidy_after_refusal(before)
+            raise
+        if state == "new":
+            conn.close()
+            return None
+        return conn
+
+    def _connect(self) -> sqlite3.Connection:
+        """The reading connection, opening (and checking) the file first if needed."""
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        self._conn = self._wconn = None  # after fork: never use the parent's connections
         p = self.path
         if p.exists() and not p.is_file():
             raise RunStoreError(f"{p} is not a file (a directory?); pass a file path as --db/WORKBENCH_DB")
-        if p.is_file():
-            size = p.stat().st_size
-            if size == 0:
-                return  # an empty file: SQLite makes it a new database
-            with open(p, "rb") as f:
-                head = f.read(100)
-            if not head.startswith(_SQLITE_MAGIC) or len(head) < 100:
-                raise self._refuse("is not a gemma-workbench results database (not an SQLite file, "
-                                   f"{size} bytes); pass another --db/WORKBENCH_DB")
-
-    def _connect(self) -> sqlite3.Connection:
-        if self._conn is not None and self._pid == os.getpid():
-            return self._conn
-        self._conn = None  # after fork: never use the parent's connection
-        self._check_header()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + self.timeout
         delay = 0.02
         while True:
-            conn = sqlite3.connect(str(self.path), timeout=self.timeout, isolation_level=None,
-                                   check_same_thread=False)
             try:
-                self._open(conn)
+                conn = self._open_once()
             except BaseException as e:
-                conn.close()
                 if _is_locked(e) and time.monotonic() < deadline:
                     time.sleep(delay)
                     delay = min(delay * 2, 0.5)
@@ -437,72 +590,84 @@ class RunStore:
                 if isinstance(e, RunStoreError) or not isinstance(e, sqlite3.DatabaseError):
                     raise
                 if _is_locked(e):
-                    raise RunStoreError(f"{self.path} stayed locked by another process for {self.timeout:.0f} s"
-                                        ) from e
+                    raise RunStoreError(f"{p} stayed locked by another process for {self.timeout:.0f} s") from e
+                if getattr(e, "sqlite_errorname", "") == "SQLITE_NOTADB" or "not a database" in str(e):
+                    size = p.stat().st_size if p.exists() else 0
+                    raise self._refuse("is not a gemma-workbench results database (not an SQLite file, "
+                                       f"{size} bytes); pass another --db/WORKBENCH_DB") from e
                 raise self._refuse(f"is not a usable SQLite database ({e}); pass another --db/WORKBENCH_DB, "
                                    "or move the file aside") from e
             self._conn, self._pid = conn, os.getpid()
             return conn
 
-    def _open(self, conn: sqlite3.Connection) -> None:
-        conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
-        # read-only checks first: nothing is written until the file is known to be ours and sound
-        # ... in one read transaction: another process may be creating the schema right now, and reading
-        # application_id before its commit and user_version after it would look like a foreign database
-        conn.execute("BEGIN")
+    def _open_once(self) -> sqlite3.Connection:
+        p = self.path
+        size = p.stat().st_size if p.exists() else None
+        if size:  # an existing database: check it read-only
+            conn = self._verify_existing()
+            if conn is not None:
+                if self.read_only is None:
+                    self.read_only = self._not_writable_reason()
+                self._ino = p.stat().st_ino
+                return conn
+        # a new store (no file, an empty file, or an empty database)
+        if self._want_readonly:
+            raise RunStoreError(f"{p}: there is no results store there yet (opened read-only: nothing created)")
         try:
-            bad = [r[0] for r in conn.execute("PRAGMA quick_check(5)").fetchall()]
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = {r[0] for r in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunStoreError(f"{p}: can't create the results store's directory ({e}); pass a writable "
+                                "--db/WORKBENCH_DB") from e
+        if p.exists() and (reason := self._not_writable_reason()):
+            raise RunStoreError(f"{p} is an empty file that can't be made a results store: {reason}; pass a "
+                                "writable --db/WORKBENCH_DB")
+        conn = self._new_conn()
+        try:
+            self._initialise(conn)
+            self._setup_writer(conn)
         except BaseException:
-            with contextlib.suppress(Exception):
-                conn.execute("ROLLBACK")
+            conn.close()
             raise
-        conn.execute("COMMIT")
-        if bad != ["ok"]:
-            raise self._refuse("is corrupt (PRAGMA quick_check: " + "; ".join(map(str, bad)) +
-                               "); pass another --db/WORKBENCH_DB, or move the file aside")
-        if app_id not in (0, APPLICATION_ID):
-            raise self._refuse(f"is an SQLite database of another application (application_id {app_id:#x}), "
-                               "not a gemma-workbench results store; pass another --db/WORKBENCH_DB")
-        if version > SCHEMA_VERSION:
-            raise RunStoreError(f"{self.path} was written by a newer gemma-workbench (schema {version} > "
-                                f"{SCHEMA_VERSION}); upgrade gemma-workbench, or pass another --db/WORKBENCH_DB; "
-                                "the file was not modified")
-        if version == 0 and tables - _OUR_TABLES:
-            raise self._refuse("is an SQLite database of another application (tables: " +
-                               ", ".join(sorted(tables)) + "), not a gemma-workbench results store; "
-                               "pass another --db/WORKBENCH_DB")
-        if version > 0 and (app_id != APPLICATION_ID or not _OUR_TABLES <= tables):
-            raise self._refuse(f"is not a gemma-workbench results store (schema {version}, tables: " +
-                               (", ".join(sorted(tables)) or "none") + "); pass another --db/WORKBENCH_DB")
-        # ours (or new): WAL lets readers and one writer at a time work concurrently
-        conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        self._ino = p.stat().st_ino
+        self._wconn = conn
+        return conn
+
+    def _setup_writer(self, conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
-        if version < SCHEMA_VERSION:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                v = conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have just done it
-                if v == 0:
-                    for stmt in _SCHEMA.split(";"):
-                        if stmt.strip():
-                            conn.execute(stmt)
-                    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+
+    def _writer(self) -> sqlite3.Connection:
+        """The read-write connection (opened on the first write); RunStoreError on a read-only store."""
+        self._connect()
+        if self.read_only:
+            raise RunStoreError(f"{self.path} is read-only ({self.read_only}): runs can be listed and loaded, "
+                                "but not saved, imported or deleted; pass a writable --db/WORKBENCH_DB")
+        if self._wconn is not None:
+            return self._wconn
+        try:
+            ino = self.path.stat().st_ino
+        except OSError as e:
+            raise RunStoreError(f"{self.path} vanished since it was opened ({e})") from e
+        if ino != self._ino:
+            raise RunStoreError(f"{self.path} was replaced by another file since it was opened; open it again")
+        conn = self._new_conn()
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            self._setup_writer(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._wconn = conn
+        return conn
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
-                with contextlib.suppress(Exception):
-                    self._conn.close()
-            self._conn = None
+            if self._pid == os.getpid():
+                for c in {id(c): c for c in (self._conn, self._wconn) if c is not None}.values():
+                    with contextlib.suppress(Exception):
+                        c.close()
+            self._conn = self._wconn = None
 
     def __enter__(self) -> "RunStore":
         return self
@@ -517,34 +682,45 @@ class RunStore:
             pass
 
     def __repr__(self) -> str:
-        return f"RunStore({str(self.path)!r})"
+        return f"RunStore({str(self.path)!r}" + (", read-only" if self.read_only else "") + ")"
 
     def _write(self, fn):
         """Run ``fn(conn)`` in one BEGIN IMMEDIATE transaction; roll back on any exception; retry if locked."""
         delay = 0.05
         for attempt in range(WRITE_ATTEMPTS):
             with self._lock:
-                conn = self._connect()
+                conn = self._writer()
                 try:
                     conn.execute("BEGIN IMMEDIATE")
                 except sqlite3.OperationalError as e:
                     if _is_locked(e) and attempt < WRITE_ATTEMPTS - 1:
                         pass  # sleep below, outside the lock
                     else:
-                        raise RunStoreError(f"{self.path}: can't start a write ({e})") from e
+                        raise self._write_error(e) from e
                 else:
                     try:
+                        _hook("begin")
                         out = fn(conn)
+                        _hook("before_commit")
                         conn.execute("COMMIT")
                         return out
                     except BaseException as e:
                         with contextlib.suppress(Exception):
                             conn.execute("ROLLBACK")
                         if not (_is_locked(e) and attempt < WRITE_ATTEMPTS - 1):
+                            if isinstance(e, sqlite3.OperationalError):
+                                raise self._write_error(e) from e
                             raise
             time.sleep(delay * (1 + secrets.randbelow(100) / 100))
             delay = min(delay * 2, 2.0)
         raise RunStoreError(f"{self.path}: still locked after {WRITE_ATTEMPTS} attempts")  # pragma: no cover
+
+    def _write_error(self, e: BaseException) -> RunStoreError:
+        if "readonly" in str(e).lower() or "read-only" in str(e).lower():
+            return RunStoreError(f"{self.path} is read-only ({e}): runs can be listed and loaded, but not saved, "
+                                 "imported or deleted; pass a writable --db/WORKBENCH_DB")
+        return RunStoreError(f"{self.path}: can't write ({e})")
+
 
     # -- writing ----------------------------------------------------------------------------------------------
 
@@ -622,9 +798,11 @@ class RunStore:
                     continue
             else:  # pragma: no cover
                 raise RunStoreError("could not allocate a run id")
+            _hook("run_row")
             # rows are serialised inside the transaction: a failure half-way rolls back the run row too
             conn.executemany("INSERT INTO run_rows (run_id, idx, data) VALUES (?, ?, ?)",
                              ((run_id, i, _dumps(r, strict=True, where=f"row {i}")) for i, r in enumerate(rows)))
+            _hook("rows")
             return run_id
 
         return self._write(write)
