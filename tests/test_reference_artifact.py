@@ -1,0 +1,112 @@
+"""Reference artifacts: export the float64 taps once, compare on another machine (here: a fresh process in another
+directory) with the same rows as a direct wb.compare; an artifact of other weights/config is refused."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES, ROOT
+import workbench as wb
+from workbench import reference_artifact as ra
+
+IDS = [2, 17, 200, 31, 5, 99, 64, 3, 250, 11, 42, 7, 128, 19]
+_METRICS = ("max_abs", "rel_max", "rel_l2", "nmse", "cosine", "ref_scale")
+
+
+def _key(r):
+    return (r["backend"], r["dtype"], r["phase"], r["tap"], r["layer"] if r["layer"] == r["layer"] else None)
+
+
+def _same_rows(a, b):
+    ka = {_key(r): r for r in a}
+    kb = {_key(r): r for r in b}
+    assert set(ka) == set(kb) and len(ka) > 10
+    for k, r in ka.items():
+        s = kb[k]
+        assert r["passed"] == s["passed"], k
+        for m in _METRICS:
+            x, y = float(r[m]), float(s[m])
+            assert abs(x - y) <= 1e-12 * max(1.0, abs(x)), (k, m, x, y)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ref")
+    return ra.export(FIXTURES / "gemma3_text", d / "ref.wbref", prompt=IDS, decode_steps=3, progress=False)
+
+
+def test_artifact_contents(artifact):
+    art = ra.read(artifact)
+    m = art.manifest
+    assert m["format"] == ra.FORMAT and m["token_ids"] == IDS and m["reference"] == "torch:cpu:float64"
+    assert set(m["hashes"]) == {"weights", "config", "tokenizer"} and len(m["hashes"]["weights"]) == 64
+    assert m["versions"]["torch"] and m["versions"]["numpy"]
+    assert all(v.dtype == np.float64 for v in art.taps.values())
+    assert art.taps["logits"].shape == (1, len(IDS), 256)
+    # the stored taps are the float64 reference's own (a fresh forward equals them exactly)
+    ref = wb.load(FIXTURES / "gemma3_text", dtype="float64").forward(IDS, taps=["blocks.*.hook_resid_post"])
+    np.testing.assert_array_equal(art.taps["blocks.2.hook_resid_post"], ref.taps["blocks.2.hook_resid_post"])
+    assert not artifact.with_name(artifact.name + ".partial").exists()
+
+
+def test_against_in_a_fresh_process_reproduces_direct_compare(artifact, tmp_path):
+    direct = wb.compare(FIXTURES / "gemma3_text", backends="torch:cpu", dtypes="float32,bfloat16", prompt=IDS,
+                        decode_steps=3, references=(), store=False, progress=False)
+    elsewhere = tmp_path / "other-machine"
+    elsewhere.mkdir()
+    shutil.copy(artifact, elsewhere / "copied.wbref")
+    r = subprocess.run([sys.executable, "-m", "workbench.reference_artifact", "compare", "copied.wbref",
+                        "--model", str(FIXTURES / "gemma3_text"), "--backends", "torch:cpu",
+                        "--dtypes", "float32,bfloat16", "--no-store", "--json", "rows.json"],
+                       cwd=elsewhere, capture_output=True, text=True, timeout=300,
+                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert r.returncode in (0, 1), r.stderr
+    assert "copied.wbref" in r.stdout            # the report names the artifact as its reference
+    rows = json.loads((elsewhere / "rows.json").read_text())
+    _same_rows(direct.rows, rows)
+    assert {x["phase"] for x in rows} == {"prefill", "decode"}
+
+
+def test_against_stores_a_parity_run(artifact, tmp_path):
+    db = str(tmp_path / "runs.sqlite")
+    rep = ra.compare_against(artifact, source=FIXTURES / "gemma3_text", backends="torch:cpu", dtypes="float32",
+                             db=db, progress=False)
+    assert rep.passed and rep.run_id
+    from workbench import runs
+    st = runs.RunStore(db)
+    got = st.load(rep.run_id)
+    assert got is not None
+
+
+def test_hash_mismatch_is_refused(artifact, tmp_path):
+    other = tmp_path / "edited"
+    shutil.copytree(FIXTURES / "gemma3_text", other)
+    from safetensors.numpy import load_file, save_file
+    t = load_file(str(other / "model.safetensors"))
+    k = next(k for k in t if k.endswith("mlp.down_proj.weight"))
+    t[k] = t[k] * np.float32(1.001)
+    save_file(t, str(other / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ra.ArtifactMismatch, match="weights: artifact"):
+        ra.compare_against(artifact, source=other, backends="torch:cpu", store=False, progress=False)
+    cfgd = tmp_path / "cfg"
+    shutil.copytree(FIXTURES / "gemma3_text", cfgd)
+    c = json.loads((cfgd / "config.json").read_text())
+    c["rms_norm_eps"] = 1e-5
+    (cfgd / "config.json").write_text(json.dumps(c))
+    with pytest.raises(ra.ArtifactMismatch, match="config: artifact") as e:
+        ra.compare_against(artifact, source=cfgd, backends="torch:cpu", store=False, progress=False)
+    assert "weights:" not in str(e.value)      # only what differs is named
+
+
+def test_not_an_artifact(tmp_path):
+    with pytest.raises(ra.ArtifactError, match="no such file"):
+        ra.read(tmp_path / "missing.wbref")
+    with pytest.raises(ra.ArtifactError, match="not a workbench reference artifact"):
+        ra.read(FIXTURES / "gemma3_text" / "model.safetensors")
+    bad = tmp_path / "junk.wbref"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    with pytest.raises(ra.ArtifactError):
+        ra.read(bad)
