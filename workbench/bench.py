@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backends import base as _bk
-from .backends import cpu_gemv
 from .generate import default_compile
 
 # Peak memory bandwidth of known accelerators (vendor spec sheets), GB/s.
@@ -187,10 +186,20 @@ def _peak_mem(ops) -> int | None:
 
 
 def _one_run(model, ids, gen_len, fast, compile, state: dict):
-    """One timed prefill + decode. ``state`` keeps the cache and the fast decoder across runs, so a
-    compiled / captured step is reused (the cache is reset in place, keeping the captured buffers)."""
-    from .generate import FastDecoder
+    """One timed prefill + decode. fast: exactly what ``m.generate`` runs (``generate_iter``, greedy, EOS ignored:
+    the decode engine's route, its engine and cache reused across runs so what it compiled or captured is kept;
+    its setup — compile, graph capture — is timed apart, as ``m.generate`` reports it). Else the plain path: one
+    ``model.forward`` per token."""
     ops = model.ops
+    if fast:
+        from .generate import generate_iter
+        st: dict = {}
+        ops.synchronize()
+        toks = list(generate_iter(model, ids[0].tolist(), gen_len + 1, ignore_eos=True, stats=st,
+                                  compile=compile))
+        state["route"], state["route_reason"] = st.get("route"), st.get("route_reason")
+        return dict(ttft=st["ttft_s"], prefill=st["prefill_s"], decode=st["decode_s"], steps=st["decode_steps"],
+                    tokens=toks[1:], setup=st.get("setup_s", 0.0))
     cache = state.get("cache")
     if cache is None:
         cache = state["cache"] = model.new_cache(batch=1, max_len=ids.shape[1] + gen_len + 1)
@@ -201,26 +210,15 @@ def _one_run(model, ids, gen_len, fast, compile, state: dict):
     logits = model.forward(ids, cache=cache, last_only=True).logits
     first = int(np.argmax(logits[0, -1]))
     t1 = time.perf_counter()
-    if fast:
-        dec = state.get("dec")
-        if dec is None:
-            dec = state["dec"] = FastDecoder(model, cache, compile=compile)
-        dec.prepare(first)
-        ops.synchronize()
-        t2 = time.perf_counter()
-        toks = dec.run(first, gen_len)
-        ops.synchronize()
-        t3 = time.perf_counter()
-    else:
-        t2 = time.perf_counter()
-        tok = first
-        toks = []
-        for _ in range(gen_len):
-            lg = model.forward(np.asarray([[tok]]), cache=cache, last_only=True).logits
-            tok = int(np.argmax(lg[0, -1]))
-            toks.append(tok)
-        ops.synchronize()
-        t3 = time.perf_counter()
+    t2 = time.perf_counter()
+    tok = first
+    toks = []
+    for _ in range(gen_len):
+        lg = model.forward(np.asarray([[tok]]), cache=cache, last_only=True).logits
+        tok = int(np.argmax(lg[0, -1]))
+        toks.append(tok)
+    ops.synchronize()
+    t3 = time.perf_counter()
     return dict(ttft=t1 - t0, prefill=t1 - t0, decode=(t3 - t2), steps=gen_len, tokens=toks)
 
 
@@ -244,8 +242,8 @@ def bench_model(model, prompt_len=128, gen_len=64, repeats=3, fast=True, compile
     pp = [prompt_len / x["prefill"] for x in runs]
     tt = [x["ttft"] for x in runs]
     med_us = statistics.median(us)
-    dec = state.get("dec")
-    return dict(route=getattr(dec, "route", None), compiled=bool(getattr(dec, "compile", False)),
+    return dict(route=state.get("route") or "plain", route_reason=state.get("route_reason"),
+                compiled=bool(compile) and "compile" in (state.get("route_reason") or ""),
                 ttft_s=statistics.median(tt), prefill_tok_s=statistics.median(pp), decode_us_median=med_us,
                 decode_us_p10=float(np.percentile(us, 10)), decode_us_p90=float(np.percentile(us, 90)),
                 decode_tok_s=1e6 / med_us, tokens=runs[-1]["tokens"])
@@ -303,7 +301,8 @@ def bench(source="gemma3-270m", backends=None, dtypes=None, prompt_len: int = 12
                          peak_mem_bytes=_peak_mem(m.ops), bytes_per_step=nbytes, gbps=gbps, bw_limit_gbps=bw,
                          bw_fraction=gbps / bw if bw else None, bw_source=bw_src, device=dev,
                          path="fast" + ("+compile" if res.get("compiled") else "") if fast else "plain",
-                         kernels=cpu_gemv.describe(d) if spec.device == "cpu" else res.get("route")))
+                         route=res.get("route"),
+                         kernels=f"{res.get('route')}: {res.get('route_reason')}" if fast else "plain forward"))
         del m
     if peers:
         rows += _peer_rows(path, targets, prompt_len, gen_len, repeats, progress)

@@ -2,6 +2,7 @@
 mx.fast.scaled_dot_product_attention."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import mlx.core as mx
@@ -25,6 +26,15 @@ class MLXOps(Ops):
         mx.set_default_device(self.device)
         self._freqs_cache: dict = {}
         self._cpu_gemv = spec.device == "cpu" and cpu_gemv.mode() != "off"
+
+    @contextlib.contextmanager
+    def traceable(self):
+        """Within the block no op leaves MLX (the numpy products of the CPU route can't run inside mx.compile)."""
+        saved, self._cpu_gemv = self._cpu_gemv, False
+        try:
+            yield
+        finally:
+            self._cpu_gemv = saved
 
     # ------------------------------------------------------------ data movement
     def asarray(self, a, dtype=None):
@@ -174,6 +184,9 @@ class MLXOps(Ops):
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
         return self.attention(q, k, v, mask, scale, softcap, False)[0]
 
+    def argmax_last(self, logits):
+        return mx.argmax(logits, axis=-1, keepdims=True)
+
     def attention(self, q, k, v, mask, scale, softcap, want_probs):
         H, Hkv = q.shape[1], k.shape[1]
         if softcap is None and not want_probs:
@@ -201,3 +214,10 @@ class MLXOps(Ops):
 
     def cast(self, x, dtype: str | None = None):
         return x.astype(_MD[dtype] if dtype else self.mdtype)
+
+    # collectives: one process (workbench.distributed's TPOps overrides them for tensor parallelism)
+    def all_reduce(self, x):
+        return x
+
+    def all_gather(self, x, dim: int):
+        return x

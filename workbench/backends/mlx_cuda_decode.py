@@ -19,8 +19,6 @@ Supported: Gemma 1-3 text layers with head_dim a multiple of 32, batch 1, float3
 """
 from __future__ import annotations
 
-import os
-
 from .base import fused_decode_unsupported
 
 _HEADER = r"""
@@ -213,9 +211,8 @@ _ATTN = r"""
 """
 
 
-def unsupported(model, cache=None) -> str | None:
-    """Why the custom-kernel step can't run this model (None: it can)."""
-    cfg, ops = model.config, model.ops
+def unsupported(cfg, ops, cache=None) -> str | None:
+    """Why the custom-kernel step can't run a model of this config on these ops (None: it can)."""
     if ops.framework != "mlx" or getattr(ops.spec, "device", "") != "gpu":
         return "not mlx:gpu"
     try:
@@ -236,20 +233,18 @@ def unsupported(model, cache=None) -> str | None:
 
 
 class MLXCudaDecodeStep:
-    """``step(tok [1, 1], pos [1]) -> logits [1, V]`` on mlx:gpu (CUDA) for a static cache; pure MLX graph
-    (custom kernels + slice updates of the cache), so ``mx.compile`` can trace it."""
+    """``step(tok [1, 1], pos [1]) -> logits [1, V]`` on mlx:gpu (CUDA) for one
+    :class:`~workbench.decode.plan.DecodePlan` (weights by role, per-layer flags, the static cache's buffers);
+    pure MLX graph (custom kernels + slice updates of the cache), so ``mx.compile`` can trace it. The route checks
+    :func:`unsupported` first."""
 
-    def __init__(self, model, cache):
-        why = unsupported(model, cache)
-        if why:
-            raise ValueError(f"the MLX CUDA decode step does not support this model: {why}")
+    def __init__(self, plan):
         import mlx.core as mx
         self.mx = mx
-        self.model, self.cache = model, cache
-        cfg = self.cfg = model.config
-        self.eps = float(cfg.rms_norm_eps)
+        self.plan = plan
+        self.eps = float(plan.eps)
         self._k: dict = {}
-        self.dt = model.ops.mdtype
+        self.dt = plan.ops.mdtype
 
     def _kernel(self, kind, **defs):
         key = (kind,) + tuple(sorted(defs.items()))
@@ -284,44 +279,40 @@ class MLXCudaDecodeStep:
                       output_shapes=[(N,), (K,) if write_r else (1,)], output_dtypes=[self.dt, self.dt])
         return out, rout
 
-    def __call__(self, tok, pos):
-        mx, cfg, w, cache = self.mx, self.cfg, self.model.w, self.cache
-        D, H = cfg.hidden_size, cfg.num_attention_heads
-        x0 = (w["embed_tokens.weight"][tok.reshape(-1)] * mx.array(cfg.embed_scale, dtype=self.dt)).reshape(D)
+    def __call__(self, tok, pos, capture=None):
+        """capture: a list that gets each layer's residual after the layer (hook_resid_post, [D]) — the kernels'
+        own residual outputs (parity)."""
+        mx, plan = self.mx, self.plan
+        D, H = plan.hidden, plan.n_heads
+        x0 = (plan.embed[tok.reshape(-1)] * mx.array(plan.embed_scale, dtype=self.dt)).reshape(D)
         R, Y, PW = x0, None, None
-        capa = float(cfg.attn_logit_softcapping or 0.0)
-        for i in range(cfg.num_hidden_layers):
-            p = f"layers.{i}."
-            hd, kvh, lc = cfg.head_dim(i), cfg.num_kv_heads(i), cache.layers[i]
-            qkv, resid = self._gemv((H + 2 * kvh) * hd, D, w[p + "self_attn.qkv_proj.weight"], R, Y, PW,
-                                    w[p + "input_layernorm.weight"], write_r=True)
-            cos, sin = cache.rope_tables[i]
-            qn, kn = w.get(p + "self_attn.q_norm.weight"), w.get(p + "self_attn.k_norm.weight")
+        capa = float(plan.attn_softcap or 0.0)
+        for i, lp in enumerate(plan.layers):
+            hd, kvh, lc = lp.head_dim, lp.kv_heads, lp.kv
+            qkv, resid = self._gemv((H + 2 * kvh) * hd, D, lp.qkv, R, Y, PW, lp.input_norm, write_r=True)
+            if capture is not None and i > 0:
+                capture.append(resid)
+            cos, sin = lp.rope
+            qn, kn = lp.q_norm, lp.k_norm
             one = mx.zeros((1,), dtype=mx.float32)
-            ak = self._kernel("attn", EPS_=self.eps, CAP_=capa, SCALE_=float(cfg.attn_scale(i)))
+            ak = self._kernel("attn", EPS_=self.eps, CAP_=capa, SCALE_=float(lp.scale))
             z, knew, vnew = ak(
                 inputs=[qkv, qn if qn is not None else one, kn if kn is not None else one, cos, sin,
                         pos.astype(mx.int32), lc.k, lc.v, lc.kpos_dev.astype(mx.int32)],
                 template=[("T_", self.dt), ("H_", H), ("HKV_", kvh), ("HD_", hd), ("G_", H // kvh),
-                          ("S_", lc.slots), ("QKN_", int(qn is not None)), ("WIN_", int(cfg.sliding_window(i) or 0))],
+                          ("S_", lc.slots), ("QKN_", int(qn is not None)), ("WIN_", int(lp.window or 0))],
                 grid=(H * 1024, 1, 1), threadgroup=(1024, 1, 1),
                 output_shapes=[(H * hd,), (kvh * hd,), (kvh * hd,)], output_dtypes=[self.dt] * 3)
             lc.update_static(knew.reshape(1, kvh, 1, hd), vnew.reshape(1, kvh, 1, hd), pos)
-            yo, _ = self._gemv(D, H * hd, w[p + "self_attn.o_proj.weight"], z)
-            F = cfg.intermediate(i)
-            a, mid = self._gemv(F, D, w[p + "mlp.gate_up_proj.weight"], resid, yo,
-                                w.get(p + "post_attention_layernorm.weight"), w[p + "pre_feedforward_layernorm.weight"],
-                                write_r=True, pair=True)
-            yd, _ = self._gemv(D, F, w[p + "mlp.down_proj.weight"], a)
-            R, Y, PW = mid, yd, w.get(p + "post_feedforward_layernorm.weight")
-        head = w.get("lm_head.weight", w["embed_tokens.weight"])
-        logits, _ = self._gemv(head.shape[0], D, head, R, Y, PW, w["norm.weight"],
-                               cap=cfg.final_logit_softcapping or 0.0)
+            yo, _ = self._gemv(D, H * hd, lp.o, z)
+            F = lp.intermediate
+            a, mid = self._gemv(F, D, lp.gate_up, resid, yo, lp.post_attn_norm, lp.pre_ff_norm, write_r=True,
+                                pair=True)
+            yd, _ = self._gemv(D, F, lp.down, a)
+            R, Y, PW = mid, yd, lp.post_ff_norm
+        head = plan.head
+        logits, last = self._gemv(head.shape[0], D, head, R, Y, PW, plan.final_norm, write_r=capture is not None,
+                                  cap=plan.final_softcap or 0.0)
+        if capture is not None:
+            capture.append(last)
         return logits.reshape(1, -1)
-
-
-def make_step(model, cache):
-    """The custom-kernel step, or None where it does not apply (or WORKBENCH_MLX_KERNELS=0)."""
-    if os.environ.get("WORKBENCH_MLX_KERNELS", "1") == "0" or unsupported(model, cache):
-        return None
-    return MLXCudaDecodeStep(model, cache)

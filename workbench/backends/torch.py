@@ -2,8 +2,6 @@
 the probabilities are tapped or a softcap is needed (Gemma 2), where the explicit path runs."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -81,9 +79,9 @@ class TorchOps(Ops):
         self._rope_cache: dict = {}
         # one-row products (decode) on the CPU: faster kernels, see cpu_gemv
         self._cpu_gemv = self.device.type == "cpu" and cpu_gemv.mode() != "off"
-        # WORKBENCH_GPU_DECODE=cublas keeps the library kernels in the compiled GPU decode step
-        self._fused_decode = self.device.type == "cuda" and \
-            os.environ.get("WORKBENCH_GPU_DECODE", "fused").lower() != "cublas"
+        # the compiled GPU decode step writes one-row products and one-query attention as float32 reductions
+        # inductor fuses; the decode route sets it False for WORKBENCH_GPU_DECODE=cublas (the library kernels)
+        self.fused_reductions = True
 
     # ------------------------------------------------------------ data movement
     def asarray(self, a, dtype=None):
@@ -144,7 +142,8 @@ class TorchOps(Ops):
                 y = _cpu_gemv(x, w)     # decode on the CPU: see cpu_gemv
                 if y is not None:
                     return y
-            elif self._fused_decode and w.numel() <= _FUSED_GEMV_MAX and torch.compiler.is_compiling():
+            elif self.device.type == "cuda" and self.fused_reductions and w.numel() <= _FUSED_GEMV_MAX and \
+                    torch.compiler.is_compiling():
                 # compiled decode on a GPU: written as a float32 reduction, inductor makes it one Triton
                 # kernel (with the casts and neighbouring elementwise work fused) instead of a cuBLAS GEMV
                 # that costs ~4 µs of launch latency for a 1-5 MB matrix. Same math as F.linear: products
@@ -249,7 +248,7 @@ class TorchOps(Ops):
                 attn_mask=None if mask is None else mask.reshape(1, 1, 1, -1))
             return o.to(q.dtype)
         qg = q.reshape(B, Hkv, (H // Hkv) * T, D)
-        if self._fused_decode and torch.compiler.is_compiling():
+        if self.device.type == "cuda" and self.fused_reductions and torch.compiler.is_compiling():
             # as in linear(): reductions inductor fuses with the mask and softmax, no cuBLAS launches
             s = (qg.to(self.acc).unsqueeze(-2) * k.to(self.acc).unsqueeze(-3)).sum(-1) * scale
             if softcap is not None:
@@ -306,3 +305,10 @@ class TorchOps(Ops):
 
     def cast(self, x, dtype: str | None = None):
         return x.to(_TD[dtype] if dtype else self.tdtype)
+
+    # collectives: one process (workbench.distributed's TPOps overrides them for tensor parallelism)
+    def all_reduce(self, x):
+        return x
+
+    def all_gather(self, x, dim: int):
+        return x

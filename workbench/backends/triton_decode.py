@@ -50,11 +50,10 @@ except Exception:  # pragma: no cover - older triton
 _DT = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def unsupported(model, cache=None) -> str | None:
-    """Why the Triton step can't run this model (None: it can)."""
+def unsupported(cfg, ops, cache=None) -> str | None:
+    """Why the Triton step can't run a model of this config on these ops (None: it can)."""
     if triton is None:
         return "triton is not installed"
-    cfg, ops = model.config, model.ops
     if ops.framework != "torch":
         return "not a torch backend"
     if ops.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
@@ -225,9 +224,10 @@ if triton is not None:
             tl.store(POS, tl.load(POS) + 1)
 
     @triton.jit
-    def _norm_vec(R, Y, PW, NW, X, K, eps, POST_NORM: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr,
-                  PDL: tl.constexpr):
-        """One program: X = rms_norm(R + post_norm(Y) * PW) * NW (the input of the head)."""
+    def _norm_vec(R, Y, PW, NW, X, ROUT, K, eps, POST_NORM: tl.constexpr, WRITE_R: tl.constexpr,
+                  BLOCK_K: tl.constexpr, DT: tl.constexpr, PDL: tl.constexpr):
+        """One program: X = rms_norm(R + post_norm(Y) * PW) * NW (the input of the head); WRITE_R: the residual
+        R + post_norm(Y) * PW to ROUT too (capture mode: the last layer's resid_post)."""
         if PDL:
             _gdc_go()
             _gdc_wait()
@@ -236,8 +236,8 @@ if triton is not None:
         pw = tl.zeros([BLOCK_K], tl.float32)
         if POST_NORM:
             pw = tl.load(PW + ko, mask=m, other=0.0)
-        x = _xvec(R, Y, pw, tl.load(NW + ko, mask=m, other=0.0), X, ko, m, K, eps, 1, X, 1.0, True, True,
-                  POST_NORM, False, False, DT)
+        x = _xvec(R, Y, pw, tl.load(NW + ko, mask=m, other=0.0), ROUT, ko, m, K, eps, 0, X, 1.0, True, True,
+                  POST_NORM, WRITE_R, False, DT)
         tl.store(X + ko, x.to(DT), mask=m)
 
     @triton.jit
@@ -406,30 +406,27 @@ def _tune(kind: str) -> tuple:
 
 
 class TritonDecodeStep:
-    """``step(tok [1, 1], pos [1]) -> logits [1, V]`` for one model and its static cache (see module doc);
-    captured into a CUDA graph by :class:`workbench.generate.FastDecoder`."""
+    """``step(tok [1, 1], pos [1]) -> logits [1, V]`` for one :class:`~workbench.decode.plan.DecodePlan` (its
+    weights by role, per-layer flags and the static cache's buffers; see module doc); captured into a CUDA graph
+    by :class:`workbench.decode.engine.DecodeEngine`. The route checks :func:`unsupported` first."""
 
-    def __init__(self, model, cache):
-        why = unsupported(model, cache)
-        if why:
-            raise ValueError(f"the Triton decode step does not support this model: {why}")
-        self.model, self.cache = model, cache
-        cfg, ops, w = model.config, model.ops, model.w
-        self.cfg, self.ops = cfg, ops
+    def __init__(self, plan):
+        self.plan_ = plan
+        ops = plan.ops
+        self.ops = ops
         self.dt = getattr(tl, _DT[ops.tdtype])
         self.pdl = bool(ops.device.type == "cuda" and _gdc_wait is not None
                         and torch.cuda.get_device_capability(ops.device)[0] >= 9
                         and os.environ.get("WORKBENCH_TRITON_PDL", "1") != "0")
         self.launch = {"launch_pdl": True} if self.pdl else {}
-        dev, D = ops.device, cfg.hidden_size
-        self.H = cfg.num_attention_heads
-        L = cfg.num_hidden_layers
+        dev, D = ops.device, plan.hidden
+        self.H = plan.n_heads
+        self.eps = plan.eps
         self.layers = []
         max_split, max_q = 1, 1
-        for i in range(L):
-            p = f"layers.{i}."
-            hd, kvh = cfg.head_dim(i), cfg.num_kv_heads(i)
-            lc = cache.layers[i]
+        for lp in plan.layers:
+            hd, kvh = lp.head_dim, lp.kv_heads
+            lc = lp.kv
             S = lc.slots
             bs_, _, most = _tune("attn")
             chunk = max(bs_, _pow2(-(-S // most)))          # slots per program
@@ -437,15 +434,12 @@ class TritonDecodeStep:
             max_split = max(max_split, nsplit)
             max_q = max(max_q, self.H * hd)
             self.layers.append(dict(
-                hd=hd, kvh=kvh, S=S, chunk=chunk, nsplit=nsplit, ring=lc.ring, lc=lc, i=i,
-                qkv=w[p + "self_attn.qkv_proj.weight"], o=w[p + "self_attn.o_proj.weight"],
-                gu=w[p + "mlp.gate_up_proj.weight"], down=w[p + "mlp.down_proj.weight"],
-                n_in=w[p + "input_layernorm.weight"], n_pre=w[p + "pre_feedforward_layernorm.weight"],
-                n_pa=w.get(p + "post_attention_layernorm.weight"), n_pf=w.get(p + "post_feedforward_layernorm.weight"),
-                qn=w.get(p + "self_attn.q_norm.weight"), kn=w.get(p + "self_attn.k_norm.weight"),
-                F=cfg.intermediate(i), window=cfg.sliding_window(i), scale=cfg.attn_scale(i)))
-        self.head = w.get("lm_head.weight", w["embed_tokens.weight"])
-        self.embed = w["embed_tokens.weight"]
+                hd=hd, kvh=kvh, S=S, chunk=chunk, nsplit=nsplit, ring=lc.ring, lc=lc, i=lp.index, rope=lp.rope,
+                qkv=lp.qkv, o=lp.o, gu=lp.gate_up, down=lp.down, n_in=lp.input_norm, n_pre=lp.pre_ff_norm,
+                n_pa=lp.post_attn_norm, n_pf=lp.post_ff_norm, qn=lp.q_norm, kn=lp.k_norm,
+                F=lp.intermediate, window=lp.window, scale=lp.scale))
+        self.head = plan.head
+        self.embed = plan.embed
         td = ops.tdtype
         nq = max((self.H + 2 * lay["kvh"]) * lay["hd"] for lay in self.layers)
         f32 = torch.float32
@@ -469,7 +463,7 @@ class TritonDecodeStep:
         self._dummy = torch.zeros(1, dtype=f32, device=dev)
         # the embedding scale rounded to the dtype first, as ops.scale (and HF) do; on the device, so a CUDA
         # graph can capture the step
-        self.escale = torch.tensor(cfg.embed_scale, dtype=td, device=dev)
+        self.escale = torch.tensor(plan.embed_scale, dtype=td, device=dev)
         self.esc = float(self.escale.float().cpu())
         self.b_x0 = torch.empty(D, dtype=td, device=dev)
 
@@ -483,17 +477,19 @@ class TritonDecodeStep:
         return lambda: _norm_gemv[(triton.cdiv(N, bn),)](
             R, z if Y is None else Y, z if PW is None else PW, z if NW is None else NW,
             W, OUT, z if ROUT is None else ROUT, self.b_pmax if argmax else z, self.b_pidx if argmax else z,
-            z if tok is None else tok, N, K, self.cfg.rms_norm_eps, float(cap or 1.0), self.esc,
+            z if tok is None else tok, N, K, self.eps, float(cap or 1.0), self.esc,
             HAS_NORM=NW is not None, HAS_Y=Y is not None, POST_NORM=PW is not None, WRITE_R=ROUT is not None,
             PAIR=pair, CAP=cap is not None, SINGLE=single, ARGMAX=argmax, EMB=tok is not None, BLOCK_N=bn,
             BLOCK_K=bk, DT=self.dt, PDL=self.pdl, num_warps=nw, **self.launch)
 
-    def plan(self, tok, pos, advance: bool = False) -> list:
+    def plan(self, tok, pos, advance: bool = False, capture=None) -> list:
         """The step's kernel launches in order, as (name, launch) pairs, for the token ``tok`` [1, 1] at the
         device-side position ``pos`` [1]. advance: the argmax goes back into ``tok`` and ``pos`` moves on
-        (the step feeds itself, for a CUDA graph replayed token after token); else it lands in ``self.token``."""
-        cfg = self.cfg
-        D, H = cfg.hidden_size, self.H
+        (the step feeds itself, for a CUDA graph replayed token after token); else it lands in ``self.token``.
+        capture: a [L, D] buffer that gets each layer's residual after the layer (hook_resid_post) — the
+        kernels' own residual buffers copied as the next layer's first kernel writes them (parity)."""
+        plan = self.plan_
+        D, H = plan.hidden, self.H
         z = self._dummy
         out = []
         if _pow2(D) <= _single_max():          # the embedding row is read by the first product's prologue
@@ -503,20 +499,22 @@ class TritonDecodeStep:
                 self.b_x0.copy_((self.ops.take_rows(self.embed, tok.reshape(1, 1)) * self.escale).reshape(D))
             out.append(("embed", embed))
             R, Y, PW, emb = self.b_x0, None, None, None
-        capa = cfg.attn_logit_softcapping
+        capa = plan.attn_softcap
         bs, aw = _tune("attn")[:2]
-        for lay in self.layers:
+        for li, lay in enumerate(self.layers):
             hd, kvh, lc, F = lay["hd"], lay["kvh"], lay["lc"], lay["F"]
             # residual update of the previous layer + input norm + q/k/v
             out.append(("qkv", self._gemv("qkv", (H + 2 * kvh) * hd, D, lay["qkv"], self.b_qkv, R, Y, PW,
                                           lay["n_in"], ROUT=self.b_p, tok=emb)))
+            if capture is not None and li > 0:              # b_p: the residual entering this layer
+                out.append(("capture", lambda li=li: capture[li - 1].copy_(self.b_p)))
             emb = None
-            cos, sin = self.cache.rope_tables[lay["i"]]     # [max_len, hd], made by begin_static
+            cos, sin = lay["rope"]                          # [max_len, hd], made by begin_static
             out.append(("attn", lambda lay=lay, hd=hd, kvh=kvh, lc=lc, cos=cos, sin=sin: _attn_split[
                 (H, lay["nsplit"])](
                 self.b_qkv, z if lay["qn"] is None else lay["qn"], z if lay["kn"] is None else lay["kn"],
                 cos, sin, pos, lc.k, lc.v, lc.kpos_dev, self.b_op, self.b_mp, self.b_lp, self.b_cnt, self.b_z,
-                lay["S"], lay["chunk"], lay["nsplit"], float(lay["scale"]), float(capa or 1.0), cfg.rms_norm_eps,
+                lay["S"], lay["chunk"], lay["nsplit"], float(lay["scale"]), float(capa or 1.0), self.eps,
                 int(lay["window"] or 0),
                 H=H, HKV=kvh, G=H // kvh, HD=hd, HALF=hd // 2, BLOCK_H=_pow2(hd // 2), BLOCK_S=bs,
                 QK_NORM=lay["qn"] is not None, CAP=capa is not None, WINDOW=lay["window"] is not None,
@@ -528,27 +526,29 @@ class TritonDecodeStep:
             out.append(("down", self._gemv("down", D, F, lay["down"], self.b_yd, self.b_a)))
             R, Y, PW = self.b_m, self.b_yd, lay["n_pf"]
         V = self.head.shape[0]
-        nw = self.model.w["norm.weight"]
+        nw = plan.final_norm
+        last = None if capture is None else capture[len(self.layers) - 1]
         if _pow2(D) <= 8192:
             # the last residual update and the final norm once, so the head's many programs read only x
             out.append(("final_norm", lambda R=R, Y=Y, PW=PW: _norm_vec[(1,)](
-                R, Y, z if PW is None else PW, nw, self.b_x, D, cfg.rms_norm_eps, POST_NORM=PW is not None,
+                R, Y, z if PW is None else PW, nw, self.b_x, z if last is None else last, D, self.eps,
+                POST_NORM=PW is not None, WRITE_R=last is not None,
                 BLOCK_K=_pow2(D), DT=self.dt, PDL=self.pdl, num_warps=8, **self.launch)))
             out.append(("head", self._gemv("head", V, D, self.head, self.logits, self.b_x,
-                                           cap=cfg.final_logit_softcapping, argmax=True)))
+                                           cap=plan.final_softcap, argmax=True)))
         else:
-            out.append(("head", self._gemv("head", V, D, self.head, self.logits, R, Y, PW, nw,
-                                           cap=cfg.final_logit_softcapping, argmax=True)))
+            out.append(("head", self._gemv("head", V, D, self.head, self.logits, R, Y, PW, nw, ROUT=last,
+                                           cap=plan.final_softcap, argmax=True)))
         nh = self.b_pmax.shape[0]
         out.append(("argmax", lambda: _argmax_final[(1,)](
             self.b_pmax, self.b_pidx, tok if advance else self.token, pos, nh, BLOCK=_pow2(nh), ADVANCE=advance,
             PDL=self.pdl, num_warps=16, **self.launch)))
         return out
 
-    def __call__(self, tok, pos):
+    def __call__(self, tok, pos, capture=None):
         """Logits [1, V] of the token after ``tok`` at position ``pos``; its greedy choice lands in
-        ``self.token`` [1, 1] (see :meth:`greedy`)."""
-        for _, launch in self._plan(tok, pos, False):
+        ``self.token`` [1, 1] (see :meth:`greedy`). capture: see :meth:`plan`."""
+        for _, launch in self._plan(tok, pos, False, capture):
             launch()
         return self.logits
 
@@ -563,14 +563,9 @@ class TritonDecodeStep:
             launch()
         return tok
 
-    def _plan(self, tok, pos, advance):
-        if not self.cache.static:
+    def _plan(self, tok, pos, advance, capture=None):
+        if not self.plan_.cache.static:
             raise RuntimeError("the Triton decode step needs the cache in static mode (cache.begin_static())")
         if tok.dtype != torch.long or pos.dtype != torch.long:
             raise TypeError(f"token and position must be int64 tensors, got {tok.dtype} and {pos.dtype}")
-        return self.plan(tok, pos, advance)
-
-
-def make_step(model, cache):
-    """The Triton step for this model and cache, or None where it does not apply (:func:`unsupported` says why)."""
-    return None if unsupported(model, cache) else TritonDecodeStep(model, cache)
+        return self.plan(tok, pos, advance, capture)

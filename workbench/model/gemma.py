@@ -6,6 +6,7 @@ accessors; every named point goes through ``pts.visit`` so taps and hooks work t
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -406,7 +407,7 @@ class Gemma:
             pts.visit(ops, b + "hook_pattern", probs)
         z = pts.visit(ops, b + "hook_z", z, tap_t, tap_t)
         z = ops.reshape(ops.transpose(z, _BTHD), (B, T, H * hd))
-        return ops.linear(z, w[p + "o_proj.weight"])
+        return ops.all_reduce(ops.linear(z, w[p + "o_proj.weight"]))   # tensor parallel: sum of head shards
 
     def _attention_static(self, i, h, pos, cache, shared):
         """One decode token against the preallocated cache, with the position as a device tensor: no host
@@ -417,9 +418,10 @@ class Gemma:
         B = h.shape[0]
         H, hd = cfg.num_attention_heads, cfg.head_dim(i)
         eps = cfg.rms_norm_eps
-        tab = cache.rope_tables[i]
+        plan = shared.get("plan")
+        tab = plan.layers[i].rope if plan is not None else cache.rope_tables[i]
         memo = shared.setdefault("memo", {})  # this step's values that all layers of a kind share
-        rkey = ("rope", cache.rope_key[i])
+        rkey = ("rope", cache.rope_key[i]) if plan is None else ("rope", id(tab[1]))
         cs = memo.get(rkey)
         if cs is None:
             cs = memo[rkey] = ops.rope_rows(tab, pos)
@@ -451,23 +453,103 @@ class Gemma:
             mask = memo[mkey] = ops.decode_mask(kpos, pos, cfg.sliding_window(i))
         z = ops.decode_attention(q, K, V, mask, cfg.attn_scale(i), cfg.attn_logit_softcapping)
         z = ops.reshape(ops.transpose(z, _BTHD), (B, 1, H * hd))
-        return ops.linear(z, w[p + "o_proj.weight"])
+        return ops.all_reduce(ops.linear(z, w[p + "o_proj.weight"]))   # tensor parallel: sum of head shards
 
-    def decode_step(self, tok, pos, cache):
-        """The fast decode step: token ids [B, 1] and position [1] as backend arrays, a static cache;
-        returns last-position logits [B, V] as a backend array (nothing leaves the device)."""
+    def decode_step(self, tok, pos, cache, plan=None, pts=None):
+        """The generic fast decode step: token ids [B, 1] and position [1] as backend arrays, a static cache;
+        returns last-position logits [B, V] as a backend array (nothing leaves the device).
+        plan: a :class:`workbench.decode.plan.DecodePlan` whose weights and RoPE tables the step reads instead
+        of the model's own (the same arrays unless a test injected a fault into it); pts: tap points (capture)."""
+        if plan is not None:
+            with self.plan_weights(plan):
+                return self._decode_step(tok, pos, cache, plan, pts)
+        return self._decode_step(tok, pos, cache, None, pts)
+
+    def _decode_step(self, tok, pos, cache, plan, pts):
         cfg, ops, w = self.config, self.ops, self.w
         x = ops.scale(ops.take_rows(w["embed_tokens.weight"], tok), cfg.embed_scale)
         ple = self._per_layer_inputs(tok, x) if cfg.has_ple else None
         shared: dict = {}   # layer -> its K/V for KV-sharing consumers; 'memo' -> per-step values
-        pts = _NO_POINTS
+        if plan is not None:
+            shared["plan"] = plan
+        pts = pts or _NO_POINTS
         for i in range(cfg.num_hidden_layers):
             x = self._block(i, x, pos, pts, cache, shared, ple)
         x = ops.rms_norm(x, w["norm.weight"], cfg.rms_norm_eps)
+        x = pts.visit(ops, "ln_final.hook_normalized", x)
         logits = ops.linear(x[:, -1], w.get("lm_head.weight", w["embed_tokens.weight"]))
         if cfg.final_logit_softcapping:
             logits = ops.softcap(logits, cfg.final_logit_softcapping)
         return logits
+
+    # ------------------------------------------------------------------ the decode plan
+    def decode_plan(self, cache):
+        """The :class:`~workbench.decode.plan.DecodePlan` of this model over a static cache: weights by role,
+        per-layer flags from the config's accessors, the cache's buffers. The only place that maps the model's
+        internal (fused) weight names to roles."""
+        from ..decode.plan import DecodePlan, LayerPlan
+        cfg, w = self.config, self.w
+        if not cache.static:
+            cache.begin_static()
+        layers = []
+        for i in range(cfg.num_hidden_layers):
+            p, a = f"layers.{i}.", f"layers.{i}.self_attn."
+            layers.append(LayerPlan(
+                index=i, head_dim=cfg.head_dim(i), kv_heads=cfg.num_kv_heads(i), intermediate=cfg.intermediate(i),
+                window=cfg.sliding_window(i), scale=float(cfg.attn_scale(i)),
+                qkv=w[a + "qkv_proj.weight"], o=w[a + "o_proj.weight"], gate_up=w[p + "mlp.gate_up_proj.weight"],
+                down=w[p + "mlp.down_proj.weight"], input_norm=w[p + "input_layernorm.weight"],
+                pre_ff_norm=w[p + "pre_feedforward_layernorm.weight"],
+                post_attn_norm=w.get(p + "post_attention_layernorm.weight"),
+                post_ff_norm=w.get(p + "post_feedforward_layernorm.weight"),
+                q_norm=w.get(a + "q_norm.weight"), k_norm=w.get(a + "k_norm.weight"),
+                kv=cache.layers[i], rope=tuple(cache.rope_tables[i])))
+        return DecodePlan(layers=layers, embed=w["embed_tokens.weight"], embed_scale=float(cfg.embed_scale),
+                          final_norm=w["norm.weight"], head=w.get("lm_head.weight", w["embed_tokens.weight"]),
+                          hidden=cfg.hidden_size, n_heads=cfg.num_attention_heads, vocab=cfg.vocab_size,
+                          eps=float(cfg.rms_norm_eps), attn_softcap=cfg.attn_logit_softcapping,
+                          final_softcap=cfg.final_logit_softcapping, dtype=self.ops.dtype, ops=self.ops, cache=cache)
+
+    _PLAN_ROLES = {"qkv": "self_attn.qkv_proj.weight", "o": "self_attn.o_proj.weight",
+                   "gate_up": "mlp.gate_up_proj.weight", "down": "mlp.down_proj.weight",
+                   "input_norm": "input_layernorm.weight", "pre_ff_norm": "pre_feedforward_layernorm.weight",
+                   "post_attn_norm": "post_attention_layernorm.weight",
+                   "post_ff_norm": "post_feedforward_layernorm.weight", "q_norm": "self_attn.q_norm.weight",
+                   "k_norm": "self_attn.k_norm.weight"}
+
+    @contextlib.contextmanager
+    def plan_weights(self, plan):
+        """Within the block, the generic pass reads the plan's weights (a plan with an injected fault makes the
+        generic routes see it too)."""
+        saved = self.w
+        w = dict(saved)
+        for lay in plan.layers:
+            for role, name in self._PLAN_ROLES.items():
+                v = getattr(lay, role)
+                if v is not None:
+                    w[f"layers.{lay.index}.{name}"] = v
+        w["embed_tokens.weight"] = plan.embed
+        w["norm.weight"] = plan.final_norm
+        if "lm_head.weight" in saved:
+            w["lm_head.weight"] = plan.head
+        self.w = w
+        try:
+            yield
+        finally:
+            self.w = saved
+
+    def cached_step(self, tok, cache, pts=None):
+        """One token [B, 1] (a backend array, e.g. the previous step's pick) through the plain cached pass at
+        ``cache.offset``; returns last-position logits [B, V] as a backend array and moves the offset on. MLX's
+        queued decode route (the next step built while this one runs)."""
+        ops, cfg = self.ops, self.config
+        start = cache.offset
+        if start + 1 > cache.max_len:
+            raise ContextOverflow(f"position {start} is past the cache's {cache.max_len} positions")
+        x = ops.scale(ops.take_rows(self.w["embed_tokens.weight"], tok), cfg.embed_scale)
+        logits = self._forward_embeds(x, tok, pts or _NO_POINTS, cache, start, True)
+        cache.offset = start + 1
+        return logits[:, -1]
 
     @staticmethod
     def _hooked_kv(pts, i):
@@ -506,7 +588,7 @@ class Gemma:
         gu = ops.linear(h, w[p + "gate_up_proj.weight"])
         a = ops.gelu(gu[..., :F], approximate=cfg.hidden_activation != "gelu") * gu[..., F:]
         a = pts.visit(ops, f"blocks.{i}.mlp.hook_post", a)
-        return ops.linear(a, w[p + "down_proj.weight"])
+        return ops.all_reduce(ops.linear(a, w[p + "down_proj.weight"]))   # tensor parallel: sum of shards
 
     def _moe(self, i, res, pts):
         """Gemma 4 MoE branch on the pre-MLP residual: router (scale-free norm, scale, softmax, top-k,
@@ -540,6 +622,7 @@ class Gemma:
             a = ops.gelu(g_u[..., :Fm], approximate=cfg.hidden_activation != "gelu") * g_u[..., Fm:]
             y = ops.linear(a, dn[e]) * we
             out = y if out is None else out + y
+        out = ops.all_reduce(out)   # tensor parallel: each rank holds a slice of every expert
         out = ops.rms_norm(out, w[p + "post_feedforward_layernorm_2.weight"], eps)
         out = pts.visit(ops, b + "hook_out", out)
         return out
