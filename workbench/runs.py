@@ -6,6 +6,8 @@
     store.list(kind="parity")                   # DataFrame, one row per run, newest first
     run = store.load(run_id[:6])                # Run(run_id, kind, meta, rows: DataFrame); unique prefixes work
     store.compare_bench(new_id, baseline_id)    # ratios per (backend, dtype, ...) and a `regression` flag
+    store.export_runs("mac.jsonl.gz")           # a verified, versioned file of runs for another machine ...
+    other.import_runs("mac.jsonl.gz")           # ... merged there: no duplicates, provenance kept
 
 Layout (schema version 1, kept in ``PRAGMA user_version``):
 
@@ -15,9 +17,14 @@ Layout (schema version 1, kept in ``PRAGMA user_version``):
 * ``run_rows``: one row per metric row, ``(run_id, idx, data)``, ``data`` being a JSON object. Non-finite
   floats, which JSON cannot hold, are written as ``{"$float": "nan" | "inf" | "-inf"}``.
 
-Safety: a file that is not a SQLite database, is corrupt (``PRAGMA quick_check``), belongs to another
-application, or was written by a newer schema is refused with :class:`RunStoreError` before anything is
-written to it. Writers use WAL, a 30 s busy timeout and retries, so several processes can save at once.
+* ``run_imports``: provenance of runs merged in from another store's export (origin host and store, the
+  file and its SHA-256, when and where imported); runs made in this store have no row there.
+
+Safety: an existing file is checked on a read-only connection; one that is not a SQLite database, is corrupt
+(``PRAGMA quick_check``), belongs to another application, or was written by a newer schema is refused with
+:class:`RunStoreError` and left byte for byte as it was. A store this process can't write opens read-only (a
+write raises RunStoreError saying why). Writers use WAL, a 30 s busy timeout and retries, so several
+processes can save while others read; a writer killed at any point leaves its run whole or absent.
 A damaged record is skipped by :meth:`RunStore.list` (reported in ``store.problems``) and refused by
 :meth:`RunStore.load`. Only the standard library is imported here; pandas is imported when a frame is built.
 """
@@ -26,6 +33,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -45,6 +53,7 @@ from typing import Any, Iterable
 __all__ = [
     "SCHEMA_VERSION", "KINDS", "RunStoreError", "RunStoreWarning", "Run", "RunStore",
     "default_path", "collect_versions", "git_commit", "machine_info", "list", "load", "compare_bench",
+    "export_runs", "import_runs", "EXPORT_FORMAT", "EXPORT_VERSION",
 ]
 
 _list = builtins.list  # this module defines list() below
@@ -65,6 +74,21 @@ _KNOWN_KEYS = _SCALAR_KEYS + _JSON_KEYS + ("backends", "dtypes", "passed", "crea
 # columns of the runs table that hold JSON
 _JSON_COLUMNS = ("backends", "dtypes", "columns", "versions", "params", "machine", "extra")
 
+# provenance of imported runs (runs made in this store have none); created by the first import in stores
+# made before it existed
+_IMPORTS_TABLE = """
+CREATE TABLE IF NOT EXISTS run_imports (
+    run_id        TEXT PRIMARY KEY REFERENCES runs (run_id) ON DELETE CASCADE,
+    origin_host   TEXT,
+    origin_store  TEXT,
+    exported_at   TEXT,
+    exported_by   TEXT,
+    source_file   TEXT,
+    source_sha256 TEXT,
+    imported_at   TEXT NOT NULL,
+    imported_on   TEXT,
+    via           TEXT
+)"""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     seq         INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -95,7 +119,7 @@ CREATE TABLE IF NOT EXISTS run_rows (
     data   TEXT    NOT NULL,
     PRIMARY KEY (run_id, idx)
 ) WITHOUT ROWID;
-"""
+""" + _IMPORTS_TABLE + ";\n"
 _OUR_TABLES = {"runs", "run_rows"}
 
 
@@ -120,6 +144,9 @@ class Run:
     kind: str
     meta: dict
     rows: Any  # pandas.DataFrame, columns in the order they were saved
+    # for a run merged in by RunStore.import_runs: origin_host, origin_store, exported_at, exported_by,
+    # source_file, source_sha256, imported_at, imported_on, via (the stores it passed through); else None
+    provenance: dict | None = None
 
     @property
     def created_at(self) -> str | None:
@@ -618,6 +645,9 @@ class RunStore:
         except OSError as e:
             raise RunStoreError(f"{p}: can't create the results store's directory ({e}); pass a writable "
                                 "--db/WORKBENCH_DB") from e
+        if not p.exists() and not os.access(p.parent, os.W_OK):
+            raise RunStoreError(f"{p}: there is no results store there, and none can be made (its directory is "
+                                "not writable); pass a writable --db/WORKBENCH_DB")
         if p.exists() and (reason := self._not_writable_reason()):
             raise RunStoreError(f"{p} is an empty file that can't be made a results store: {reason}; pass a "
                                 "writable --db/WORKBENCH_DB")
@@ -812,9 +842,270 @@ class RunStore:
         def write(conn):
             rid = self._resolve(conn, run_id)
             conn.execute("DELETE FROM run_rows WHERE run_id = ?", (rid,))
+            if self._has_table(conn, "run_imports"):
+                conn.execute("DELETE FROM run_imports WHERE run_id = ?", (rid,))
             conn.execute("DELETE FROM runs WHERE run_id = ?", (rid,))
             return rid
         return self._write(write)
+
+    # -- moving runs between machines -------------------------------------------------------------------------
+
+    def _has_table(self, conn: sqlite3.Connection, name: str) -> bool:
+        return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                            (name,)).fetchone() is not None
+
+    def _provenance(self, conn: sqlite3.Connection, run_id: str) -> dict | None:
+        if not self._has_table(conn, "run_imports"):
+            return None
+        conn.row_factory = sqlite3.Row
+        try:
+            rec = conn.execute("SELECT * FROM run_imports WHERE run_id = ?", (run_id,)).fetchone()
+        finally:
+            conn.row_factory = None
+        if rec is None:
+            return None
+        out = dict(rec)
+        try:
+            out["via"] = json.loads(out.pop("via") or "[]")
+        except ValueError:
+            out["via"] = []
+        return out
+
+    def export_runs(self, file: str | os.PathLike, ids: Iterable[str] | None = None) -> dict:
+        """Write runs (all, or the ids/unique prefixes in ``ids``) to ``file``, a versioned JSON-lines file
+        (gzip-compressed when the name ends in ``.gz``) that :meth:`import_runs` verifies and merges into
+        another store. Each run carries a SHA-256 of its content and its provenance (the machine and store it
+        was made in, and the stores it passed through). Written to a temporary file and renamed, so a failed
+        export leaves no partial file. Returns dict(path, n_runs, checksum (of the runs' content, also in the
+        file's end marker), sha256 (of the file))."""
+        out_path = Path(file).expanduser()
+        if out_path.exists() and out_path.is_dir():
+            raise RunStoreError(f"{out_path} is a directory; pass a file name for the export")
+        with contextlib.suppress(OSError):
+            if out_path.exists() and os.path.samefile(out_path, self.path):
+                raise RunStoreError(f"{out_path} is the results store itself; pass another file for the export")
+        host = _hostname()
+        header = dict(format=EXPORT_FORMAT, version=EXPORT_VERSION, exported_at=_utc_iso(), host=host,
+                      store=str(self.path.resolve()), store_schema=SCHEMA_VERSION,
+                      workbench=collect_versions().get("workbench"))
+        tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.{secrets.token_hex(3)}.tmp")
+        total = hashlib.sha256()
+        n = 0
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with self._lock, _open_text(tmp, "w", gz=out_path.name.endswith(".gz")) as f:
+                f.write(json.dumps(header, ensure_ascii=False, separators=(",", ":")) + "\n")
+                conn = self._connect()
+                conn.execute("BEGIN")  # one snapshot: the export is consistent even while others write
+                try:
+                    if ids is None:
+                        wanted = [r[0] for r in conn.execute("SELECT run_id FROM runs ORDER BY seq")]
+                    else:
+                        wanted = _list(dict.fromkeys(self._resolve(conn, i) for i in ids))
+                    for rid in wanted:
+                        conn.row_factory = sqlite3.Row
+                        try:
+                            rec = dict(conn.execute("SELECT * FROM runs WHERE run_id = ?", (rid,)).fetchone())
+                        finally:
+                            conn.row_factory = None
+                        rows = [d for _, d in conn.execute(
+                            "SELECT idx, data FROM run_rows WHERE run_id = ? ORDER BY idx", (rid,))]
+                        try:
+                            self._parse_run(rec)
+                            if len(rows) != rec["n_rows"]:
+                                raise ValueError(f"{len(rows)} rows stored, {rec['n_rows']} expected")
+                            record, canon_rows, digest = _canonical_run(rec, rows)
+                        except ValueError as e:
+                            raise RunStoreError(f"run {rid} in {self.path} is damaged ({e}); not exported") from None
+                        prov = self._provenance(conn, rid)
+                        if prov is None:
+                            provenance = dict(origin_host=host, origin_store=header["store"], via=[])
+                        else:
+                            provenance = dict(origin_host=prov["origin_host"], origin_store=prov["origin_store"],
+                                              via=_list(prov["via"]) + [dict(
+                                                  host=prov.get("imported_on"), store=header["store"],
+                                                  file=prov.get("source_file"),
+                                                  imported_at=prov.get("imported_at"))])
+                        line = dict(run=_portable_record(record), rows=[json.loads(r) for r in canon_rows],
+                                    provenance=provenance, sha256=digest)
+                        f.write(json.dumps(line, ensure_ascii=False, separators=(",", ":"), allow_nan=False) + "\n")
+                        total.update(digest.encode())
+                        n += 1
+                finally:
+                    with contextlib.suppress(Exception):
+                        conn.execute("COMMIT")
+                f.write(json.dumps(dict(end=True, n_runs=n, sha256=total.hexdigest())) + "\n")
+            os.replace(tmp, out_path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        return dict(path=str(out_path), n_runs=n, checksum=total.hexdigest(), sha256=_sha256_file(out_path))
+
+    def _read_export(self, file: Path):
+        """(header, iterator over verified (record, canonical rows, sha256, provenance)). Raises RunStoreError
+        naming the file and line for anything that isn't a complete, intact export of a known version."""
+        def bad(lineno, why):
+            return RunStoreError(f"{file}: line {lineno}: {why}; nothing was imported")
+
+        def gen():
+            total = hashlib.sha256()
+            n = 0
+            ended = False
+            seen: set[str] = set()
+            with _open_text(file, "r") as f:
+                first = f.readline()
+                for lineno, line in enumerate(f, start=2):
+                    if ended:
+                        raise bad(lineno, "data after the end marker")
+                    try:
+                        obj = json.loads(line)
+                    except ValueError as e:
+                        raise bad(lineno, f"not valid JSON ({e})") from None
+                    if not isinstance(obj, dict):
+                        raise bad(lineno, "not a JSON object")
+                    if obj.get("end") is True:
+                        if obj.get("n_runs") != n or obj.get("sha256") != total.hexdigest():
+                            raise bad(lineno, f"end marker says {obj.get('n_runs')} runs (checksum "
+                                      f"{str(obj.get('sha256'))[:12]}), the file holds {n} (checksum "
+                                      f"{total.hexdigest()[:12]})")
+                        ended = True
+                        continue
+                    try:
+                        record, canon_rows, digest = _record_from_portable(obj.get("run"), obj.get("rows"))
+                        self._parse_run(record)
+                        if record["n_rows"] != len(canon_rows):
+                            raise ValueError(f"{len(canon_rows)} rows given, n_rows says {record['n_rows']}")
+                        if record["kind"] not in KINDS:
+                            raise ValueError(f"kind {record['kind']!r} is not one of {', '.join(KINDS)}")
+                    except (ValueError, TypeError, KeyError) as e:
+                        raise bad(lineno, f"not a valid run ({e})") from None
+                    if obj.get("sha256") != digest:
+                        raise bad(lineno, f"run {record['run_id']}: content does not match its SHA-256 (the file "
+                                  "was modified or damaged)")
+                    if record["run_id"] in seen:
+                        raise bad(lineno, f"run {record['run_id']} appears twice")
+                    seen.add(record["run_id"])
+                    prov = obj.get("provenance") if isinstance(obj.get("provenance"), dict) else {}
+                    total.update(digest.encode())
+                    n += 1
+                    yield record, canon_rows, digest, prov
+            if not ended:
+                raise RunStoreError(f"{file}: no end marker: the export is incomplete (truncated?); nothing "
+                                    "was imported")
+
+        with _open_text(file, "r") as f:
+            try:
+                header = json.loads(f.readline())
+            except (ValueError, EOFError, OSError) as e:
+                raise RunStoreError(f"{file}: not a gemma-workbench runs export (first line: {e})") from None
+        if not isinstance(header, dict) or header.get("format") != EXPORT_FORMAT:
+            raise RunStoreError(f"{file}: not a gemma-workbench runs export (format "
+                                f"{header.get('format') if isinstance(header, dict) else header!r:.60}, expected "
+                                f"{EXPORT_FORMAT!r})")
+        v = header.get("version")
+        if not isinstance(v, int) or v < 1:
+            raise RunStoreError(f"{file}: export version {v!r} is not valid")
+        if v > EXPORT_VERSION:
+            raise RunStoreError(f"{file} was written by a newer gemma-workbench (export version {v} > "
+                                f"{EXPORT_VERSION}); upgrade gemma-workbench to import it")
+        return header, gen()
+
+    def _local_digest(self, conn: sqlite3.Connection, run_id: str) -> str | None:
+        conn.row_factory = sqlite3.Row
+        try:
+            rec = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        finally:
+            conn.row_factory = None
+        if rec is None:
+            return None
+        rows = [d for _, d in conn.execute("SELECT idx, data FROM run_rows WHERE run_id = ? ORDER BY idx",
+                                           (run_id,))]
+        try:
+            return _canonical_run(dict(rec), rows)[2]
+        except ValueError:
+            return "damaged"
+
+    def import_runs(self, file: str | os.PathLike) -> dict:
+        """Merge the runs of an export (:meth:`export_runs`) into this store. The whole file is verified first
+        (format and version, every run's SHA-256, the end marker's count and checksum); a run already here
+        with the same content is skipped (importing a file twice adds nothing), a run whose id is here with
+        *different* content refuses the import. New runs are written with their provenance (origin host and
+        store, the file and its SHA-256, when and where imported), in transactions of up to 200 runs: an
+        interrupted import keeps whole runs only, and running it again completes it.
+        Returns dict(added=[ids], present=[ids], file, sha256)."""
+        src = Path(file).expanduser()
+        if not src.is_file():
+            raise RunStoreError(f"{src}: no such export file")
+        with contextlib.suppress(OSError):
+            if os.path.samefile(src, self.path):
+                raise RunStoreError(f"{src} is this results store itself, not an export")
+        self._writer()  # a read-only store says so before any work
+        file_sha = _sha256_file(src)
+        header, runs_iter = self._read_export(src)
+        # pass 1: verify everything, and find what is already here
+        present, conflicts, n = [], [], 0
+        with self._lock:
+            conn = self._connect()
+            for record, _, digest, _ in runs_iter:
+                n += 1
+                local = self._local_digest(conn, record["run_id"])
+                if local is None:
+                    continue
+                (present if local == digest else conflicts).append(record["run_id"])
+        if conflicts:
+            raise RunStoreError(f"{src}: {len(conflicts)} run id(s) are already in {self.path} with different "
+                                "content: " + ", ".join(conflicts[:5]) + (", ..." if len(conflicts) > 5 else "")
+                                + "; nothing was imported")
+        if _sha256_file(src) != file_sha:
+            raise RunStoreError(f"{src} changed while it was being read; nothing was imported")
+        # pass 2: write the new runs
+        added: list[str] = []
+        imported_at, here = _utc_iso(), _hostname()
+        _, runs_iter = self._read_export(src)
+        batch: list = []
+
+        def flush():
+            if not batch:
+                return
+
+            def write(conn):
+                conn.execute(_IMPORTS_TABLE)
+                done = []
+                for record, canon_rows, digest, prov in batch:
+                    local = self._local_digest(conn, record["run_id"])
+                    if local is not None:
+                        if local != digest:
+                            raise RunStoreError(f"{src}: run {record['run_id']} appeared in {self.path} with "
+                                                "different content during the import; stopped")
+                        continue
+                    cols = [c for c in record if c != "seq"]
+                    conn.execute(f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                                 [record[c] for c in cols])
+                    conn.executemany("INSERT INTO run_rows (run_id, idx, data) VALUES (?, ?, ?)",
+                                     ((record["run_id"], i, r) for i, r in enumerate(canon_rows)))
+                    via = prov.get("via") if isinstance(prov.get("via"), _list) else []
+                    conn.execute(
+                        "INSERT INTO run_imports (run_id, origin_host, origin_store, exported_at, exported_by, "
+                        "source_file, source_sha256, imported_at, imported_on, via) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (record["run_id"], _str_or_none(prov.get("origin_host")) or _str_or_none(header.get("host")),
+                         _str_or_none(prov.get("origin_store")) or _str_or_none(header.get("store")),
+                         _str_or_none(header.get("exported_at")), _str_or_none(header.get("host")),
+                         str(src.resolve()), file_sha, imported_at, here,
+                         json.dumps(via, ensure_ascii=False, default=str)))
+                    done.append(record["run_id"])
+                return done
+            added.extend(self._write(write))
+            batch.clear()
+
+        for item in runs_iter:
+            if item[0]["run_id"] in present:
+                continue
+            batch.append(item)
+            if len(batch) >= 200:
+                flush()
+        flush()
+        return dict(added=added, present=present, file=str(src), sha256=file_sha, n_runs=n)
 
     # -- reading ----------------------------------------------------------------------------------------------
 
@@ -870,7 +1161,8 @@ class RunStore:
     def list(self, kind: str | None = None, model: str | None = None, limit: int | None = None):
         """One row per run, newest first, as a DataFrame with columns run_id, kind, created_at (UTC timestamp),
         model, source, source_hash, backends, device, dtypes (comma-joined), git_commit, passed, n_rows,
-        machine (hostname) and params (JSON string). ``model`` matches the model name or the source path.
+        machine (hostname), params (JSON string), and for runs merged in by :meth:`import_runs` origin (the
+        host the run was exported from first), imported_at and imported_from (the file). ``model`` matches the model name or the source path.
         Damaged runs are skipped; each is described in ``self.problems`` (reset by each call)."""
         import pandas as pd
         self.problems = []
@@ -881,12 +1173,17 @@ class RunStore:
         if model is not None:
             where.append("(r.model = ? OR r.source = ?)")
             args += [str(model), str(model)]
-        sql = ("SELECT r.*, (SELECT COUNT(*) FROM run_rows w WHERE w.run_id = r.run_id) AS stored_rows "
-               "FROM runs r" + (" WHERE " + " AND ".join(where) if where else "") +
-               " ORDER BY r.created_at DESC, r.seq DESC")
         out = []
         with self._lock:
             conn = self._connect()
+            if self._has_table(conn, "run_imports"):
+                prov_cols, join = ("i.origin_host AS imp_origin, i.imported_at AS imp_at, i.source_file AS imp_file",
+                                   " LEFT JOIN run_imports i ON i.run_id = r.run_id")
+            else:
+                prov_cols, join = "NULL AS imp_origin, NULL AS imp_at, NULL AS imp_file", ""
+            sql = ("SELECT r.*, (SELECT COUNT(*) FROM run_rows w WHERE w.run_id = r.run_id) AS stored_rows, "
+                   + prov_cols + " FROM runs r" + join + (" WHERE " + " AND ".join(where) if where else "") +
+                   " ORDER BY r.created_at DESC, r.seq DESC")
             conn.row_factory = sqlite3.Row
             try:
                 for rec in conn.execute(sql, args):
@@ -908,13 +1205,15 @@ class RunStore:
                         passed=None if d["passed"] is None else bool(d["passed"]), n_rows=d["n_rows"],
                         machine=(machine.get("hostname") if isinstance(machine, dict) else
                                  (None if machine is None else str(machine))),
-                        params=rec["params"]))
+                        params=rec["params"], origin=rec["imp_origin"], imported_at=rec["imp_at"],
+                        imported_from=rec["imp_file"]))
             finally:
                 conn.row_factory = None
         cols = ["run_id", "kind", "created_at", "model", "source", "source_hash", "backends", "device", "dtypes",
-                "git_commit", "passed", "n_rows", "machine", "params"]
+                "git_commit", "passed", "n_rows", "machine", "params", "origin", "imported_at", "imported_from"]
         df = pd.DataFrame(out, columns=cols)
         df["created_at"] = pd.to_datetime(df["created_at"], utc=True, format="ISO8601")
+        df["imported_at"] = pd.to_datetime(df["imported_at"], utc=True, format="ISO8601")
         df["passed"] = df["passed"].astype("boolean")
         df["n_rows"] = df["n_rows"].astype("int64")
         return df
@@ -936,6 +1235,7 @@ class RunStore:
                     raise UnknownRunError(f"no run {run_id!r} in {self.path}")
                 raw = conn.execute("SELECT idx, data FROM run_rows WHERE run_id = ? ORDER BY idx",
                                    (rid,)).fetchall()
+                provenance = self._provenance(conn, rid)
             finally:
                 conn.row_factory = None
                 conn.execute("COMMIT")
@@ -974,7 +1274,7 @@ class RunStore:
         for k in _JSON_KEYS:
             meta[k] = d[k]
         meta.update(d["extra"] or {})
-        return Run(run_id=rid, kind=d["kind"], meta=meta, rows=frame)
+        return Run(run_id=rid, kind=d["kind"], meta=meta, rows=frame, provenance=provenance)
 
     def __contains__(self, run_id: str) -> bool:
         try:
@@ -1040,6 +1340,114 @@ class RunStore:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# export files
+
+EXPORT_FORMAT = "gemma-workbench-runs"
+EXPORT_VERSION = 1
+
+# columns of `runs` an export carries (seq is local to each store)
+_RECORD_COLUMNS = ("run_id", "kind", "created_at", "model", "source", "source_hash", "backends", "device",
+                   "dtypes", "git_commit", "passed", "n_rows", "columns", "versions", "params", "machine", "extra")
+
+
+def _hostname() -> str:
+    try:
+        return socket.gethostname()
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+def _str_or_none(v) -> str | None:
+    return None if v is None else str(v)
+
+
+def _canon_json(s: str) -> str:
+    """One spelling of a stored JSON text (what _dumps writes), so equal content has equal bytes."""
+    return json.dumps(json.loads(s), ensure_ascii=False, separators=(",", ":"))
+
+
+def _canonical_run(rec: dict, rows: Iterable[str]) -> tuple[dict, _list, str]:
+    """(record with canonical JSON columns, canonical row texts, SHA-256 of both). ValueError if damaged."""
+    record = {}
+    for c in _RECORD_COLUMNS:
+        v = rec.get(c)
+        if c in _JSON_COLUMNS and v is not None:
+            if not isinstance(v, str):
+                raise ValueError(f"column {c!r} is a {type(v).__name__}, not JSON text")
+            try:
+                v = _canon_json(v)
+            except ValueError as e:
+                raise ValueError(f"invalid JSON in column {c!r} ({e})") from None
+        record[c] = v
+    canon_rows = []
+    for i, r in enumerate(rows):
+        try:
+            t = _canon_json(r)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"row {i} is not valid JSON ({e})") from None
+        if not t.startswith("{"):
+            raise ValueError(f"row {i} is not an object")
+        canon_rows.append(t)
+    blob = json.dumps([record, canon_rows], ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return record, canon_rows, hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _portable_record(record: dict) -> dict:
+    """A canonical record for an export line: JSON columns as JSON values, not text."""
+    return {c: (json.loads(v) if c in _JSON_COLUMNS and v is not None else v) for c, v in record.items()}
+
+
+def _record_from_portable(run, rows) -> tuple[dict, _list, str]:
+    if not isinstance(run, dict):
+        raise ValueError("'run' is not an object")
+    if not isinstance(rows, _list):
+        raise ValueError("'rows' is not a list")
+    missing = [c for c in ("run_id", "kind", "created_at", "n_rows", "columns") if c not in run]
+    if missing:
+        raise ValueError("missing " + ", ".join(missing))
+    unknown = sorted(set(run) - set(_RECORD_COLUMNS))
+    if unknown:
+        raise ValueError("unknown field(s) " + ", ".join(unknown))
+    rid = run["run_id"]
+    if not isinstance(rid, str) or not rid.strip() or len(rid) > 64 or rid != rid.strip():
+        raise ValueError(f"run_id {rid!r} is not valid")
+    for c in ("kind", "created_at", "model", "source", "source_hash", "device", "git_commit"):
+        if run.get(c) is not None and not isinstance(run[c], str):
+            raise ValueError(f"{c} is a {type(run[c]).__name__}, not a string")
+    if not isinstance(run["n_rows"], int) or isinstance(run["n_rows"], bool):
+        raise ValueError(f"n_rows {run['n_rows']!r} is not a whole number")
+    if run.get("passed") not in (None, 0, 1) or isinstance(run.get("passed"), float):
+        raise ValueError(f"passed {run.get('passed')!r} is not 0, 1 or null")
+    as_text = {}
+    for c in _RECORD_COLUMNS:
+        v = run.get(c)
+        if c in _JSON_COLUMNS and v is not None:
+            v = json.dumps(v, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        as_text[c] = v
+    texts = []
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise ValueError(f"row {i} is not an object")
+        texts.append(json.dumps(r, ensure_ascii=False, separators=(",", ":"), allow_nan=False))
+    return _canonical_run(as_text, texts)
+
+
+def _open_text(path: Path, mode: str, gz: bool | None = None):
+    import gzip
+    if gz if gz is not None else str(path).endswith(".gz"):
+        return gzip.open(path, mode + "t", encoding="utf-8", newline="\n")
+    return open(path, mode, encoding="utf-8", newline="\n")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------------
 # module-level conveniences
 
 
@@ -1060,3 +1468,16 @@ def compare_bench(run_id: str, baseline_id: str, threshold: float = 0.05, db: st
     """:meth:`RunStore.compare_bench` over ``RunStore(db)``."""
     with RunStore(db) as st:
         return st.compare_bench(run_id, baseline_id, threshold=threshold)
+
+
+def export_runs(file: str | os.PathLike, ids: Iterable[str] | None = None, db: str | os.PathLike | None = None
+                ) -> dict:
+    """:meth:`RunStore.export_runs` of ``RunStore(db, readonly=True)`` (exporting writes nothing to the store)."""
+    with RunStore(db, readonly=True) as st:
+        return st.export_runs(file, ids=ids)
+
+
+def import_runs(file: str | os.PathLike, db: str | os.PathLike | None = None) -> dict:
+    """:meth:`RunStore.import_runs` into ``RunStore(db)``."""
+    with RunStore(db) as st:
+        return st.import_runs(file)
