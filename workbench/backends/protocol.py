@@ -136,6 +136,16 @@ class Ops(Protocol):
         mask from ``decode_mask`` (or None) -> [B, H, 1, hd] in q's dtype; no probabilities."""
 
 
+    # ------------------------------------------------------------------------------------------ collectives
+    def all_reduce(self, x: A) -> A:
+        """Tensor parallelism (``workbench.distributed``): the elementwise sum of ``x`` over the ranks, same shape
+        and dtype, on every rank. One process (every backend here): ``x`` itself."""
+
+    def all_gather(self, x: A, dim: int) -> A:
+        """Tensor parallelism: the ranks' ``x`` concatenated along ``dim`` in rank order, on every rank. One
+        process: ``x`` itself."""
+
+
 def _unimplemented(fn):
     """A backend that subclasses ``Ops`` but lacks a method gets this instead of the docstring stub (which would
     return None): calling it says which backend lacks which op."""
@@ -151,6 +161,21 @@ for _n, _f in list(vars(Ops).items()):
     if callable(_f) and not _n.startswith("_"):
         setattr(Ops, _n, _unimplemented(_f))
 del _n, _f
+
+# The only framework-specific members, for code that has already branched on ``ops.framework`` (the decode engine's
+# torch and MLX paths); the generic model code uses ``Ops`` alone.
+FRAMEWORK_MEMBERS: dict[str, dict[str, str]] = {
+    "torch": {
+        "tdtype": "the torch.dtype of the model's dtype (for buffers the decode engine allocates itself)",
+        "fused_reductions": "bool, set by the decode route: under torch.compile on CUDA, one-row products and "
+                            "one-query attention are written as float32 reductions inductor fuses (False: cuBLAS)",
+    },
+    "mlx": {
+        "mdtype": "the mx.Dtype of the model's dtype",
+        "traceable": "a context manager: within it no op leaves MLX (the CPU route's numpy products are off), so "
+                     "mx.compile can trace the step",
+    },
+}
 
 MEMBERS: tuple[str, ...] = tuple(n for n in list(Ops.__annotations__) + [
     k for k, v in vars(Ops).items() if callable(v) and not k.startswith("_")])

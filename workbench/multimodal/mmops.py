@@ -3,7 +3,7 @@
 Each function takes the backend's ``ops`` object first and dispatches on ``ops.framework`` ("torch" or
 "mlx"); arrays are the backend's own. Layout conventions follow the backends: activations [B, T, D],
 attention heads [B, H, T, D]. Candidates to move into ``workbench.backends`` (see the report): ``conv2d``,
-``layer_norm``, ``linear_bias``, ``clamp``, ``silu``/``sigmoid``/``softplus``/``relu``, ``pad``, ``take``,
+``layer_norm``, ``linear_bias``, ``clamp``, ``silu``/``sigmoid``/``relu``, ``pad``, ``take``,
 ``where``, ``rope_2d`` (positions per batch row).
 """
 from __future__ import annotations
@@ -76,14 +76,6 @@ def tanh(ops, x):
     return _mx().tanh(x)
 
 
-def softplus(ops, x):
-    """torch.nn.functional.softplus (beta 1, threshold 20: x itself above 20)."""
-    if _is_torch(ops):
-        return _torch().nn.functional.softplus(x)
-    mx = _mx()
-    return mx.where(x > 20, x, mx.log1p(mx.exp(mx.minimum(x, 20))))
-
-
 def where(ops, cond, a, b):
     """cond: backend bool array (or numpy bool, converted); a/b arrays or python scalars."""
     if isinstance(cond, np.ndarray):
@@ -143,12 +135,6 @@ def take(ops, x, idx: np.ndarray, axis: int):
         return y.reshape(tuple(x.shape[:axis]) + idx.shape + tuple(x.shape[axis + 1:]))
     mx = _mx()
     return mx.take(x, mx.array(idx.astype(np.int32)), axis=axis)
-
-
-def mean(ops, x, axis, keepdims=False):
-    if _is_torch(ops):
-        return x.mean(dim=axis, keepdim=keepdims)
-    return x.mean(axis=axis, keepdims=keepdims)
 
 
 # ------------------------------------------------------------------------------------------------ norms
