@@ -98,6 +98,11 @@ def parameters_cell(path: str | os.PathLike) -> tuple[int, str]:
 def notebook_parameters(name: str | os.PathLike) -> dict:
     """The parameters of a notebook with their default values (literal defaults evaluated, others as source)."""
     _, src = parameters_cell(notebook_path(name))
+    return notebook_parameters_from_source(src)
+
+
+def notebook_parameters_from_source(src: str) -> dict:
+    """The names assigned in a parameters cell's source, with their literal values (else their source)."""
     out = {}
     for node in ast.parse(src).body:
         if isinstance(node, (ast.Assign, ast.AnnAssign)):
