@@ -200,7 +200,12 @@ def cmd_notebooks(args) -> int:
         params[k] = _coerce(v)
     for k, v in (args.p or []):
         params[k] = _coerce(v)
-    out = run_notebook(args.name, params, output=args.output)
+    from .notebooks import NotebookCellError
+    try:
+        out = run_notebook(args.name, params, output=args.output)
+    except NotebookCellError as e:      # the failing cell and its error, not papermill's traceback
+        print(f"workbench notebooks run: {e}", file=sys.stderr)
+        return 1
     print(f"executed -> {out}")
     return 0
 
@@ -367,8 +372,13 @@ def _add_diverge(sub):
     return add_cli(sub)
 
 
+def _add_lab(sub):
+    from .lab import add_cli        # the subcommand lives beside the lab launcher
+    return add_cli(sub)
+
+
 SUBCOMMANDS = [_add_info, _add_parity, _add_diverge, _add_generate, _add_bench, _add_notebooks, _add_dashboard,
-               _add_demo]
+               _add_demo, _add_lab]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -240,3 +240,42 @@ def main(notebook: str = DEFAULT_NOTEBOOK, port: int = DEFAULT_PORT, params: dic
         return 0
     finally:
         server.stop()
+
+
+# ============================================================================ the CLI subcommand
+def add_cli(sub):
+    """``workbench lab`` (cli.SUBCOMMANDS)."""
+    p = sub.add_parser("lab", help="JupyterLab on the layer explorer (notebooks/explore_layers.ipynb), loopback only",
+                       description="Open JupyterLab on a working copy of a shipped notebook (default: the layer "
+                       "explorer) kept under the user data dir, so outputs and autosaves never touch the checkout.")
+    p.add_argument("notebook", nargs="?", default=DEFAULT_NOTEBOOK,
+                   help="explore_layers (default) | parity | throughput")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port on 127.0.0.1 (default %(default)s; 0: any "
+                   "free port; a taken port moves to a free one)")
+    p.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="notebook parameter (JSON or string), e.g. -p model fixtures/gemma3_text -p prompt '[3,4,5]'")
+    p.add_argument("--fresh", action="store_true", help="start over from the shipped notebook (your working copy "
+                   "is replaced)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--no-browser", dest="browser", action="store_false", default=None,
+                   help="do not open a browser (the default where there is no display)")
+    g.add_argument("--browser", dest="browser", action="store_true", help="open a browser")
+    p.add_argument("--workdir", default=None, help=f"folder of the working copies (default {workdir_default()})")
+    p.set_defaults(fn=cmd_lab)
+    return p
+
+
+def cmd_lab(args) -> int:
+    from .notebooks import NotebookError
+    params = {}
+    for k, v in (args.p or []):
+        try:
+            params[k] = json.loads(v)
+        except json.JSONDecodeError:
+            params[k] = v
+    try:
+        return main(args.notebook, port=args.port, params=params or None, fresh=args.fresh, browser=args.browser,
+                    workdir=args.workdir)
+    except (LabError, NotebookError) as e:
+        print(f"workbench lab: error: {e}", file=sys.stderr)
+        return 2
