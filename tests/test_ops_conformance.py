@@ -77,6 +77,11 @@ TOL: dict[str, tuple[float, float, float, float]] = {
     "decode_mask[window]": _EXACT,
     "decode_attention": (4e-6, 2.4e-2, 3e-3, 1e-13),
     "decode_attention[softcap]": (4e-6, 2.4e-2, 3e-3, 1e-13),
+    # the same under torch.compile / mx.compile (GPU tool only)
+    "linear[1 row, compiled]": (2e-6, 8e-3, 1e-3, 1e-13),
+    "rms_norm[1 row, compiled]": (2e-6, 1.6e-2, 2e-3, 1e-13),
+    "decode_attention[compiled]": (4e-6, 2.4e-2, 3e-3, 1e-13),
+    "decode_attention[softcap, compiled]": (4e-6, 2.4e-2, 3e-3, 1e-13),
     # multimodal towers (multimodal/mmops.py)
     "mm.layer_norm": (4e-6, 1.6e-2, 2e-3, 1e-13),
     "mm.conv2d": (4e-6, 8e-3, 1e-3, 1e-13),
@@ -229,14 +234,8 @@ def _causal(T, S, start):
     return k <= q
 
 
-def cases(ops, dtype: str):
-    """Yield (op, got as numpy, float64 reference) for every op of the protocol (and mmops) on ``ops``."""
-    r = Inputs(1234, dtype)
-    A = ops.asarray
-    acc = r.acc()
-    N = ops.numpy
-
-    # -------------------------------------------------------------------------------------- data movement
+def _data(ops, dtype, r):
+    A, N, acc = ops.asarray, ops.numpy, r.acc()
     x = r.x((2, 9, D))
     yield "asarray", N(A(x)), x
     x64 = r.rng.standard_normal((9, D))
@@ -251,7 +250,10 @@ def cases(ops, dtype: str):
     yield "cast[to dtype]", N(ops.cast(A(xf, dtype="float32" if dtype != "float64" else "float64"), None)), \
         round_to(xf, dtype)
 
-    # -------------------------------------------------------------------------------------- shape
+
+
+def _shape(ops, dtype, r):
+    A, N, acc = ops.asarray, ops.numpy, r.acc()
     x4 = r.x((2, 9, H, 16))
     yield "reshape", N(ops.reshape(A(x4), (2, 9, H * 16))), x4.reshape(2, 9, H * 16)
     yield "transpose", N(ops.transpose(A(x4), (0, 2, 1, 3))), x4.transpose(0, 2, 1, 3)
@@ -261,7 +263,10 @@ def cases(ops, dtype: str):
     tid = r.rng.integers(0, 4096, size=(2, 9))
     yield "take_rows", N(ops.take_rows(A(emb), ops.asids(tid))), emb[tid]
 
-    # -------------------------------------------------------------------------------------- math
+
+
+def _math(ops, dtype, r):
+    A, N, acc = ops.asarray, ops.numpy, r.acc()
     w = r.x((FF, D), scale=D ** -0.5)
     x = r.x((1, 9, D))
     yield "linear", N(ops.linear(A(x), A(w))), x @ w.T
@@ -300,7 +305,10 @@ def cases(ops, dtype: str):
     lg[np.arange(2), want] = np.abs(lg).max() + 1.0
     yield "argmax_last[262k]", N(ops.argmax_last(A(lg))).astype(np.int64), want[:, None]
 
-    # -------------------------------------------------------------------------------------- RoPE
+
+
+def _rope(ops, dtype, r):
+    A, N, acc = ops.asarray, ops.numpy, r.acc()
     inv = _inv_freq()
     start, T = 37, 9
     xq = r.x((1, H, T, HD))
@@ -324,8 +332,12 @@ def cases(ops, dtype: str):
     yield "rope_apply", N(ops.rope_apply(A(xk), (A(c_t[kp0]), A(s_t[kp0])))), ref
     yield "rope_at", N(ops.rope_at(A(xk), table, ops.asids(kpos))), ref
 
-    # -------------------------------------------------------------------------------------- attention
+
+
+def _attention(ops, dtype, r):
+    A, N, acc = ops.asarray, ops.numpy, r.acc()
     scale = HD ** -0.5
+    start, T = 37, 9
     S = start + T
     q = r.x((1, H, T, HD))
     k = r.x((1, HKV, S, HD))
@@ -358,13 +370,14 @@ def cases(ops, dtype: str):
         N(ops.decode_attention(A(q1), A(kc), A(vc), ops.asmask(m4), scale, 50.0)), \
         ref_attention(q1, kc, vc, m4, scale, 50.0)[0]
 
-    # -------------------------------------------------------------------------------------- contract-only ops
+
+def _contract(ops, dtype, r):
+    """Ops whose contract is a type, not a value."""
     assert ops.synchronize() is None
     pm = ops.peak_memory()
     assert pm is None or (isinstance(pm, int) and pm >= 0), f"peak_memory() returned {pm!r}"
-
-    # -------------------------------------------------------------------------------------- multimodal towers
-    yield from mm_cases(ops, dtype, r)
+    return
+    yield
 
 
 def mm_cases(ops, dtype, r):
@@ -414,6 +427,48 @@ def mm_cases(ops, dtype, r):
     yield "mm.linear_bias", N(mmops.linear_bias(ops, A(x), A(wl), A(bl))), x @ wl.T + bl
 
 
+def _compiled(ops, dtype, r):
+    """The decode ops inside the framework's compiler (torch.compile / mx.compile): on CUDA the torch ops take
+    their fused-reduction branches there, which eager calls never reach. Only on request (the GPU tool)."""
+    if ops.framework == "torch":
+        import torch
+        comp = lambda f: torch.compile(f, dynamic=False, fullgraph=False)  # noqa: E731
+        with torch.no_grad():
+            yield from _compiled_cases(ops, r, comp)
+    else:
+        import mlx.core as mx
+        with ops.traceable():          # the MLX CPU route's numpy products cannot be traced
+            yield from _compiled_cases(ops, r, mx.compile)
+
+
+def _compiled_cases(ops, r, comp):
+    A, N = ops.asarray, ops.numpy
+    w = r.x((FF, D), scale=D ** -0.5)
+    x1 = r.x((1, 1, D))
+    yield "linear[1 row, compiled]", N(comp(lambda x, w: ops.linear(x, w))(A(x1), A(w))), x1 @ w.T
+    acc = r.acc()
+    nw = round_to(1.0 + 0.1 * r.rng.standard_normal(D), acc)
+    xr = r.x((1, 1, D), scale=3.0)
+    yield "rms_norm[1 row, compiled]", N(comp(lambda x, w: ops.rms_norm(x, w, 1e-6))(A(xr), A(nw, dtype=acc))), \
+        ref_rms_norm(xr, nw, 1e-6)
+    scale, slots = HD ** -0.5, 32
+    kpos = np.where(np.arange(slots) < 27, np.arange(slots), -1)
+    m4 = ((kpos >= 0) & (kpos <= 26))[None, None, None, :]
+    q1, kc, vc = r.x((1, H, 1, HD)), r.x((1, HKV, slots, HD)), r.x((1, HKV, slots, HD))
+    for cap, name in ((None, "decode_attention[compiled]"), (50.0, "decode_attention[softcap, compiled]")):
+        f = comp(lambda q, k, v, m: ops.decode_attention(q, k, v, m, scale, cap))
+        yield name, N(f(A(q1), A(kc), A(vc), ops.asmask(m4))), ref_attention(q1, kc, vc, m4, scale, cap)[0]
+
+
+GROUPS = (_data, _shape, _math, _rope, _attention, _contract, mm_cases)
+
+
+def cases(ops, dtype: str, compiled: bool = False):
+    """Yield (op, got as numpy, float64 reference) for every op of the protocol (and mmops) on ``ops``."""
+    for i, g in enumerate(GROUPS + ((_compiled,) if compiled else ())):
+        yield from g(ops, dtype, Inputs(1234 + i, dtype))
+
+
 # ================================================================================================ the runner
 def compare(got, ref) -> tuple[float, str]:
     """(relative max error, note). NaN/inf first: a non-finite value where the reference is finite (or a
@@ -439,8 +494,9 @@ def compare(got, ref) -> tuple[float, str]:
 _RESULTS: dict[tuple[str, str], dict] = {}
 
 
-def run(backend: str, dtype: str) -> dict:
-    """{op: (error, tolerance, ok, note)} for one backend and dtype, or {"_skip": reason}. Cached."""
+def run(backend: str, dtype: str, compiled: bool = False) -> dict:
+    """{op: (error, tolerance, ok, note)} for one backend and dtype, or {"_skip": reason}. Cached. ``compiled``
+    adds the decode ops under the framework's compiler."""
     key = (backend, dtype)
     if key in _RESULTS:
         return _RESULTS[key]
@@ -451,12 +507,18 @@ def run(backend: str, dtype: str) -> dict:
         return _RESULTS[key]
     out: dict = {}
     t0 = time.perf_counter()
-    for op, got, ref in cases(ops, dtype):
-        if op not in TOL:
-            raise KeyError(f"op {op!r} has no row in TOL ({__file__})")
-        err, note = compare(got, ref)
-        t = tol(op, dtype)
-        out[op] = (err, t, err <= t, note)
+    for i, g in enumerate(GROUPS + ((_compiled,) if compiled else ())):
+        try:
+            for op, got, ref in g(ops, dtype, Inputs(1234 + i, dtype)):
+                if op not in TOL:
+                    raise KeyError(f"op {op!r} has no row in TOL ({__file__})")
+                err, note = compare(got, ref)
+                t = tol(op, dtype)
+                out[op] = (err, t, err <= t, note)
+        except KeyError:
+            raise
+        except Exception as e:      # an op that raises (or breaks its contract) fails its group's next row
+            out[f"{g.__name__} raised"] = (math.inf, 0.0, False, f"{type(e).__name__}: {e}")
     out["_seconds"] = time.perf_counter() - t0
     _RESULTS[key] = out
     return out
@@ -467,6 +529,7 @@ def markdown(results: dict[tuple[str, str], dict]) -> str:
     last columns."""
     cols = [k for k in results if "_skip" not in results[k]]
     ops = [op for op in TOL if any(op in results[c] for c in cols)]
+    ops += sorted({op for c in cols for op in results[c] if not op.startswith("_") and op not in TOL})
     head = "| op | " + " | ".join(f"{b} {d}" for b, d in cols) + " | tol f32 / bf16 / f16 / f64 |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for op in ops:
@@ -479,7 +542,7 @@ def markdown(results: dict[tuple[str, str], dict]) -> str:
             err, t, ok, note = r
             s = "0" if err == 0 else ("inf" if math.isinf(err) else f"{err:.1e}")
             cells.append(s if ok else f"**{s} ✗**" + (f" ({note})" if note else ""))
-        tl = " / ".join("0" if x == 0 else f"{x:.0e}" for x in TOL[op])
+        tl = " / ".join("0" if x == 0 else f"{x:.0e}" for x in TOL[op]) if op in TOL else ""
         lines.append(f"| {op} | " + " | ".join(cells) + f" | {tl} |")
     skipped = [f"{b} {d}: {results[(b, d)]['_skip']}" for b, d in results if "_skip" in results[(b, d)]]
     if skipped:
