@@ -10,8 +10,8 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-# (source folder, glob patterns); only top-level files: no outputs, checkpoints or caches
-PACKAGE_DATA = {"dashboards": ["*.py"], "notebooks": ["*.ipynb", "README.md"]}
+# (source folder, glob patterns); source files only (and the Streamlit pages): no outputs, checkpoints or caches
+PACKAGE_DATA = {"dashboards": ["*.py", "pages/*.py"], "notebooks": ["*.ipynb", "README.md"]}
 
 
 class build_py_with_data(build_py):
@@ -26,8 +26,10 @@ class build_py_with_data(build_py):
             for pat in patterns:
                 for src in sorted((ROOT / folder).glob(pat)):
                     if src.is_file():
-                        shutil.copy2(src, dest / src.name)
-                        self.announce(f"package data: {folder}/{src.name} -> workbench/_data/{folder}/", 2)
+                        rel = src.relative_to(ROOT / folder)       # pages/x.py keeps its folder (Streamlit pages)
+                        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(src, dest / rel)
+                        self.announce(f"package data: {folder}/{rel} -> workbench/_data/{folder}/", 2)
 
 
 setup(cmdclass={"build_py": build_py_with_data})

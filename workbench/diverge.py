@@ -564,6 +564,7 @@ def diverge(source="gemma3-270m", backends=None, dtypes=None, prompt: str | list
                           machine=runs.machine_info(), device=", ".join(sorted(set(devices.values()))) or None,
                           passed=None, params=dict(steps=steps, route=route, k=k, fault=fault, reference=reference))
         res.run_id = st.save("diverge", meta_store, res.rows())
+    prog(f"stored run {res.run_id}" if res.run_id else "done")
     return res
 
 
