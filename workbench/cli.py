@@ -115,7 +115,7 @@ def cmd_info(args) -> int:
 
 def cmd_parity(args) -> int:
     from .parity import compare
-    refs = [r for r in (args.references or "").split(",") if r]
+    refs = "auto" if args.references == "auto" else [r for r in (args.references or "").split(",") if r]
     prompt = args.prompt_ids if args.prompt_ids is not None else args.prompt
     tols = {}
     for t in args.tolerance or []:
@@ -128,7 +128,8 @@ def cmd_parity(args) -> int:
                              "mlx:gpu:float32=1e-2") from None
     rep = compare(args.model, backends=args.backends, dtypes=args.dtypes, reference=args.reference,
                   prompt=prompt, decode_steps=args.decode_steps, references=refs, db=args.db,
-                  store=not args.no_store, progress=True, tolerances=tols or None)
+                  store=not args.no_store, progress=True, tolerances=tols or None,
+                  anchor=not getattr(args, "no_anchor", False))
     print(rep.summary())
     if rep.run_id:
         print(f"stored run {rep.run_id}")
@@ -279,7 +280,12 @@ def _add_parity(sub):
     p.add_argument("--backends", default="all", help="'all' or a comma list, e.g. torch:cpu,mlx:cpu")
     p.add_argument("--dtypes", default="float32", help="comma list: float32,bfloat16,float16")
     p.add_argument("--reference", default="torch:cpu:float64")
-    p.add_argument("--references", default="", help="independent references to include: hf,llamacpp")
+    p.add_argument("--references", default="auto",
+                   help="independent references beside the anchor: hf,llamacpp; 'auto' (default): llamacpp for a "
+                        "GGUF where installed; one named here that cannot run fails the run")
+    p.add_argument("--no-anchor", action="store_true",
+                   help="skip the anchor (the float64 reference vs HF transformers float64): the report then says "
+                        "UNANCHORED and passes on the backends alone")
     p.add_argument("--prompt", default=None)
     p.add_argument("--prompt-ids", type=_token_ids, default=None,
                    help="comma-separated token ids instead of a text prompt")
@@ -377,8 +383,13 @@ def _add_lab(sub):
     return add_cli(sub)
 
 
+def _add_runs(sub):
+    from .runs_cli import add_cli   # workbench runs list/show/load/export/import
+    return add_cli(sub)
+
+
 SUBCOMMANDS = [_add_info, _add_parity, _add_diverge, _add_generate, _add_bench, _add_notebooks, _add_dashboard,
-               _add_demo, _add_lab]
+               _add_demo, _add_lab, _add_runs]
 
 
 def build_parser() -> argparse.ArgumentParser:
