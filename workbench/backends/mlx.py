@@ -81,9 +81,6 @@ class MLXOps(Ops):
     def take_rows(self, w, ids):
         return w[ids]
 
-    def shape(self, x):
-        return tuple(x.shape)
-
     # ------------------------------------------------------------ math
     def linear(self, x, w):
         if self._cpu_gemv and w.dtype == x.dtype:
@@ -144,15 +141,6 @@ class MLXOps(Ops):
         return mx.fast.rope(x, D, traditional=False, base=None, scale=1.0, offset=int(start),
                             freqs=self._freqs(inv_freq))
 
-    def rope_positions(self, x, inv_freq, positions: np.ndarray):
-        ang = positions.astype(np.float64)[:, None] * inv_freq.astype(np.float64)[None, :]
-        emb = np.concatenate([ang, ang], -1)
-        cos = mx.array(np.cos(emb).astype(np.float32)).astype(x.dtype)
-        sin = mx.array(np.sin(emb).astype(np.float32)).astype(x.dtype)
-        h = x.shape[-1] // 2
-        rot = mx.concatenate([-x[..., h:], x[..., :h]], axis=-1)
-        return x * cos + rot * sin
-
     def rope_table(self, inv_freq, n: int):
         ang = np.arange(n, dtype=np.float64)[:, None] * inv_freq.astype(np.float64)[None, :]
         emb = np.concatenate([ang, ang], -1)
@@ -208,9 +196,6 @@ class MLXOps(Ops):
     def topk(self, x, k):
         idx = mx.argsort(-x, axis=-1)[..., :k]
         return mx.take_along_axis(x, idx, axis=-1), idx
-
-    def take_along(self, x, idx):
-        return mx.take_along_axis(x, idx, axis=-1)
 
     def cast(self, x, dtype: str | None = None):
         return x.astype(_MD[dtype] if dtype else self.mdtype)

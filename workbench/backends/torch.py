@@ -132,9 +132,6 @@ class TorchOps(Ops):
     def take_rows(self, w, ids):
         return F.embedding(ids, w)
 
-    def shape(self, x):
-        return tuple(x.shape)
-
     # ------------------------------------------------------------ math
     def linear(self, x, w):
         if x.numel() == x.shape[-1] and w.dtype == x.dtype:
@@ -193,16 +190,6 @@ class TorchOps(Ops):
         # x: [B, H, T, D]; NeoX rotate_half pairing (i, i + D/2) as HF's apply_rotary_pos_emb
         T = x.shape[2]
         cos, sin = self._cos_sin(inv_freq, start, T)
-        h = x.shape[-1] // 2
-        rot = torch.cat([-x[..., h:], x[..., :h]], dim=-1)
-        return x * cos + rot * sin
-
-    def rope_positions(self, x, inv_freq, positions: np.ndarray):
-        pos = torch.as_tensor(positions, dtype=self.acc, device=self.device)
-        inv = torch.as_tensor(inv_freq, dtype=self.acc, device=self.device)
-        ang = pos[:, None] * inv[None, :]
-        emb = torch.cat([ang, ang], dim=-1)
-        cos, sin = emb.cos().to(self.tdtype), emb.sin().to(self.tdtype)
         h = x.shape[-1] // 2
         rot = torch.cat([-x[..., h:], x[..., :h]], dim=-1)
         return x * cos + rot * sin
@@ -299,9 +286,6 @@ class TorchOps(Ops):
     def topk(self, x, k):
         vals, idx = torch.topk(x, k, dim=-1)
         return vals, idx
-
-    def take_along(self, x, idx):
-        return torch.gather(x, -1, idx)
 
     def cast(self, x, dtype: str | None = None):
         return x.to(_TD[dtype] if dtype else self.tdtype)
