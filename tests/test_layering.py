@@ -63,11 +63,15 @@ LAYER_OF = [
     ("workbench.plots", "analysis"),
     ("workbench.runs", "analysis"),
     ("workbench.progress", "analysis"),
+    ("workbench.reference_artifact", "analysis"),
+    ("workbench.distributed", "analysis"),     # tensor-parallel ops/model and its compare/export entry points
     ("workbench.cli", "faces"),
     ("workbench.__main__", "faces"),
     ("workbench.notebooks", "faces"),
     ("workbench.notebooks.*", "faces"),
     ("workbench.explorer", "faces"),
+    ("workbench.lab", "faces"),
+    ("workbench.runs_cli", "faces"),
     ("workbench.widgets", "faces"),
     ("workbench.widget", "faces"),
     ("workbench", "faces"),            # the package front: wb.load / wb.compare / wb.bench
