@@ -171,20 +171,25 @@ def test_first_divergence_reports_tokens_margin_and_layer_errors():
     assert lg["tokens"][s] != div.meta["reference_tokens"][s]
     errs = {e["layer"]: e["rel_l2"] for e in fd["layer_errors"]}
     assert len(errs) == 7 and max(errs[i] for i in range(5)) < 1e-5 < errs[5]
-    assert "near-tie" in fd["verdict"] or "fault" in fd["verdict"]
+    # the faulty layer makes errors far over its rounding floor: a fault, not a near-tie, whatever the margin
+    assert fd["kind"] == "fault" and fd["near_tie"] is False and "layer(s) [5]" in fd["verdict"], fd["verdict"]
 
 
-def test_near_tie_verdict_follows_the_margin():
+def test_near_tie_verdict_follows_the_margin_and_the_layers():
     from workbench.diverge import _first
     base = dict(target="t", position=0, token_text="a", ref_token_text="b", kl=0.1, target_margin=0.01)
     rows = [dict(base, step=i + 1, agree=True, token=1, ref_token=1, ref_margin=5.0, topk_max_abs=0.1)
             for i in range(9)]
     tie = rows + [dict(base, step=10, agree=False, token=2, ref_token=1, ref_margin=0.05, topk_max_abs=0.1)]
     far = rows + [dict(base, step=10, agree=False, token=2, ref_token=1, ref_margin=3.0, topk_max_abs=0.1)]
-    assert _first(tie, [])["near_tie"] is True
-    d = _first(far, [])
-    assert d["near_tie"] is False and d["margin_over_typical"] == pytest.approx(30.0) and "fault" in d["verdict"]
-    assert _first(rows, []) is None
+    clean = [dict(layer=i, suspect=False, overflow=False, local_over_floor=2.0) for i in range(3)]
+    bad = [dict(c, suspect=c["layer"] == 1, local_over_floor=5e4 if c["layer"] == 1 else 2.0) for c in clean]
+    assert _first(tie, [], clean)["kind"] == "near-tie" and _first(tie, [], clean)["near_tie"] is True
+    d = _first(far, [], clean)
+    assert d["kind"] == "large-margin" and d["margin_over_typical"] == pytest.approx(30.0)
+    d = _first(tie, [], bad)
+    assert d["kind"] == "fault" and d["near_tie"] is False and "layer(s) [1]" in d["verdict"]
+    assert _first(rows, [], clean) is None
 
 
 def test_stored_run_round_trips_and_progress_is_reported(tmp_path):
@@ -256,4 +261,30 @@ def test_float16_overflow_of_the_270m_is_local_to_layer_7(g270m):
     assert (loc.loc[:6, "local"] < 1e-2).all()
     assert (loc.loc[8:, "input_nonfinite"] > 0).all()         # the reference's residual is past float16's range
     fd = div.first_divergence
-    assert fd is not None and fd["step"] == 1 and "non-finite" in fd["verdict"]
+    assert fd is not None and fd["step"] == 1 and fd["kind"] == "non-finite" and "layer(s) [7]" in fd["verdict"]
+
+
+def test_notebook_runs_headless_and_stores_the_run(tmp_path):
+    for mod in ("papermill", "ipykernel", "nbformat", "jupyter_client"):
+        if not have(mod):
+            pytest.skip(f"notebook stack not installed ({mod}): pip install 'gemma-workbench[notebooks]'")
+    import json
+
+    from workbench import notebooks as nb
+    from workbench import runs
+    assert "diverge" in nb.available_notebooks()
+    db = tmp_path / "nb.sqlite"
+    out_dir = tmp_path / "figs"
+    out = nb.run_notebook("diverge", dict(model=str(fixture_dir("gemma3_text")), prompt=PROMPT, backends=["torch:cpu"],
+                                          dtypes=["bfloat16"], steps=6, db=str(db), output_dir=str(out_dir)),
+                          output=tmp_path / "diverge.out.ipynb", cwd=tmp_path, timeout=600)
+    cells = json.loads(out.read_text())["cells"]
+    errors = [o for c in cells for o in c.get("outputs", []) if o["output_type"] == "error"]
+    assert not errors, errors
+    res = json.loads((out_dir / "diverge.json").read_text())
+    run = runs.RunStore(db).load(res["run_id"])
+    assert run.kind == "diverge" and res["targets"] == ["torch:cpu:bfloat16"]
+    for kind in ("kl", "kv", "local"):
+        assert (out_dir / f"diverge_{kind}_torch_cpu_bfloat16.png").stat().st_size > 5000
+    html = (out_dir / "diverge_strips.html").read_text()
+    assert html.count('class="wb-tok') == 6

@@ -49,6 +49,7 @@ notebook use it).
 """
 from __future__ import annotations
 
+import html
 import math
 import sys
 import time
@@ -194,7 +195,9 @@ class Divergence:
                 continue
             lines.append(f"{t}: step {d['step']} (position {d['position']}): target {d['token_text']!r} "
                          f"({d['token']}) vs reference {d['ref_token_text']!r} ({d['ref_token']}); reference margin "
-                         f"{_fmt(d['ref_margin'])} logits, typical error {_fmt(d['typical_error'])}, KL {_fmt(d['kl'])}")
+                         f"{_fmt(d['ref_margin'])} logits, typical error {_fmt(d['typical_error'])}, "
+                         f"KL {_fmt(d['kl'])}")
+            lines.append(f"    {d['verdict']}")
             errs = d.get("layer_errors") or []
             if errs:
                 worst = max(errs, key=lambda e: _key(e["rel_l2"]))
@@ -220,6 +223,33 @@ class Divergence:
 
     def __repr__(self) -> str:
         return self.summary()
+
+    # ------------------------------------------------------------------ pictures
+    def target_steps(self, target: str | None = None) -> list[dict]:
+        target = target or self.targets[0]
+        return [r for r in self.steps if r["target"] == target]
+
+    def token_strip_html(self, target: str | None = None) -> str:
+        """The generated tokens as HTML spans coloured by KL, the first differing one marked, both top-k lists
+        in each token's hover title."""
+        target = target or self.targets[0]
+        d = self.divergences().get(target)
+        return token_strip_html(self.target_steps(target), d["step"] if d else None)
+
+    def kl_figure(self, target: str | None = None):
+        target = target or self.targets[0]
+        d = self.divergences().get(target)
+        return kl_figure(self.target_steps(target), d["step"] if d else None, title=f"KL(ref || target) — {target}")
+
+    def kv_figure(self, target: str | None = None):
+        return kv_figure(self, target or self.targets[0])
+
+    def local_figure(self, target: str | None = None):
+        return local_figure(self, target or self.targets[0])
+
+    def target_table(self):
+        import pandas as pd
+        return pd.DataFrame(target_table(self))
 
     # ------------------------------------------------------------------ store
     def rows(self) -> list[dict]:
@@ -350,10 +380,6 @@ def _kv_rows(cfg, ref_kv, tgt_kv, target: str) -> list[dict]:
                 row.update(k_rel=None, k_rel_max=None, k_nonfinite=None)
             rows.append(row)
     return rows
-
-
-class _Stop(Exception):
-    pass
 
 
 def _cast_like(m, x: np.ndarray) -> np.ndarray:
@@ -537,12 +563,13 @@ def diverge(source="gemma3-270m", backends=None, dtypes=None, prompt: str | list
                                             else None, ref_tokens, k, text))
             res.steps += srows
             res.layer_steps += lsrows
-            firsts[key] = _first(srows, lsrows)
             prog(f"{key}: steps compared")
-            # ---- KV cache and local error (once per backend/dtype/token sequence)
+            # ---- KV cache and local error
             res.kv += _kv_rows(cfg, ref_kv, _cache_arrays(cache), key)
             seq = np.asarray(ids + list(toks), dtype=np.int64)[None]
-            res.local += _local_rows(m, cfg, seq, ref_taps, key)
+            lrows = _local_rows(m, cfg, seq, ref_taps, key)
+            res.local += lrows
+            firsts[key] = _first(srows, lsrows, lrows)
             prog(f"{key}: KV cache and local error")
             info[key] = dict(backend=b, dtype=d, route=route_name, route_error=route_err, generated=n,
                              route_mismatch=mism, generate_s=gen_s, text=tok.decode(toks) if tok else None,
@@ -625,7 +652,17 @@ def _nonfinite_row(key, b, d, route, P, s, x, r, ref_tokens, k, text):
     return row
 
 
-def _first(srows: list[dict], lsrows: list[dict]) -> dict | None:
+def _first(srows: list[dict], lsrows: list[dict], local: list[dict] = ()) -> dict | None:
+    """The first differing token of one target, with its verdict:
+
+    * ``non-finite``: the target's logits at that step are NaN/inf (float16 overflow ...);
+    * ``fault``: some layer's own error (local, on the reference's input) is over SUSPECT_RATIO x the rounding
+      floor of its output in this dtype — a correct layer is within a small multiple of it — whatever the margin;
+    * ``near-tie``: no such layer and the reference's margin between the two tokens is within NEAR_TIE_FACTOR x
+      the target's typical logit error on the candidates (median over steps of max |Δlogit| on the reference's
+      top-k): ordinary rounding explains the flip;
+    * ``large-margin``: no layer stands out, yet the margin is many times the typical error — look at that step's
+      per-layer errors."""
     diff = [r for r in srows if not r["agree"]]
     if not diff:
         return None
@@ -639,15 +676,206 @@ def _first(srows: list[dict], lsrows: list[dict]) -> dict | None:
                token_text=d["token_text"], ref_token=d.get("ref_token"), ref_token_text=d.get("ref_token_text"),
                ref_margin=d.get("ref_margin"), target_margin=d.get("target_margin"), kl=d.get("kl"),
                typical_error=typical, layer_errors=errs)
+    over = [r["layer"] for r in local if r.get("overflow")]
+    sus = [r for r in local if r.get("suspect") and not r.get("overflow")]
     if d.get("nonfinite_stop") or d["token"] is None:
-        out.update(near_tie=False, verdict="non-finite logits (overflow/NaN): the target could not choose a token")
+        out.update(kind="non-finite", near_tie=False,
+                   verdict="non-finite logits: the target could not choose a token"
+                   + (f" (local overflow at layer(s) {over})" if over else ""))
+        return out
+    m = float(d["ref_margin"])
+    ratio = m / typical if typical and math.isfinite(typical) and typical > 0 else math.inf
+    near = bool(math.isfinite(typical) and m <= NEAR_TIE_FACTOR * typical)
+    out.update(near_tie=near and not sus and not over, margin_over_typical=ratio)
+    if over or sus:
+        worst = max(sus, key=lambda r: _key(r.get("local_over_floor"))) if sus else None
+        why = (f"local overflow at layer(s) {over}" if over else
+               f"layer(s) {[r['layer'] for r in sus]} make errors over {SUSPECT_RATIO:g}x their rounding floor "
+               f"(layer {worst['layer']}: {_fmt(worst.get('local_over_floor'))}x)")
+        out.update(kind="fault", verdict=f"fault: {why}; margin {m:.3g} logits")
+    elif near:
+        out.update(kind="near-tie", verdict=f"near-tie (margin {m:.3g} <= {NEAR_TIE_FACTOR:g} x typical error "
+                                            f"{typical:.3g}; no layer stands out)")
     else:
-        m = float(d["ref_margin"])
-        near = bool(math.isfinite(typical) and m <= NEAR_TIE_FACTOR * typical)
-        ratio = m / typical if typical and math.isfinite(typical) and typical > 0 else math.inf
-        out.update(near_tie=near, margin_over_typical=ratio,
-                   verdict=(f"near-tie (margin {m:.3g} <= {NEAR_TIE_FACTOR:g} x typical error {typical:.3g})"
-                            if near else f"fault? (margin {m:.3g} = {ratio:.1f} x typical error {typical:.3g})"))
+        out.update(kind="large-margin", verdict=f"large margin {m:.3g} = {ratio:.1f} x typical error {typical:.3g}, "
+                                                "no layer stands out: see this step's per-layer errors")
+    return out
+
+
+# ============================================================================================ views
+# (the dashboard page and the notebook draw with these; matplotlib is imported when a figure is made)
+KL_FLOOR = 1e-12
+
+
+def _kl_colour(kl, lo: float, hi: float) -> str:
+    """White (KL at the run's floor) to red (its maximum), log scale; purple for NaN/inf."""
+    if kl is None or not math.isfinite(float(kl)):
+        return "rgb(170,120,230)"
+    v = math.log10(max(float(kl), KL_FLOOR))
+    f = 0.0 if hi <= lo else min(1.0, max(0.0, (v - lo) / (hi - lo)))
+    g = int(round(255 - 200 * f))
+    return f"rgb(255,{g},{g})"
+
+
+def _vis(s) -> str:
+    s = "" if s is None else str(s)
+    return s.replace("\n", "⏎").replace("\t", "⇥") if s.strip() else (s.replace(" ", "␠") or "∅")
+
+
+def _top(texts, ids, ps) -> str:
+    if not ids:
+        return "  (none)"
+    return "\n".join(f"  {_vis(t)!s:>14}  {p:7.4f}  (id {i})" for t, i, p in zip(texts or [], ids, ps or []))
+
+
+def token_strip_html(steps: list[dict], first_step: int | None = None) -> str:
+    """One ``<span class="wb-tok">`` per generated token, background by log KL(ref || target); the first differing
+    token gets class ``wb-first`` (outlined, with the reference's token beside it); each span's title shows
+    step, KL, margin and both top-5 lists."""
+    kls = [float(r["kl"]) for r in steps if r.get("kl") is not None and math.isfinite(float(r["kl"]))]
+    lo = math.log10(max(min(kls), KL_FLOOR)) if kls else 0.0
+    hi = math.log10(max(max(kls), KL_FLOOR)) if kls else 0.0
+    parts = ['<div class="wb-strip" style="font-family: monospace; line-height: 2.1; font-size: 15px;">']
+    for r in steps:
+        first = first_step is not None and int(r["step"]) == int(first_step)
+        kl = r.get("kl")
+        title = (f"step {r['step']} (position {r.get('position')})\n"
+                 f"KL(ref || target) = {_num(kl)}   top-5 overlap {_num(r.get('topk_overlap'))}\n"
+                 f"target {_vis(r.get('token_text'))!s} (id {r.get('token')}), reference "
+                 f"{_vis(r.get('ref_token_text'))!s} (id {r.get('ref_token')}), reference margin "
+                 f"{_num(r.get('ref_margin'))}\n"
+                 f"reference top-5:\n{_top(r.get('ref_topk_text'), r.get('ref_topk'), r.get('ref_topk_p'))}\n"
+                 f"target top-5:\n{_top(r.get('topk_text'), r.get('topk'), r.get('topk_p'))}")
+        style = f"background:{_kl_colour(kl, lo, hi)}; padding:2px 1px; border-radius:3px; white-space:pre;"
+        cls = "wb-tok"
+        if first:
+            cls += " wb-first"
+            style += " outline: 3px solid #1f4fd1; outline-offset: 1px;"
+        elif not r.get("agree", True):
+            cls += " wb-differ"
+            style += " text-decoration: underline dotted;"
+        parts.append(f'<span class="{cls}" data-step="{int(r["step"])}" data-kl="{_num(kl)}" '
+                     f'title="{html.escape(title, quote=True)}" style="{style}">'
+                     f'{html.escape(_vis(r.get("token_text")))}</span>')
+        if first:
+            parts.append(f'<span class="wb-ref-token" style="color:#1f4fd1; font-size: 12px;"> '
+                         f'[ref: {html.escape(_vis(r.get("ref_token_text")))}]</span>')
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _num(v) -> str:
+    if v is None:
+        return "-"
+    v = float(v)
+    return f"{v:.3g}" if math.isfinite(v) else str(v)
+
+
+def kl_figure(steps: list[dict], first_step: int | None = None, title: str = "KL(ref || target) per step"):
+    import matplotlib
+    matplotlib.use("Agg") if "matplotlib.pyplot" not in sys.modules else None
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 2.6))
+    s = np.array([r["step"] for r in steps])
+    kl = np.array([np.nan if r.get("kl") is None else float(r["kl"]) for r in steps])
+    ax.semilogy(s, np.maximum(kl, KL_FLOOR), ".-", lw=1)
+    if first_step is not None:
+        ax.axvline(first_step, color="#1f4fd1", ls="--", lw=1, label=f"first differing token (step {first_step})")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("KL (nats)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def kv_figure(div, target: str):
+    """K and V relative L2 error per layer x absolute position (log colour); grey: not held (ring) / no K."""
+    import matplotlib
+    matplotlib.use("Agg") if "matplotlib.pyplot" not in sys.modules else None
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.2), sharey=True)
+    mats = [div.kv_matrix(target, which=w) for w in ("k", "v")]
+    vals = np.concatenate([m[2][np.isfinite(m[2]) & (m[2] > 0)] for m in mats])
+    vmin = max(float(vals.min()), 1e-12) if vals.size else 1e-12
+    vmax = max(float(vals.max()), vmin * 10) if vals.size else 1.0
+    shared = {int(r["layer"]): int(r["shared_from"]) for r in div.kv if r["target"] == target
+              and r.get("shared_from") is not None and not (isinstance(r["shared_from"], float)
+                                                            and math.isnan(r["shared_from"]))}
+    cmap = plt.get_cmap("magma_r").copy()
+    cmap.set_bad("#d9d9d9")
+    im = None
+    for ax, (layers, positions, mat), name in zip(axes, mats, ("K", "V")):
+        plot = np.ma.masked_invalid(np.where(np.isnan(mat), np.nan, np.maximum(mat, vmin)))
+        im = ax.imshow(plot, aspect="auto", cmap=cmap, norm=LogNorm(vmin=vmin, vmax=vmax), interpolation="nearest",
+                       extent=(positions[0] - 0.5, positions[-1] + 0.5, layers[-1] + 0.5, layers[0] - 0.5))
+        ax.set_title(f"{name} cache: relative L2 error per position — {target}", fontsize=9)
+        ax.set_xlabel("absolute position")
+        ax.set_yticks(layers, [f"{i}" + (f"→{shared[i]}" if i in shared else "") for i in layers], fontsize=7)
+    axes[0].set_ylabel("layer (→ KV source)")
+    fig.colorbar(im, ax=axes, label="rel L2")
+    return fig
+
+
+def local_figure(div, target: str):
+    """Per layer: the layer's own (local) error beside the error the full run carries there (inherited), and the
+    rounding floor of the dtype; overflow layers marked."""
+    import matplotlib
+    matplotlib.use("Agg") if "matplotlib.pyplot" not in sys.modules else None
+    import matplotlib.pyplot as plt
+    rows = sorted([r for r in div.local if r["target"] == target], key=lambda r: r["layer"])
+    layers = np.array([r["layer"] for r in rows])
+    loc = np.array([float(r["local"]) for r in rows])
+    inh = np.array([float(r["inherited"]) for r in rows])
+    flo = np.array([float(r["floor"]) for r in rows])
+    fin = np.concatenate([loc, inh, flo])
+    fin = fin[np.isfinite(fin) & (fin > 0)]
+    top = float(fin.max()) * 10 if fin.size else 1.0
+    bot = max(float(fin.min()) / 3, 1e-12) if fin.size else 1e-12
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    w = 0.4
+    ax.bar(layers - w / 2, np.where(np.isfinite(loc), np.maximum(loc, bot), top), w, label="local (own)",
+           color="#d62728")
+    ax.bar(layers + w / 2, np.where(np.isfinite(inh), np.maximum(inh, bot), top), w, label="inherited (full run)",
+           color="#7f7f7f")
+    ax.step(np.r_[layers - 0.5, layers[-1] + 0.5], np.r_[flo, flo[-1]], where="post", color="k", lw=0.8, ls=":",
+            label="rounding floor")
+    for r in rows:
+        if r.get("overflow"):
+            ax.annotate("overflow", (r["layer"] - w / 2, top), ha="center", va="top", fontsize=7, rotation=90,
+                        color="#d62728")
+        elif r.get("input_nonfinite"):
+            ax.annotate("input ∞", (r["layer"] - w / 2, top), ha="center", va="top", fontsize=6, rotation=90,
+                        color="#555")
+    ax.set_yscale("log")
+    ax.set_ylim(bot, top * 1.5)
+    ax.set_xticks(layers)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("rel L2 of resid_post")
+    ax.set_title(f"local vs inherited error — {target}", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def target_table(div) -> list[dict]:
+    """One row per target for the page's overview table."""
+    out = []
+    info = div.meta.get("target_info") or {}
+    divs = div.divergences()
+    for t in div.targets:
+        rs = [r for r in div.steps if r["target"] == t]
+        kl = np.array([np.nan if r.get("kl") is None else float(r["kl"]) for r in rs])
+        d = divs.get(t)
+        loc = [r for r in div.local if r["target"] == t]
+        out.append(dict(target=t, route=(info.get(t) or {}).get("route"), steps=len(rs),
+                        first_differing_step=None if d is None else d["step"],
+                        verdict="no differing token" if d is None else d["verdict"],
+                        kl_mean=float(np.nanmean(kl)) if np.isfinite(kl).any() else None,
+                        kl_max=float(np.nanmax(kl)) if np.isfinite(kl).any() else None,
+                        overflow_layers=[r["layer"] for r in loc if r.get("overflow")] or None,
+                        suspect_layers=[r["layer"] for r in loc if r.get("suspect")] or None))
     return out
 
 
