@@ -10,7 +10,8 @@ Layers, lowest first; a module may import its own layer and those below, never o
   faces       cli, __main__, notebooks*, the ``workbench`` package front, dashboards/*
 
 and one rule across layers: faces use ``workbench.backends`` (the package, ``base``, ``protocol``) but never a
-backend's implementation modules (``torch``, ``mlx``, ``triton_decode``, ``mlx_cuda_decode``, ``cpu_gemv``).
+backend's implementation modules (``torch``, ``mlx``, their ``*_media`` mixins, ``triton_decode``,
+``mlx_cuda_decode``, ``cpu_gemv``).
 
 Every import counts, at module level or inside a function (a function-level import is how an upward
 dependency hides). Today's violations and the edges that close today's import cycles are listed below, each with a comment; the test
@@ -81,7 +82,8 @@ LAYER_OF = [
 
 # a backend's implementation modules: nothing in faces may import them
 BACKEND_INTERNALS = ("workbench.backends.torch", "workbench.backends.mlx", "workbench.backends.triton_decode",
-                     "workbench.backends.mlx_cuda_decode", "workbench.backends.cpu_gemv")
+                     "workbench.backends.mlx_cuda_decode", "workbench.backends.cpu_gemv",
+                     "workbench.backends.torch_media", "workbench.backends.mlx_media")
 
 # (importer, imported): why it is there today. Fix the import, then delete the line.
 KNOWN_VIOLATIONS = {

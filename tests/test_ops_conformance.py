@@ -9,7 +9,8 @@
    numpy reference written here (never by calling a backend). Inputs are rounded to the dtype in numpy first, so
    the error measured is the op's own. NaN/inf are checked before any norm; the error is the relative max error
    max|got - ref| / max|ref|; the tolerances are the one table :data:`TOL`. The multimodal towers' extra ops
-   (``multimodal/mmops.py``, ``mm.*`` rows) are checked the same way.
+   (the protocol's "media towers" ops; ``mm.*`` rows: ``multimodal/mmops.py``'s compositions) are checked the
+   same way.
 
 Prints an op x dtype x backend table (and writes it to $WORKBENCH_OPS_TABLE, default /tmp/notes/ops_table.md when
 /tmp/notes exists). ``tools/gpu/ops_conformance.py`` runs the same cases on torch:cuda / mlx:gpu.
@@ -82,18 +83,19 @@ TOL: dict[str, tuple[float, float, float, float]] = {
     "rms_norm[1 row, compiled]": (2e-6, 1.6e-2, 2e-3, 1e-13),
     "decode_attention[compiled]": (4e-6, 2.4e-2, 3e-3, 1e-13),
     "decode_attention[softcap, compiled]": (4e-6, 2.4e-2, 3e-3, 1e-13),
-    # multimodal towers (multimodal/mmops.py)
-    "mm.layer_norm": (4e-6, 1.6e-2, 2e-3, 1e-13),
-    "mm.conv2d": (4e-6, 8e-3, 1e-3, 1e-13),
+    # media towers (Gemma 4 vision and audio): protocol ops, then multimodal/mmops.py's compositions of them
+    "layer_norm": (4e-6, 1.6e-2, 2e-3, 1e-13),
+    "conv2d": (4e-6, 8e-3, 1e-3, 1e-13),
+    "silu": (2e-6, 8e-3, 1e-3, 1e-13),
+    "sigmoid": (2e-6, 8e-3, 1e-3, 1e-13),
+    "relu": _EXACT,
+    "tanh": (2e-6, 8e-3, 1e-3, 1e-13),
+    "clamp": _EXACT,
+    "clamp[inf bounds]": _EXACT,
+    "pad": _EXACT,
+    "take": _EXACT,
+    "where": _EXACT,
     "mm.depthwise_conv1d": (4e-7, 1.6e-2, 2e-3, 1e-15),
-    "mm.silu": (2e-6, 8e-3, 1e-3, 1e-13),
-    "mm.sigmoid": (2e-6, 8e-3, 1e-3, 1e-13),
-    "mm.relu": _EXACT,
-    "mm.tanh": (2e-6, 8e-3, 1e-3, 1e-13),
-    "mm.clamp": _EXACT,
-    "mm.pad": _EXACT,
-    "mm.take": _EXACT,
-    "mm.where": _EXACT,
     "mm.rope_2d": (2e-7, 8e-3, 1e-3, 1e-15),
     "mm.linear_bias": (2e-6, 8e-3, 1e-3, 1e-13),
 }
@@ -380,19 +382,20 @@ def _contract(ops, dtype, r):
     yield
 
 
-def mm_cases(ops, dtype, r):
+def _media(ops, dtype, r):
+    """The media towers' ops (protocol) and multimodal/mmops.py's compositions of them (``mm.`` rows)."""
     from workbench.multimodal import mmops
     A, N = ops.asarray, ops.numpy
     # audio: LayerNorm over channels after the subsampling conv; vision/audio widths
     x = r.x((2, 24, 128), scale=2.0)
     w, b = r.x((128,), scale=0.2) + 1.0, r.x((128,), scale=0.1)
     w, b = round_to(w, dtype), round_to(b, dtype)
-    yield "mm.layer_norm", N(mmops.layer_norm(ops, A(x), A(w), A(b), 1e-6)), ref_layer_norm(x, w, b, 1e-6)
+    yield "layer_norm", N(ops.layer_norm(A(x), A(w), A(b), 1e-6)), ref_layer_norm(x, w, b, 1e-6)
     # audio subsampling: 3x3 stride-2 conv on [B, T, F, C] (channels last)
     xi = r.x((2, 20, 32, 8))
     wc = r.x((16, 8, 3, 3), scale=(8 * 9) ** -0.5)
-    got = mmops.conv2d_nhwc(ops, A(xi), mmops.prep_conv2d(ops, wc), stride=2, padding=1)
-    yield "mm.conv2d", N(got), ref_conv2d_nhwc(xi, wc, 2, 1)
+    got = ops.conv2d(A(xi), ops.conv2d_weight(wc), stride=2, padding=1)
+    yield "conv2d", N(got), ref_conv2d_nhwc(xi, wc, 2, 1)
     # audio conformer: causal depthwise conv over time, K taps
     K = 5
     xd = r.x((2, 17, 64))
@@ -405,17 +408,19 @@ def mm_cases(ops, dtype, r):
                 ref[:, t] += taps[kk] * xd[:, s]
     yield "mm.depthwise_conv1d", N(mmops.causal_depthwise_conv1d(ops, A(xd), [A(t) for t in taps], K)), ref
     xe = r.x((2, 9, 256), scale=4.0)
-    yield "mm.silu", N(mmops.silu(ops, A(xe))), xe / (1.0 + np.exp(-xe))
-    yield "mm.sigmoid", N(mmops.sigmoid(ops, A(xe))), 1.0 / (1.0 + np.exp(-xe))
-    yield "mm.relu", N(mmops.relu(ops, A(xe))), np.maximum(xe, 0.0)
-    yield "mm.tanh", N(mmops.tanh(ops, A(xe))), np.tanh(xe)
+    yield "silu", N(ops.silu(A(xe))), xe / (1.0 + np.exp(-xe))
+    yield "sigmoid", N(ops.sigmoid(A(xe))), 1.0 / (1.0 + np.exp(-xe))
+    yield "relu", N(ops.relu(A(xe))), np.maximum(xe, 0.0)
+    yield "tanh", N(ops.tanh(A(xe))), np.tanh(xe)
     xsp = r.x((2, 9, 256), scale=12.0)
-    yield "mm.clamp", N(mmops.clamp(ops, A(xsp), -10.0, 10.0)), np.clip(xsp, -10.0, 10.0)
-    yield "mm.pad", N(mmops.pad(ops, A(xd), 1, 3, 2)), np.pad(xd, ((0, 0), (3, 2), (0, 0)))
+    yield "clamp", N(ops.clamp(A(xsp), -10.0, 10.0)), np.clip(xsp, -10.0, 10.0)
+    yield "clamp[inf bounds]", np.stack([N(ops.clamp(A(xsp), -math.inf, 5.0)), N(ops.clamp(A(xsp), None, None))]), \
+        np.stack([np.minimum(xsp, 5.0), xsp])
+    yield "pad", N(ops.pad(A(xd), 1, 3, 2)), np.pad(xd, ((0, 0), (3, 2), (0, 0)))
     idx = r.rng.integers(0, 17, size=(4, 6))
-    yield "mm.take", N(mmops.take(ops, A(xd), idx, 1)), np.take(xd, idx, axis=1)
+    yield "take", N(ops.take(A(xd), idx, 1)), np.take(xd, idx, axis=1)
     cond = r.rng.random((2, 17, 64)) < 0.3
-    yield "mm.where", N(mmops.where(ops, cond, 0.0, A(xd))), np.where(cond, 0.0, xd)
+    yield "where", N(ops.where(cond, 0.0, A(xd))), np.where(cond, 0.0, xd)
     # vision: axial 2-D RoPE on [B, H, P, hd] with per-patch (x, y) positions
     P, hd = 12, 64
     posxy = r.rng.integers(0, 8, size=(2, P, 2))
@@ -460,7 +465,7 @@ def _compiled_cases(ops, r, comp):
         yield name, N(f(A(q1), A(kc), A(vc), ops.asmask(m4))), ref_attention(q1, kc, vc, m4, scale, cap)[0]
 
 
-GROUPS = (_data, _shape, _math, _rope, _attention, _contract, mm_cases)
+GROUPS = (_data, _shape, _math, _rope, _attention, _contract, _media)
 
 
 def cases(ops, dtype: str, compiled: bool = False):
@@ -632,7 +637,7 @@ def test_backend_implements_every_protocol_member(backend):
 # the implementations themselves (they use their own class's internals) and the protocol
 _SCAN_EXEMPT = {"workbench/backends/torch.py", "workbench/backends/mlx.py", "workbench/backends/protocol.py",
                 "workbench/backends/triton_decode.py", "workbench/backends/mlx_cuda_decode.py",
-                "workbench/backends/cpu_gemv.py",
+                "workbench/backends/cpu_gemv.py", "workbench/backends/torch_media.py", "workbench/backends/mlx_media.py",
                 "workbench/distributed.py"}     # defines TPOps (a TorchOps with collectives) and uses its own members
 
 

@@ -10,12 +10,13 @@ import numpy as np
 
 from . import cpu_gemv
 from .base import BackendSpec, Ops
+from .mlx_media import MLXMediaOps
 
 _MD = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _GEMV_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16"}
 
 
-class MLXOps(Ops):
+class MLXOps(MLXMediaOps, Ops):
     framework = "mlx"
 
     def __init__(self, spec: BackendSpec, dtype: str):

@@ -135,6 +135,44 @@ class Ops(Protocol):
         """``attention`` for one query per head against the whole cache: q [B, H, 1, hd], k/v [B, Hkv, S, hd],
         mask from ``decode_mask`` (or None) -> [B, H, 1, hd] in q's dtype; no probabilities."""
 
+    # ------------------------------------------------------------------------------------------ media towers
+    # (Gemma 4 vision and audio; the framework-free compositions of these live in multimodal/mmops.py)
+    def clamp(self, x: A, lo: float | None = None, hi: float | None = None) -> A:
+        """min(max(x, lo), hi) elementwise, x's dtype; a bound that is None (or -inf below, +inf above) is none."""
+
+    def silu(self, x: A) -> A:
+        """x * sigmoid(x), elementwise, x's dtype."""
+
+    def sigmoid(self, x: A) -> A:
+        """1 / (1 + exp(-x)), elementwise, x's dtype."""
+
+    def relu(self, x: A) -> A:
+        """max(x, 0), elementwise, x's dtype."""
+
+    def tanh(self, x: A) -> A:
+        """tanh(x), elementwise, x's dtype."""
+
+    def where(self, cond: A | np.ndarray, a: A | float, b: A | float) -> A:
+        """a where ``cond`` else b, broadcast. ``cond``: a backend or numpy bool array; a/b: arrays or python
+        scalars (at least one an array, whose dtype the result has)."""
+
+    def layer_norm(self, x: A, w: A | None, b: A | None, eps: float) -> A:
+        """(x - mean) / sqrt(var + eps) * w + b over the last axis (HF nn.LayerNorm), x's dtype; w/b [D] or None."""
+
+    def pad(self, x: A, axis: int, before: int, after: int, value: float = 0.0) -> A:
+        """``x`` with ``before``/``after`` entries of ``value`` added along ``axis`` (numpy ``pad``, one axis)."""
+
+    def take(self, x: A, idx: np.ndarray, axis: int) -> A:
+        """numpy ``take(x, idx, axis)``: a numpy integer index array of any shape replaces ``axis``."""
+
+    def conv2d_weight(self, w_oihw: np.ndarray) -> A:
+        """A numpy conv2d weight [out, in, kh, kw] (torch's layout) -> a backend array in the layout ``conv2d``
+        takes (the model's dtype)."""
+
+    def conv2d(self, x: A, w: A, stride: int, padding: int) -> A:
+        """2-D cross-correlation, no bias, of channels-last x [B, H, W, C] with ``w`` from ``conv2d_weight``, zero
+        padding on both spatial axes -> [B, H', W', out] in x's dtype."""
+
 
     # ------------------------------------------------------------------------------------------ collectives
     def all_reduce(self, x: A) -> A:

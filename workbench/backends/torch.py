@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from . import cpu_gemv
 from .base import BackendSpec, Ops
+from .torch_media import TorchMediaOps
 
 _TD = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 _FUSED_GEMV_MAX = 1 << 24     # larger matrices (a 262k-vocabulary head) stay with cuBLAS
@@ -65,7 +66,7 @@ def _cpu_rms_norm(x, w, eps):
     return y
 
 
-class TorchOps(Ops):
+class TorchOps(TorchMediaOps, Ops):
     framework = "torch"
 
     def __init__(self, spec: BackendSpec, dtype: str):

@@ -87,9 +87,9 @@ class AudioTower:
         C0, C1 = c.subsampling_conv_channels
         clip = c.use_clipped_linears
         s = "subsample_conv_projection."
-        self.conv0 = mmops.prep_conv2d(ops, wts.get(s + "layer0.conv.weight", (C0, 1, 3, 3)))
+        self.conv0 = ops.conv2d_weight(wts.get(s + "layer0.conv.weight", (C0, 1, 3, 3)))
         self.norm0 = norm_weight(ops, wts, s + "layer0.norm.weight", C0)
-        self.conv1 = mmops.prep_conv2d(ops, wts.get(s + "layer1.conv.weight", (C1, C0, 3, 3)))
+        self.conv1 = ops.conv2d_weight(wts.get(s + "layer1.conv.weight", (C1, C0, 3, 3)))
         self.norm1 = norm_weight(ops, wts, s + "layer1.norm.weight", C1)
         self.n_mels = n_mels
         proj_in = (C0 // 4) * C1            # HF sizes this from the channels; it must equal (n_mels / 4) * C1
@@ -170,9 +170,9 @@ class AudioTower:
 
     def _conv_block(self, x, w, norm):
         ops = self.ops
-        y = mmops.conv2d_nhwc(ops, x, w, stride=2, padding=1)
-        y = mmops.layer_norm(ops, y, ops.cast(norm, None), None, self.cfg.rms_norm_eps)
-        return mmops.relu(ops, y)
+        y = ops.conv2d(x, w, stride=2, padding=1)
+        y = ops.layer_norm(y, ops.cast(norm, None), None, self.cfg.rms_norm_eps)
+        return ops.relu(y)
 
     def _blocked_mask(self, valid: np.ndarray) -> np.ndarray:
         """The [n, 1, blocks, chunk, context] "invalid" mask HF builds (create_bidirectional_mask with the
@@ -195,10 +195,10 @@ class AudioTower:
         c, ops = self.cfg, self.ops
         g = min(c.gradient_clipping, finite_max(ops.dtype))
         res = x
-        h = mmops.clamp(ops, x, -g, g)
+        h = ops.clamp(x, -g, g)
         h = ops.rms_norm(h, P["pre"], 1e-6)
-        h = P["w2"](ops, mmops.silu(ops, P["w1"](ops, h)))
-        h = mmops.clamp(ops, h, -g, g)
+        h = P["w2"](ops, ops.silu(P["w1"](ops, h)))
+        h = ops.clamp(h, -g, g)
         h = ops.rms_norm(h, P["post"], 1e-6)
         return h * c.residual_weight + res
 
@@ -210,9 +210,9 @@ class AudioTower:
         x = self._ff(L["feed_forward1"], x)
         x = pts.visit(ops, b + "hook_ff1_out", x)
         res = x
-        h = ops.rms_norm(mmops.clamp(ops, x, -g, g), L["norm_pre_attn"], 1e-6)
+        h = ops.rms_norm(ops.clamp(x, -g, g), L["norm_pre_attn"], 1e-6)
         a = self._attention(i, L, h, bmask, pts)
-        a = ops.rms_norm(mmops.clamp(ops, a, -g, g), L["norm_post_attn"], 1e-6)
+        a = ops.rms_norm(ops.clamp(a, -g, g), L["norm_post_attn"], 1e-6)
         a = pts.visit(ops, b + "hook_attn_out", a)
         x = a + res
         x = pts.visit(ops, b + "hook_resid_mid", x)
@@ -220,7 +220,7 @@ class AudioTower:
         x = pts.visit(ops, b + "hook_conv_out", x)
         x = self._ff(L["feed_forward2"], x)
         x = pts.visit(ops, b + "hook_ff2_out", x)
-        x = ops.rms_norm(mmops.clamp(ops, x, -g, g), L["norm_out"], 1e-6)
+        x = ops.rms_norm(ops.clamp(x, -g, g), L["norm_out"], 1e-6)
         x = pts.visit(ops, b + "hook_resid_post", x)
         return x
 
@@ -231,11 +231,11 @@ class AudioTower:
         res = x
         h = ops.rms_norm(x, L["lc_pre"], eps)
         h = L["lin_start"](ops, h)
-        h = h[..., :D] * mmops.sigmoid(ops, h[..., D:])                              # GLU
+        h = h[..., :D] * ops.sigmoid(h[..., D:])                              # GLU
         h = mmops.causal_depthwise_conv1d(ops, h, L["dw"], c.conv_kernel_size)
         g = min(c.gradient_clipping, finite_max(ops.dtype))
-        h = ops.rms_norm(mmops.clamp(ops, h, -g, g), L["lc_norm"], eps)
-        h = L["lin_end"](ops, mmops.silu(ops, h))
+        h = ops.rms_norm(ops.clamp(h, -g, g), L["lc_norm"], eps)
+        h = L["lin_end"](ops, ops.silu(h))
         return h + res
 
     def _attention(self, i, L, h, bmask, pts):
@@ -253,10 +253,10 @@ class AudioTower:
         q = q * ops.asarray(L["q_mul"].astype(np.float32), dtype=acc)
         k = k * float(math.log(1 + math.e) / math.log(2))
         # queries in blocks of ch; keys/values: for each block, the window [start - past, start + ch + fut)
-        qb = ops.reshape(mmops.pad(ops, q, 1, 0, nb * ch - T), (n, nb, ch, H, hd))
+        qb = ops.reshape(ops.pad(q, 1, 0, nb * ch - T), (n, nb, ch, H, hd))
         idx = np.arange(nb)[:, None] * ch + np.arange(C)[None, :]
-        kb = mmops.take(ops, mmops.pad(ops, k, 1, past, fut + ch - 1), idx, 1)       # [n, nb, C, H, hd]
-        vb = mmops.take(ops, mmops.pad(ops, v, 1, past, fut + ch - 1), idx, 1)
+        kb = ops.take(ops.pad(k, 1, past, fut + ch - 1), idx, 1)       # [n, nb, C, H, hd]
+        vb = ops.take(ops.pad(v, 1, past, fut + ch - 1), idx, 1)
         if self._rel_k[i] is None:
             rk = self._pos_emb.astype(np.float64) @ L["rel_k"].astype(np.float64).T    # [Pn, H*hd]
             rk = rk.reshape(-1, H, hd).transpose(1, 2, 0)                             # [H, hd, Pn]
@@ -266,13 +266,13 @@ class AudioTower:
         ac = qh @ ops.transpose(kb, (0, 3, 1, 4, 2))                                  # [n, H, nb, ch, C]
         bd = ops.reshape(ops.reshape(qh, (n, H, nb * ch, hd)) @ self._rel_k[i], (n, H, nb, ch, Pn))
         # Transformer-XL relative shift (HF _rel_shift)
-        bd = mmops.pad(ops, bd, 4, 0, C + 1 - Pn)
+        bd = ops.pad(bd, 4, 0, C + 1 - Pn)
         bd = ops.reshape(bd, (n, H, nb, ch * (C + 1)))[..., :ch * C]
         bd = ops.reshape(bd, (n, H, nb, ch, C))
         s = ac + bd
         cap = float(c.attention_logit_cap)
-        s = mmops.tanh(ops, s / cap) * cap
-        s = mmops.where(ops, bmask, float(c.attention_invalid_logits_value), s)
+        s = ops.tanh(s / cap) * cap
+        s = ops.where(bmask, float(c.attention_invalid_logits_value), s)
         p = ops.softmax_f32(s)
         p = ops.cast(p, acc)
         if pts.wants(f"audio.blocks.{i}.attn.hook_pattern"):

@@ -61,11 +61,10 @@ class ClippedLinear:
             # none present: transformers leaves them at -inf/+inf, i.e. no clipping
 
     def __call__(self, ops, x):
-        from . import mmops
         lo, hi, olo, ohi = self.bounds
-        x = mmops.clamp(ops, x, lo, hi)
+        x = ops.clamp(x, lo, hi)
         y = ops.linear(x, self.w)
-        return mmops.clamp(ops, y, olo, ohi)
+        return ops.clamp(y, olo, ohi)
 
 
 def norm_weight(ops, wts: MediaWeights, name: str, dim: int):

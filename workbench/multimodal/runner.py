@@ -22,7 +22,6 @@ import numpy as np
 
 from ..model.gemma import ForwardOutput, InputError
 from ..model.taps import Points, point_names
-from . import mmops
 from .audio import AudioConfig, AudioTower
 from .common import MediaError
 from .points import MediaPoints, audio_point_names, split_patterns, vision_point_names
@@ -393,14 +392,14 @@ def prepare(model, prompt_or_ids, images=None, audio=None, mpts=None, max_soft_t
                 sel = np.concatenate([b * S + np.arange(c) for b, c in enumerate(valid)])
             else:
                 sel = np.nonzero(np.asarray(valid).reshape(-1))[0]
-            rows.append(mmops.take(ops, ops.cast(ops.reshape(emb, (n * S, D)), None), sel, 0))
+            rows.append(ops.take(ops.cast(ops.reshape(emb, (n * S, D)), None), sel, 0))
             pos = np.nonzero(kinds == kind)[0]
             if len(pos) != len(sel):
                 raise MediaError(f"{'image' if kind == 1 else 'audio'} soft tokens ({len(sel)}) and placeholder "
                                  f"positions ({len(pos)}) do not match")
             src[pos] = off + np.arange(len(sel))
             off += len(sel)
-        x = ops.reshape(mmops.take(ops, ops.concat(rows, 0), src, 0), (1, T, D))
+        x = ops.reshape(ops.take(ops.concat(rows, 0), src, 0), (1, T, D))
     extra = image_block_mask(kinds) if cfg.use_bidirectional_attention == "vision" else None
     return Prepared(ids=ids, kinds=kinds, embeds=x, ple_ids=ple_ids, extra_mask=extra,
                     n_image_tokens=n_img_tok, n_audio_tokens=n_aud_tok)

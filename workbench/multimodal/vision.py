@@ -134,7 +134,7 @@ class VisionTower:
         cl = np.maximum(pos, 0)
         pe = ops.take_rows(self.pos_x, ops.asids(cl[..., 0])) + ops.take_rows(self.pos_y, ops.asids(cl[..., 1]))
         if pad.any():
-            pe = mmops.where(ops, pad[..., None], 0.0, pe)
+            pe = ops.where(pad[..., None], 0.0, pe)
         x = x + pe
         x = pts.visit(ops, "vision.hook_patch_embed", x)
 
@@ -204,7 +204,7 @@ class VisionTower:
         if k == 1 and P == S:
             pooled = xf
             if pad.any():
-                pooled = mmops.where(ops, pad[..., None], 0.0, pooled)
+                pooled = ops.where(pad[..., None], 0.0, pooled)
         else:
             W = np.zeros((n, S, P), dtype=np.float32)
             wk = np.float32(1.0) / np.float32(k * k)

@@ -1,0 +1,65 @@
+"""The media towers' ops on MLX (Gemma 4 vision and audio): a mixin of :class:`~workbench.backends.mlx.MLXOps`.
+Contracts in :mod:`workbench.backends.protocol` ("media towers")."""
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+
+
+def _bounds(lo, hi):
+    """None for no bound: None, -inf below, +inf above."""
+    return (None if lo is None or (math.isinf(lo) and lo < 0) else lo,
+            None if hi is None or (math.isinf(hi) and hi > 0) else hi)
+
+
+class MLXMediaOps:
+    def clamp(self, x, lo=None, hi=None):
+        lo, hi = _bounds(lo, hi)
+        if lo is not None:
+            x = mx.maximum(x, mx.array(lo, dtype=x.dtype))
+        if hi is not None:
+            x = mx.minimum(x, mx.array(hi, dtype=x.dtype))
+        return x
+
+    def silu(self, x):
+        return x * mx.sigmoid(x)
+
+    def sigmoid(self, x):
+        return mx.sigmoid(x)
+
+    def relu(self, x):
+        return mx.maximum(x, 0)
+
+    def tanh(self, x):
+        return mx.tanh(x)
+
+    def where(self, cond, a, b):
+        if isinstance(cond, np.ndarray):
+            cond = self.asmask(cond)
+        ref = a if isinstance(a, mx.array) else b
+        if not isinstance(a, mx.array):
+            a = mx.array(a, dtype=ref.dtype)
+        if not isinstance(b, mx.array):
+            b = mx.array(b, dtype=ref.dtype)
+        return mx.where(cond, a, b)
+
+    def layer_norm(self, x, w, b, eps):
+        return mx.fast.layer_norm(x, w, b, eps)
+
+    def pad(self, x, axis, before, after, value=0.0):
+        if before == 0 and after == 0:
+            return x
+        widths = [(0, 0)] * x.ndim
+        widths[axis % x.ndim] = (before, after)
+        return mx.pad(x, widths, constant_values=value)
+
+    def take(self, x, idx, axis):
+        return mx.take(x, mx.array(np.asarray(idx).astype(np.int32)), axis=axis)
+
+    def conv2d_weight(self, w_oihw):
+        return self.asarray(np.ascontiguousarray(np.transpose(w_oihw, (0, 2, 3, 1))))   # MLX: [out, kh, kw, in]
+
+    def conv2d(self, x, w, stride, padding):
+        return mx.conv2d(x, w, stride=stride, padding=padding)
