@@ -381,7 +381,7 @@ def _check_demo_page(base: str, model: str) -> None:
     try:
         drv.get(base + "/")
         tb._wait(drv, "the heading", lambda: "Gemma Workbench" in drv.find_element(By.TAG_NAME, "h1").text)
-        tb._wait(drv, "the default model's name", lambda: model in drv.find_element(By.TAG_NAME, "body").text)
+        tb._wait(drv, "the default model's name", lambda: model in drv.page_source)   # the run picker's value
         tb._wait(drv, "the parity heatmap", lambda: any(
             i.size["height"] > 100 and i.get_attribute("complete") == "true"
             for i in drv.find_elements(By.CSS_SELECTOR, '[data-testid="stImage"] img')))

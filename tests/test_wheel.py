@@ -45,6 +45,8 @@ def installed(tmp_path_factory):
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".ipynb_checkpoints", "out")
     for name in SOURCES:   # a copy of the sources: the build writes build/ and *.egg-info next to them
         p = ROOT / name
+        if not p.exists():
+            continue
         (shutil.copytree(p, src / name, ignore=ignore) if p.is_dir() else shutil.copy2(p, src / name))
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist"),
           str(src)])
