@@ -173,7 +173,6 @@ class Ops(Protocol):
         """2-D cross-correlation, no bias, of channels-last x [B, H, W, C] with ``w`` from ``conv2d_weight``, zero
         padding on both spatial axes -> [B, H', W', out] in x's dtype."""
 
-
     # ------------------------------------------------------------------------------------------ collectives
     def all_reduce(self, x: A) -> A:
         """Tensor parallelism (``workbench.distributed``): the elementwise sum of ``x`` over the ranks, same shape

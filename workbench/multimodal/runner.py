@@ -496,7 +496,7 @@ def multimodal_generate_iter(model, prompt, images=None, audio=None, max_new_tok
     t2 = time.perf_counter()
     steps = max(n - 1, 0)
     st.update(decode_s=t2 - t1, gen_tok_s=steps / (t2 - t1) if steps and t2 > t1 else float("nan"),
-              peak_memory=ops.peak_memory() if hasattr(ops, "peak_memory") else None)
+              peak_memory=ops.peak_memory())
 
 
 def multimodal_generate(model, prompt, images=None, audio=None, max_new_tokens: int = 32, temperature: float = 0.0,
