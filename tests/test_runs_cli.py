@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
 
 from test_runs_safety import make_store, read_only
 from workbench import cli, runs

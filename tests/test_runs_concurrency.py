@@ -10,14 +10,12 @@ writer elsewhere saw itself as the last connection and deleted the WAL under the
 """
 from __future__ import annotations
 
-import fcntl
 import math
 import multiprocessing as mp
 import os
 import select
 import signal
 import sqlite3
-import struct
 import subprocess
 import sys
 import time

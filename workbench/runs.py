@@ -431,8 +431,8 @@ class RunStore:
 
     Opening verifies the file on a **read-only** connection (SQLite format, ``PRAGMA quick_check``,
     application id, schema version, tables) before anything is written; a file that fails is refused and left
-    as it was. Reads go through that read-only connection; the first write opens a read-write one. A store on
-    a file or directory this process can't write (or ``readonly=True``) opens for reading only, and any write
+    as it was; a sound store of ours is then used through one read-write connection. A store on a file or
+    directory this process can't write (or ``readonly=True``) stays on the read-only connection, and any write
     raises :class:`RunStoreError` saying so (``store.read_only`` holds the reason, None when writable).
     Parent directories are created for a new store. Usable as a context manager; safe to share between
     threads; reconnects after ``fork``.
@@ -455,7 +455,6 @@ class RunStore:
         self._wconn: sqlite3.Connection | None = None   # writes, opened on the first write
         self._ino = None
         self._pid = None
-        self._has_imports = False
         self._connect()
 
     # -- connection -------------------------------------------------------------------------------------------
@@ -464,9 +463,8 @@ class RunStore:
         return RunStoreError(f"{self.path}: {why}; the file was not modified")
 
     def _uri(self, **params) -> str:
-        from urllib.parse import quote
         q = "&".join(f"{k}={v}" for k, v in params.items())
-        return "file:" + quote(str(self.path.resolve()), safe="/") + ("?" + q if q else "")
+        return self.path.resolve().as_uri() + ("?" + q if q else "")  # as_uri escapes ? # % and spaces
 
     def _new_conn(self, **params) -> sqlite3.Connection:
         if params:
@@ -525,7 +523,6 @@ class RunStore:
         if not _OUR_TABLES <= tables:
             raise self._refuse(f"is not a gemma-workbench results store (schema {version}, tables: " +
                                (", ".join(sorted(tables)) or "none") + "); pass another --db/WORKBENCH_DB")
-        self._has_imports = "run_imports" in tables
         if stamp is not None and _file_stamp(self.path) == stamp:
             _VERIFIED[stamp[0]] = stamp[1]
         return "ours", version
@@ -636,7 +633,16 @@ class RunStore:
                 if self.read_only is None:
                     self.read_only = self._not_writable_reason()
                 self._ino = p.stat().st_ino
-                return conn
+                if self.read_only:
+                    return conn
+                # ours and writable: one read-write connection for reads and writes (the last one to close
+                # folds the WAL back into the file and removes -wal/-shm, as SQLite does)
+                try:
+                    w = self._open_writer()
+                finally:
+                    conn.close()
+                self._wconn = w
+                return w
         # a new store (no file, an empty file, or an empty database)
         if self._want_readonly:
             raise RunStoreError(f"{p}: there is no results store there yet (opened read-only: nothing created)")
@@ -680,6 +686,10 @@ class RunStore:
             raise RunStoreError(f"{self.path} vanished since it was opened ({e})") from e
         if ino != self._ino:
             raise RunStoreError(f"{self.path} was replaced by another file since it was opened; open it again")
+        self._wconn = self._open_writer()
+        return self._wconn
+
+    def _open_writer(self) -> sqlite3.Connection:
         conn = self._new_conn()
         try:
             if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
@@ -688,7 +698,6 @@ class RunStore:
         except BaseException:
             conn.close()
             raise
-        self._wconn = conn
         return conn
 
     def close(self) -> None:
