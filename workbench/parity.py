@@ -515,7 +515,7 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
             prompt: str | list[int] | None = None, taps=None, decode_steps: int = 4, references="auto",
             tolerances: dict | None = None, db=None, store: bool = True, progress=True,
             fault: dict | None = None, max_tokens: int = 64, images=None, audio=None, anchor: bool = True,
-            decode: str = "plain", budgets: bool = True) -> ParityReport:
+            decode: str = "plain", budgets: bool = True, against=None, world: int = 1) -> ParityReport:
     """Compare every backend x dtype with the reference, tap by tap and layer by layer.
 
     source: HF dir, .gguf or registered name. backends: list, comma string or "all". dtypes: list or comma
@@ -537,6 +537,9 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
     progress: True prints "[i/N] what" lines to stderr; a callable gets (step, total, what); False: silent.
     images / audio (Gemma 4 multimodal checkpoints): media for the prompt's placeholders; the vision/audio
     towers and projector outputs are then compared per layer too (prefill only).
+    against: a reference artifact (``workbench reference export``; a path or an Artifact) is the reference, once its
+    weight/config/tokenizer hashes match the local model's; world=N: the reference sharded over N torchrun processes
+    (workbench.distributed: gloo on CPUs, NCCL for torch:cuda), the targets and the anchor run here.
     Stores the run in the results store (``db`` or the default) unless store=False."""
     from .loader import read_source, source_hash
     from .model.gemma import Gemma
@@ -552,6 +555,11 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
             raise NotImplementedError(f"decode='fast' needs workbench.decode.capture_decode (the fast decode "
                                       f"engine), which is not importable here: {e}") from None
     targets = _targets(backends, dtypes)
+    art = None
+    if against is not None or world > 1:   # a stored (against=) or sharded (world=N) reference: reference_artifact
+        from .reference_artifact import resolve_against
+        art, source, prompt, taps, reference = resolve_against(against, world, source, prompt, taps, decode_steps,
+                                                               reference, max_tokens, progress is True)
     cfg, tensors, path, tok = read_source(source, dtype="float64", progress=progress is True)
     if prompt is None:
         prompt = DEFAULT_PROMPT
@@ -597,12 +605,15 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
 
     ref_parts = reference.split(":")
     ref_backend, ref_dtype = ":".join(ref_parts[:-1]), ref_parts[-1]
-    ref_model = build(_bk.get_ops(ref_backend, ref_dtype))
-    want = list(dict.fromkeys(taps + (ANCHOR_TAPS if anchor and not media else [])))
-    ref_out = ref_model.forward(ids_arr, taps=want, **mm)
-    ref_taps = dict(ref_out.taps)
-    ref_taps["logits"] = ref_out.logits
-    del ref_model
+    if art is not None:     # the artifact's taps, once its hashes match these weights, config and tokenizer
+        ref_taps = art.reference_taps(path, cfg)
+    else:
+        ref_model = build(_bk.get_ops(ref_backend, ref_dtype))
+        want = list(dict.fromkeys(taps + (ANCHOR_TAPS if anchor and not media else [])))
+        ref_out = ref_model.forward(ids_arr, taps=want, **mm)
+        ref_taps = dict(ref_out.taps)
+        ref_taps["logits"] = ref_out.logits
+        del ref_model
     prog.step(f"reference {reference}")
 
     # ---- the anchor: the reference itself against HF float64

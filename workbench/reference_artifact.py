@@ -114,9 +114,16 @@ class Artifact:
     manifest: dict
     taps: dict[str, np.ndarray]       # prefill taps + "logits", float64
 
+    label: str | None = None           # how a report names this reference (ends in ":<dtype>")
+
     @property
     def token_ids(self) -> list[int]:
         return list(self.manifest["token_ids"])
+
+    def reference_taps(self, path, cfg) -> dict[str, np.ndarray]:
+        """The stored taps, after :func:`check_matches` (raises ArtifactMismatch)."""
+        check_matches(self, Path(path), cfg)
+        return dict(self.taps)
 
 
 def write(out, taps: dict[str, np.ndarray], manifest: dict) -> Path:
@@ -223,8 +230,9 @@ def export(source, out, prompt=None, taps=None, reference: str = "torch:cpu:floa
            max_tokens: int = 64, world: int = 1, progress: bool = True) -> Path:
     """Run the reference once and write its taps. ``world`` > 1 shards it over that many processes
     (torchrun; see workbench.distributed)."""
-    from .parity import DEFAULT_TAPS
+    from .parity import ANCHOR_TAPS, DEFAULT_TAPS
     taps = list(taps or DEFAULT_TAPS)
+    want = list(dict.fromkeys(taps + ANCHOR_TAPS))    # the anchor can then run where the artifact is used
     if world > 1:
         from .distributed import export_sharded
         return export_sharded(source, out, prompt=prompt, taps=taps, reference=reference,
@@ -237,7 +245,7 @@ def export(source, out, prompt=None, taps=None, reference: str = "torch:cpu:floa
     b, d = _split_ref(reference)
     t0 = time.perf_counter()
     m = Gemma(cfg, tensors, _bk.get_ops(b, d), where=str(path))
-    o = m.forward(np.asarray(ids, dtype=np.int64)[None], taps=taps)
+    o = m.forward(np.asarray(ids, dtype=np.int64)[None], taps=want)
     got = dict(o.taps)
     got["logits"] = o.logits
     man = manifest_for(source, path, cfg, tok, prompt, ids, taps, reference, decode_steps, 1, got)
@@ -300,10 +308,11 @@ def target_rows(build, targets, ids_arr, taps, ref_taps, decode_steps, tolerance
     return rows, skipped, devices
 
 
-def finish_report(rows, meta, skipped, store: bool, db, tolerances=None, fault=None):
+def finish_report(rows, meta, skipped, store: bool, db, tolerances=None, fault=None, anchor_info=None):
     """A ParityReport from rows + meta, stored like ``wb.compare``'s runs (same kind, same meta keys)."""
     from .parity import ParityReport, _jsonable
-    rep = ParityReport(rows=rows, meta=meta, skipped=skipped)
+    meta["anchor"] = anchor_info
+    rep = ParityReport(rows=rows, meta=meta, skipped=skipped, anchor_info=anchor_info)
     meta["passed"] = rep.passed
     if store:
         from . import runs
@@ -317,47 +326,41 @@ def finish_report(rows, meta, skipped, store: bool, db, tolerances=None, fault=N
     return rep
 
 
-def compare_against(against, source=None, backends=None, dtypes=None, decode_steps: int | None = None,
-                    tolerances: dict | None = None, db=None, store: bool = True, progress: bool = True,
-                    fault: dict | None = None):
-    """Compare local backends x dtypes with the taps of a reference artifact (see the module doc).
-    source: the local copy of the model (default: the artifact's model name, which works for registered
-    names and the same path); refused with ArtifactMismatch when its hashes differ from the artifact's."""
-    from . import parity as P
-    from .loader import read_source, source_hash
-    from .model.gemma import Gemma
-    from .model.taps import point_names
-    art = against if isinstance(against, Artifact) else read(against)
-    man = art.manifest
-    source = source or man["model"]
-    cfg, tensors, path, tok = read_source(source, dtype="float64", progress=progress)
-    check_matches(art, Path(path), cfg)
-    targets = P._targets(backends, dtypes)
-    ids = art.token_ids
-    ids_arr = np.asarray(ids, dtype=np.int64)[None]
-    T = ids_arr.shape[1]
-    ds = man.get("decode_steps", 4) if decode_steps is None else decode_steps
-    ds = max(0, min(ds, T - 1))
-    taps = list(man["taps"])
-    order_of = {n: k for k, n in enumerate(point_names(cfg))}
+def resolve_against(against, world, source, prompt, taps, decode_steps, reference, max_tokens, progress):
+    """For ``wb.compare(against=FILE)`` / ``wb.compare(world=N)``: the Artifact (read, or made now by N ranks),
+    and the (source, prompt, taps, reference label) the comparison runs with. The hashes are checked by
+    ``Artifact.reference_taps`` once the local model is read."""
+    if world > 1:
+        if against is not None:
+            raise ValueError("compare: give against= (a stored reference) or world= (shard the reference), not both")
+        import shutil
+        import tempfile
+        td = tempfile.mkdtemp(prefix="wb-tpref-")
+        try:
+            p = export(source, Path(td) / "ref.wbref", prompt=prompt, taps=taps, reference=reference,
+                       decode_steps=decode_steps, max_tokens=max_tokens, world=world, progress=progress)
+            art = read(p)
+        finally:
+            shutil.rmtree(td, ignore_errors=True)
+        art.label = f"{world} ranks x {reference}"
+    else:
+        art = against if hasattr(against, "manifest") else read(against)   # (an Artifact, also from __main__)
+        if prompt is not None and [int(i) for i in np.asarray(prompt).reshape(-1)] != art.token_ids \
+                if not isinstance(prompt, str) else prompt != art.manifest.get("prompt"):
+            raise ValueError(f"{art.path}: the artifact fixes the prompt ({len(art.token_ids)} tokens); "
+                             "leave prompt unset to use it")
+        art.label = f"{art.path.name} <- {art.manifest['reference']}"
+        if source is None:
+            source = art.manifest["model"]
+    taps = list(taps or art.manifest["taps"])
+    return art, source, art.token_ids, taps, art.label
 
-    def build(ops):
-        m = Gemma(cfg, tensors, ops, where=str(path))
-        m.tokenizer, m.source, m.source_path = tok, str(source), path
-        return m
-    prog = P._Progress(progress, len(targets))
-    rows, skipped, devices = target_rows(build, targets, ids_arr, taps, art.taps, ds, tolerances, order_of,
-                                         fault, prog)
-    reference = f"{man['reference']} from {art.path.name}" + (f" ({man['world']} ranks)" if man.get("world", 1) > 1
-                                                              else "")
-    meta = dict(model=str(source), source=str(path), source_hash=source_hash(Path(path)), reference=reference,
-                backends=sorted({b for b, _ in targets}), dtypes=sorted({d for _, d in targets}), n_tokens=T,
-                decode_steps=ds, media=dict(images=0, audio=0), prompt=man.get("prompt"), token_ids=ids,
-                taps=taps, skipped=skipped, devices=devices, arch=cfg.arch,
-                against=dict(path=str(art.path), format=man["format"], created=man.get("created"),
-                             machine=man.get("machine"), versions=man.get("versions"), hashes=man.get("hashes"),
-                             world=man.get("world", 1)))
-    return finish_report(rows, meta, skipped, store, db, tolerances, fault)
+
+def compare_against(against, source=None, **kw):
+    """``wb.compare(source, against=FILE, ...)``: local backends x dtypes against a reference artifact, with
+    wb.compare's own engine (same rows, anchor, budgets, stored run)."""
+    from .parity import compare
+    return compare(source, against=against, **kw)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -406,6 +409,7 @@ def main(argv=None) -> int:
     c.add_argument("--decode-steps", type=int, default=None)
     c.add_argument("--db", default=None)
     c.add_argument("--no-store", action="store_true")
+    c.add_argument("--no-anchor", action="store_true")
     c.add_argument("--json", default=None)
     c.set_defaults(fn=lambda a: _cmd_compare(a))
     args = ap.parse_args(argv)
@@ -417,8 +421,10 @@ def main(argv=None) -> int:
 
 
 def _cmd_compare(a) -> int:
-    rep = compare_against(a.against, source=a.model, backends=a.backends, dtypes=a.dtypes,
-                          decode_steps=a.decode_steps, db=a.db, store=not a.no_store)
+    kw = dict(backends=a.backends, dtypes=a.dtypes, db=a.db, store=not a.no_store, anchor=not a.no_anchor)
+    art = read(a.against)
+    kw["decode_steps"] = a.decode_steps if a.decode_steps is not None else art.manifest.get("decode_steps", 4)
+    rep = compare_against(art, source=a.model, **kw)
     print(rep.summary())
     if a.json:
         rep.to_frame().to_json(a.json, orient="records", indent=1, double_precision=15)
