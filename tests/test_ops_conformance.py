@@ -547,7 +547,7 @@ def markdown(results: dict[tuple[str, str], dict]) -> str:
             err, t, ok, note = r
             s = "0" if err == 0 else ("inf" if math.isinf(err) else f"{err:.1e}")
             cells.append(s if ok else f"**{s} ✗**" + (f" ({note})" if note else ""))
-        tl = " / ".join("0" if x == 0 else f"{x:.0e}" for x in TOL[op]) if op in TOL else ""
+        tl = " / ".join("0" if x == 0 else f"{x:.2g}" for x in TOL[op]) if op in TOL else ""
         lines.append(f"| {op} | " + " | ".join(cells) + f" | {tl} |")
     skipped = [f"{b} {d}: {results[(b, d)]['_skip']}" for b, d in results if "_skip" in results[(b, d)]]
     if skipped:
@@ -692,6 +692,19 @@ def test_scan_sees_what_it_claims(tmp_path):
     assert u == {"linear": ["workbench/model/x.py:2"], "brand_new": ["workbench/model/x.py:3"],
                  "dtype": ["workbench/model/x.py:4"], "peak_memory": ["workbench/model/x.py:5"],
                  "sneaky": ["workbench/model/x.py:5"]}, u
+
+
+def test_signature_check_catches_mismatches():
+    class Wrong:
+        def gelu(self, x, exact=False): ...              # renamed keyword: gelu(x, approximate=...) would break
+        def attention(self, q, k, v, mask, scale, softcap): ...    # want_probs missing
+        def clamp(self, x, lo, hi): ...                  # defaults dropped: clamp(x) would break
+        def rms_norm(self, x, w, eps, fused): ...        # an extra required parameter
+        def linear(self, x, w, bias=None): ...           # an extra optional one: fine
+    probs = {n: _signature_problem(getattr(_proto.Ops, n), getattr(Wrong, n))
+             for n in ("gelu", "attention", "clamp", "rms_norm", "linear")}
+    assert probs["linear"] is None
+    assert all(probs[n] for n in ("gelu", "attention", "clamp", "rms_norm")), probs
 
 
 def test_protocol_stub_is_loud():
