@@ -176,7 +176,8 @@ class LayerExplorer:
 
     def __init__(self, source, backends, dtype, ids=None, frame=None, layer=None, tap="hook_resid_post",
                  token=-1, k=5, models_choices=None, references=(), prompt=None, progress=None,
-                 patching: bool = False, patch_tap: str = "hook_resid_pre", corrupt_position=None):
+                 patching: bool = False, patch_tap: str = "hook_resid_pre", corrupt_position=None,
+                 ablate: str = "zero", ablate_tap: str = "hook_mlp_out"):
         import ipywidgets as W
         from .backends.base import DTYPES
         self.source, self.backends, self.dtype = str(source), list(backends), dtype
@@ -211,8 +212,8 @@ class LayerExplorer:
         self.w_token = W.Dropdown(options=self._token_options(), value=int(token) % len(self.ids),
                                   description="token")
         self.w_metric = W.Dropdown(options=self.METRICS, value="rel_max", description="metric")
-        self.w_ablate = W.Dropdown(options=["none", "zero", "mean"], value="zero", description="ablate")
-        self.w_ablate_tap = W.Dropdown(options=self.ABLATE_TAPS, value="hook_mlp_out", description="at")
+        self.w_ablate = W.Dropdown(options=["none", "zero", "mean"], value=ablate, description="ablate")
+        self.w_ablate_tap = W.Dropdown(options=self.ABLATE_TAPS, value=ablate_tap, description="at")
         self.w_patch = W.Checkbox(value=bool(patching), description="activation patching", indent=False)
         self.w_patch_tap = W.Dropdown(options=PATCH_TAPS, value=patch_tap if patch_tap in PATCH_TAPS else PATCH_TAPS[0],
                                       description="patch")

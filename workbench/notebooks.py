@@ -53,7 +53,7 @@ class NotebookCellError(NotebookError):
         self.source, self.ename, self.evalue = source, ename, evalue
         self.traceback, self.output = traceback, output
         src = "\n".join("    " + line for line in (source or "").rstrip().splitlines())
-        super().__init__(f"notebook {notebook!r} failed in cell {cell_index} (In [{exec_count}]):\n{src}\n"
+        super().__init__(f"notebook {notebook!r} failed in cell {cell_index} of the executed notebook (In [{exec_count}]):\n{src}\n"
                          f"{ename}: {evalue}\n(the executed notebook, outputs so far: {output})")
 
 
