@@ -12,6 +12,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -223,3 +224,23 @@ def test_readonly_flag(tmp_path):
         assert st.read_only is None
         st.save("bench", {}, [])
         assert len(st.list()) == 3 and ids["p"] in st
+
+
+def test_read_only_directory_with_unfolded_wal_is_refused_clearly(tmp_path):
+    """A writer died (its WAL still holds committed runs) and the -shm is gone: in a read-only directory the
+    WAL can't be read, and reading the file alone would silently miss those runs, so it is refused."""
+    d = tmp_path / "shared"
+    d.mkdir()
+    db = d / "runs.sqlite"
+    code = ("import os, sys; sys.path.insert(0, sys.argv[2]); from workbench.runs import RunStore\n"
+            "st = RunStore(sys.argv[1]); st.save('bench', {}, [{'i': 1}]); os._exit(0)")  # no close: WAL stays
+    root = Path(runs.__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-c", code, str(db), str(root)], check=True)
+    wal, shm = Path(str(db) + "-wal"), Path(str(db) + "-shm")
+    assert wal.stat().st_size > 0
+    shm.unlink()
+    with read_only(d):
+        with pytest.raises(RunStoreError, match="write-ahead log .runs.sqlite-wal. holds changes"):
+            RunStore(db)
+    with RunStore(db) as st:  # writable again: the run is there
+        assert len(st.list()) == 1

@@ -578,6 +578,11 @@ class RunStore:
                 # a WAL-mode store in a read-only directory without -wal/-shm: nobody can have written to it
                 # since its last writer closed it (which folds the WAL into the file), so read the file itself
                 conn.close()
+                wal = Path(str(self.path) + "-wal")
+                if wal.exists() and wal.stat().st_size > 0:
+                    raise RunStoreError(f"{self.path}: its write-ahead log ({wal.name}) holds changes that can't be "
+                                        "read without a -shm file, which can't be created in this read-only "
+                                        "directory; open it once where the directory is writable") from e
                 conn = self._new_conn(mode="ro", immutable=1)
                 state, _ = self._inspect(conn)
                 if self.read_only is None:
