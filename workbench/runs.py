@@ -451,8 +451,8 @@ class RunStore:
         self.read_only: str | None = "opened with readonly=True" if readonly else None
         self._want_readonly = bool(readonly)
         self._lock = threading.RLock()
-        self._conn: sqlite3.Connection | None = None    # reads (read-only connection, or the writer's)
-        self._wconn: sqlite3.Connection | None = None   # writes, opened on the first write
+        self._conn: sqlite3.Connection | None = None    # reads: the writer, or a read-only connection
+        self._wconn: sqlite3.Connection | None = None   # writes: None while the store is read-only
         self._ino = None
         self._pid = None
         self._connect()
@@ -678,7 +678,7 @@ class RunStore:
         conn.execute("PRAGMA foreign_keys = ON")
 
     def _writer(self) -> sqlite3.Connection:
-        """The read-write connection (opened on the first write); RunStoreError on a read-only store."""
+        """The read-write connection; RunStoreError on a read-only store."""
         self._connect()
         if self.read_only:
             raise RunStoreError(f"{self.path} is read-only ({self.read_only}): runs can be listed and loaded, "
