@@ -18,6 +18,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -231,6 +232,13 @@ def main(notebook: str = DEFAULT_NOTEBOOK, port: int = DEFAULT_PORT, params: dic
            "copied": f"working copy of the shipped notebook: {path}",
            "parameterized": f"working copy with the given parameters: {path}"}[how])
     server = start(notebook, port=port, workdir=path.parent, params=None, open_browser=open_browser)
+
+    def on_term(signum, frame):     # `kill` of this process stops the server too (the finally below)
+        raise SystemExit(128 + signum)
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+    except ValueError:              # not the main thread
+        pass
     try:
         server.wait_ready(timeout=180)
         print("\nJupyterLab is running on loopback only. Open:\n\n    " + server.url + "\n")
