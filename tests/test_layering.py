@@ -13,6 +13,9 @@ and one rule across layers: faces use ``workbench.backends`` (the package, ``bas
 backend's implementation modules (``torch``, ``mlx``, their ``*_media`` mixins, ``triton_decode``,
 ``mlx_cuda_decode``, ``cpu_gemv``).
 
+And the model code (``model/``, ``multimodal/``) is framework-free: no torch/mlx import, no branch on
+``ops.framework`` — it is written against ``workbench/backends/protocol.py``.
+
 Every import counts, at module level or inside a function (a function-level import is how an upward
 dependency hides). Today's violations and the edges that close today's import cycles are listed below, each with a comment; the test
 fails on any NEW one and also when a listed one has gone (delete its line: the lists only shrink). A new
@@ -113,6 +116,47 @@ KNOWN_CYCLE_EDGES = {
     ("workbench.reference_artifact", "workbench.distributed"):
         "export --nproc calls distributed.export_sharded, which writes through reference_artifact",
 }
+
+
+# The model code is written once against the ops protocol: no torch/mlx import and no branch on ``.framework`` in
+# these packages. Today's exceptions, per module: (framework imports, framework branches). Shrink-only, like above.
+FRAMEWORK_FREE = ("workbench.model", "workbench.model.*", "workbench.multimodal", "workbench.multimodal.*")
+KNOWN_FRAMEWORK_CODE = {
+    "workbench.model.cache": ({"torch", "mlx"}, 4,
+                              "slot writes (index_copy_ / slice assignment), the ring gather and the device-position "
+                              "copy; the gather is ops.take now, the writes need one op (e.g. write_slots)"),
+    "workbench.model.gemma": (set(), 3,
+                              "_moe: sum keepdim/keepdims and the expert mask cast; one arm serves both frameworks "
+                              "(torch accepts keepdims=; ops.cast(sel, None)), one branch has identical arms"),
+}
+
+
+def framework_code(root: pathlib.Path = ROOT) -> dict[str, tuple[set, int, list]]:
+    """{module: ({frameworks imported}, number of comparisons on a ``.framework`` attribute, [lines])} over the
+    framework-free packages (modules with neither are left out)."""
+    out = {}
+    for m, p in _modules(root).items():
+        if not any(fnmatch.fnmatchcase(m, pat) for pat in FRAMEWORK_FREE):
+            continue
+        fws, n, lines = set(), 0, []
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module]
+            for nm in names:
+                top = nm.split(".")[0]
+                if top in ("torch", "mlx"):
+                    fws.add(top)
+                    lines.append(f"{p.relative_to(root).as_posix()}:{node.lineno} import {nm}")
+            if isinstance(node, ast.Compare) and any(
+                    isinstance(x, ast.Attribute) and x.attr == "framework" for x in [node.left, *node.comparators]):
+                n += 1
+                lines.append(f"{p.relative_to(root).as_posix()}:{node.lineno} branch on .framework")
+        if fws or n:
+            out[m] = (fws, n, lines)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ the graph
@@ -275,6 +319,23 @@ def test_no_new_import_cycle_and_known_ones_still_listed():
                       f"{__file__} (the list only shrinks)")
 
 
+def test_model_code_is_framework_free_except_known():
+    found = framework_code()
+    for m, (fws, n, lines) in sorted(found.items()):
+        print(f"  {m}: imports {sorted(fws) or 'none'}, {n} framework branch(es)")
+    worse = {m: v[2] for m, v in found.items()
+             if m not in KNOWN_FRAMEWORK_CODE or not v[0] <= KNOWN_FRAMEWORK_CODE[m][0] or v[1] >
+             KNOWN_FRAMEWORK_CODE[m][1]}
+    assert not worse, ("framework code in the model/multimodal packages (write it against the ops protocol, "
+                       "workbench/backends/protocol.py, adding an op if needed): " +
+                       "; ".join(l for ls in worse.values() for l in ls))
+    better = {m: (sorted(KNOWN_FRAMEWORK_CODE[m][0]), KNOWN_FRAMEWORK_CODE[m][1], sorted(found.get(m, (set(), 0))[0]),
+                  found.get(m, (set(), 0))[1]) for m in KNOWN_FRAMEWORK_CODE
+              if found.get(m, (set(), 0))[:2] != KNOWN_FRAMEWORK_CODE[m][:2]}
+    assert not better, (f"less framework code than KNOWN_FRAMEWORK_CODE lists (listed vs found): {better} — update "
+                        f"it in {__file__} (the list only shrinks)")
+
+
 def test_checker_sees_what_it_claims(tmp_path):
     """The checker on a made-up tree: an upward import inside a function, a face reaching a backend's
     internals, and a two-module cycle are all found; the allowed downward imports are not flagged."""
@@ -297,3 +358,7 @@ def test_checker_sees_what_it_claims(tmp_path):
     assert cycles(g) == [["workbench.generate", "workbench.model.gemma", "workbench.generate"],
                          ["workbench.model.gemma", "workbench.generate", "workbench.model.gemma"]]
     assert cycles(g, skip=frozenset({("workbench.model.gemma", "workbench.generate")})) == []
+    (pkg / "model" / "cache.py").write_text("import torch\ndef f(ops):\n    if ops.framework == 'mlx':\n"
+                                            "        import mlx.core as mx\n    return 'torch' != ops.framework\n")
+    fc = framework_code(tmp_path)
+    assert set(fc) == {"workbench.model.cache"} and fc["workbench.model.cache"][:2] == ({"torch", "mlx"}, 2), fc
