@@ -343,15 +343,18 @@ def test_parity_notebook_is_anchored_and_has_a_decode_parameter(nb):
 
 
 # ------------------------------------------------------------------------------------------------ workbench lab
-def test_lab_working_copy_and_command(nb, tmp_path):
+def test_lab_working_copy_and_command(nb, tmp_path, monkeypatch):
     from workbench import cli, lab
+    monkeypatch.chdir(fixture_dir("gemma3_text").parent.parent)
     path, how = lab.prepare(workdir=tmp_path, params={"model": "fixtures/gemma3_text", "prompt": [3, 4, 5]})
     assert how == "parameterized" and path.parent == tmp_path and path.name == "explore_layers.ipynb"
     cells = json.loads(path.read_text())["cells"]
     i = next(i for i, c in enumerate(cells) if "parameters" in (c["metadata"].get("tags") or []))
     injected = "".join(cells[i + 1]["source"])
     assert "injected-parameters" in cells[i + 1]["metadata"]["tags"]
-    assert "model = 'fixtures/gemma3_text'" in injected and "prompt = [3, 4, 5]" in injected
+    assert "prompt = [3, 4, 5]" in injected
+    # the kernel runs in the working copy's folder: a path relative to here is made absolute
+    assert f"model = {str(fixture_dir('gemma3_text'))!r}" in injected
     path.write_text(path.read_text().replace("Explore layers", "My edited explorer"))
     assert lab.prepare(workdir=tmp_path) == (path, "kept") and "My edited" in path.read_text()
     assert lab.prepare(workdir=tmp_path, fresh=True)[1] == "copied" and "My edited" not in path.read_text()

@@ -62,6 +62,9 @@ def _inject(nbj: dict, params: dict) -> dict:
     if unknown:
         raise NotebookError(f"the notebook has no parameter(s) {', '.join(map(repr, unknown))}; valid parameters: "
                             f"{', '.join(valid)}")
+    # the kernel runs in the working copy's folder: paths relative to here (-p model fixtures/x) made absolute
+    params = {k: os.path.abspath(v) if isinstance(v, str) and not os.path.isabs(v) and os.path.exists(v) else v
+              for k, v in params.items()}
     src = "# Parameters (workbench lab -p)\n" + "\n".join(f"{k} = {v!r}" for k, v in params.items()) + "\n"
     cell = {"cell_type": "code", "execution_count": None, "id": "injected-parameters",
             "metadata": {"tags": ["injected-parameters"]}, "outputs": [], "source": src.splitlines(True)}
