@@ -123,7 +123,7 @@ def test_hf_and_workbench_read_it_and_agree(tmp_path, fixture):
 
 def test_cli_make_random(tmp_path):
     out = tmp_path / "cli"
-    r = subprocess.run([sys.executable, "-m", "workbench.make_random", str(FIXTURES / "gemma3_text" / "config.json"),
+    r = subprocess.run([sys.executable, "-m", "workbench.cli", "make-random", str(FIXTURES / "gemma3_text" / "config.json"),
                         str(out), "--seed", "2"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "make-random" in r.stderr and (out / "model.safetensors").exists()

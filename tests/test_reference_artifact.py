@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, have
 import workbench as wb
 from workbench import reference_artifact as ra
 
@@ -54,14 +54,14 @@ def test_artifact_contents(artifact):
 
 
 def test_against_in_a_fresh_process_reproduces_direct_compare(artifact, tmp_path):
-    direct = wb.compare(FIXTURES / "gemma3_text", backends="torch:cpu", dtypes="float32,bfloat16", prompt=IDS,
-                        decode_steps=3, references=(), store=False, progress=False)
+    direct = wb.compare(FIXTURES / "gemma3_text", backends="torch:cpu", dtypes="float32", prompt=IDS,
+                        decode_steps=3, references=(), store=False, progress=False, anchor=False)
     elsewhere = tmp_path / "other-machine"
     elsewhere.mkdir()
     shutil.copy(artifact, elsewhere / "copied.wbref")
     r = subprocess.run([sys.executable, "-m", "workbench.reference_artifact", "compare", "copied.wbref",
                         "--model", str(FIXTURES / "gemma3_text"), "--backends", "torch:cpu",
-                        "--dtypes", "float32,bfloat16", "--no-store", "--json", "rows.json"],
+                        "--dtypes", "float32", "--no-anchor", "--no-store", "--json", "rows.json"],
                        cwd=elsewhere, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert r.returncode in (0, 1), r.stderr
@@ -72,10 +72,13 @@ def test_against_in_a_fresh_process_reproduces_direct_compare(artifact, tmp_path
 
 
 def test_against_stores_a_parity_run(artifact, tmp_path):
+    """Stored like any wb.compare run; the anchor (HF float64 here) checks the artifact's reference taps."""
     db = str(tmp_path / "runs.sqlite")
     rep = ra.compare_against(artifact, source=FIXTURES / "gemma3_text", backends="torch:cpu", dtypes="float32",
                              db=db, progress=False)
     assert rep.passed and rep.run_id
+    if have("transformers"):
+        assert rep.anchor_info["status"] == "anchored", rep.anchor_info
     from workbench import runs
     st = runs.RunStore(db)
     got = st.load(rep.run_id)
@@ -111,3 +114,33 @@ def test_not_an_artifact(tmp_path):
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
     with pytest.raises(ra.ArtifactError):
         ra.read(bad)
+
+
+def test_cli_export_then_parity_against_elsewhere(tmp_path):
+    """The README's two commands as printed: `workbench reference export` here, `workbench parity --against` in
+    another directory (another machine's checkout), same rows as a direct compare (the CLI's JSON rounds to 10
+    decimal places)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    model = str(FIXTURES / "gemma4_e2b")
+    ids = ",".join(str(i) for i in IDS)
+    r = subprocess.run([sys.executable, "-m", "workbench.cli", "reference", "export", "--model", model,
+                        "--prompt-ids", ids, "-o", str(tmp_path / "e2b.wbref")], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and (tmp_path / "e2b.wbref").exists()
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    r = subprocess.run([sys.executable, "-m", "workbench.cli", "parity", "--against", str(tmp_path / "e2b.wbref"),
+                        "--model", model, "--backends", "torch:cpu", "--dtypes", "float32", "--decode-steps", "3",
+                        "--no-anchor", "--no-store", "--json", "rows.json"], cwd=other, capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "e2b.wbref" in r.stdout and "PASSED" in r.stdout
+    rows = json.loads((other / "rows.json").read_text())
+    direct = wb.compare(model, backends="torch:cpu", dtypes="float32", prompt=IDS, decode_steps=3, references=(),
+                        store=False, progress=False, anchor=False)
+    a = {_key(x): x for x in direct.rows}
+    b = {_key(x): x for x in rows}
+    assert set(a) == set(b)
+    for k in a:
+        assert abs(a[k]["rel_max"] - b[k]["rel_max"]) <= 1e-10 and a[k]["passed"] == b[k]["passed"], k

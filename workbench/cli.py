@@ -126,10 +126,12 @@ def cmd_parity(args) -> int:
         except ValueError:
             raise ValueError(f"--tolerance {t!r}: expected KEY=NUMBER, e.g. float32=1e-5 or "
                              "mlx:gpu:float32=1e-2") from None
-    rep = compare(args.model, backends=args.backends, dtypes=args.dtypes, reference=args.reference,
+    model = args.model or (None if getattr(args, "against", None) else DEFAULT_MODEL)
+    rep = compare(model, backends=args.backends, dtypes=args.dtypes, reference=args.reference,
                   prompt=prompt, decode_steps=args.decode_steps, references=refs, db=args.db,
                   store=not args.no_store, progress=True, tolerances=tols or None,
-                  anchor=not getattr(args, "no_anchor", False))
+                  anchor=not getattr(args, "no_anchor", False),
+                  against=getattr(args, "against", None), world=getattr(args, "nproc", 1))
     print(rep.summary())
     if rep.run_id:
         print(f"stored run {rep.run_id}")
@@ -276,7 +278,7 @@ def _add_info(sub):
 
 def _add_parity(sub):
     p = sub.add_parser("parity", help="per-layer comparison of backends x dtypes against float64")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="HF dir, .gguf, or registered name (default %(default)s)")
+    p.add_argument("--model", default=None, help=f"HF dir, .gguf, or registered name (default {DEFAULT_MODEL}; with --against, the artifact's model)")
     p.add_argument("--backends", default="all", help="'all' or a comma list, e.g. torch:cpu,mlx:cpu")
     p.add_argument("--dtypes", default="float32", help="comma list: float32,bfloat16,float16")
     p.add_argument("--reference", default="torch:cpu:float64")
@@ -295,6 +297,10 @@ def _add_parity(sub):
     p.add_argument("--no-store", action="store_true")
     p.add_argument("--heatmap", default=None, help="write a per-layer heatmap PNG here")
     p.add_argument("--json", default=None, help="write per-tap rows as JSON here")
+    p.add_argument("--against", default=None, metavar="FILE",
+                   help="compare with a reference artifact (workbench reference export) instead of running the reference here; refused if its weight/config/tokenizer hashes differ")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="shard the reference over N processes (torchrun; gloo on CPUs, NCCL for a torch:cuda reference)")
     p.set_defaults(fn=cmd_parity)
     return p
 
@@ -388,8 +394,18 @@ def _add_runs(sub):
     return add_cli(sub)
 
 
+def _add_make_random(sub):
+    from .make_random import add_cli    # workbench make-random NAME|CONFIG OUT
+    return add_cli(sub)
+
+
+def _add_reference(sub):
+    from .reference_artifact import add_cli     # workbench reference export
+    return add_cli(sub)
+
+
 SUBCOMMANDS = [_add_info, _add_parity, _add_diverge, _add_generate, _add_bench, _add_notebooks, _add_dashboard,
-               _add_demo, _add_lab, _add_runs]
+               _add_demo, _add_lab, _add_runs, _add_make_random, _add_reference]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -352,6 +352,14 @@ def make_random(name_or_config, out, seed: int = 0, dtype: str = "bfloat16", sha
     return out
 
 
+def add_cli(sub):
+    """``workbench make-random NAME|CONFIG OUT`` (the CLI's subcommand, defined beside the code)."""
+    p = sub.add_parser("make-random", help="a checkpoint with a released Gemma's config and seeded random weights")
+    add_arguments(p)
+    p.set_defaults(fn=run)
+    return p
+
+
 def main(argv=None) -> int:
     import argparse
     ap = argparse.ArgumentParser(prog="workbench make-random")

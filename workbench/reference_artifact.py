@@ -391,6 +391,16 @@ def cmd_export(args) -> int:
     return 0
 
 
+def add_cli(sub):
+    """``workbench reference export --model M -o ref.wbref`` (compare with ``workbench parity --against``)."""
+    r = sub.add_parser("reference", help="export the float64 reference's taps for other machines")
+    rs = r.add_subparsers(dest="refcmd", required=True)
+    e = rs.add_parser("export", help="run the reference once, write its taps + manifest (one .wbref file)")
+    add_export_arguments(e)
+    e.set_defaults(fn=cmd_export)
+    return r
+
+
 def main(argv=None) -> int:
     """``python -m workbench.reference_artifact export|compare ...`` (the same as ``workbench reference
     export`` / ``workbench parity --against``)."""
