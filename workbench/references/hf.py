@@ -289,6 +289,70 @@ class HFReference:
             raise RuntimeError(f"decoder hooks did not fire for layers {missing}")
         return got_in[0].numpy(), np.stack([got_out[i].numpy() for i in range(len(self.layers))])
 
+    def activations_decode(self, ids, start: int, *, sublayers: bool = True) -> dict[str, np.ndarray]:
+        """Teacher-forced decode through HF's own KV cache: prefill ``ids[:, :start]``, then feed the tokens
+        ``start..T-1`` one at a time; the same named points as :meth:`activations`, concatenated over the
+        steps on axis 1 (so positions ``start..T-1``)."""
+        import torch
+
+        x = self._tensor(ids)
+        T = x.shape[1]
+        if not 0 < start < T:
+            raise ValueError(f"start must be in (0, {T}), got {start}")
+        with torch.inference_mode():
+            out = self.model(input_ids=x[:, :start], attention_mask=torch.ones_like(x[:, :start]), use_cache=True)
+            past = out.past_key_values
+            steps = []
+            for t in range(start, T):
+                got, handles, logits = self._hooked(sublayers)
+                try:
+                    o = self.model(input_ids=x[:, t:t + 1], attention_mask=torch.ones_like(x[:, :t + 1]),
+                                   past_key_values=past, use_cache=True,
+                                   cache_position=torch.tensor([t], device=self.device))
+                finally:
+                    for h in handles:
+                        h.remove()
+                past = o.past_key_values
+                got["logits"] = o.logits.detach().cpu()
+                steps.append(got)
+        return {k: self._np(torch.cat([s[k] for s in steps], dim=1)) for k in steps[0]}
+
+    @staticmethod
+    def _np(v):
+        import torch
+        # bfloat16/float16 values are exact in float32 (numpy has no bfloat16); float64 stays float64
+        return (v.double() if v.dtype == torch.float64 else v.float()).numpy()
+
+    def _hooked(self, sublayers: bool):
+        got: dict[str, Any] = {}
+
+        def keep(name):
+            def post(mod, args, output):
+                h = output[0] if isinstance(output, (tuple, list)) else output
+                got[name] = h.detach().cpu()
+            return post
+
+        def pre(mod, args, kwargs):
+            h = args[0] if args else kwargs.get("hidden_states")
+            got.setdefault("hook_embed", h.detach().cpu())
+
+        handles = [self.layers[0].register_forward_pre_hook(pre, with_kwargs=True)]
+        gemma1 = getattr(self.text_config, "model_type", "") == "gemma"
+        for i, layer in enumerate(self.layers):
+            handles.append(layer.register_forward_hook(keep(f"blocks.{i}.hook_resid_post")))
+            if not sublayers:
+                continue
+            attn = layer.self_attn if gemma1 else getattr(layer, "post_attention_layernorm", None)
+            mlp = layer.mlp if gemma1 else getattr(layer, "post_feedforward_layernorm", None)
+            if attn is not None:
+                handles.append(attn.register_forward_hook(keep(f"blocks.{i}.hook_attn_out")))
+            if mlp is not None:
+                handles.append(mlp.register_forward_hook(keep(f"blocks.{i}.hook_mlp_out")))
+        norm = self._final_norm()
+        if norm is not None:
+            handles.append(norm.register_forward_hook(keep("ln_final.hook_normalized")))
+        return got, handles, None
+
     def activations(self, ids, *, sublayers: bool = True) -> dict[str, np.ndarray]:
         """One forward; the named points this model exposes through module hooks, in the model's own dtype
         (float64 for a float64 model: no cast to float32 on the way out), as numpy arrays keyed by the
