@@ -206,22 +206,52 @@ def _to_bytes(a: np.ndarray, dtype: str) -> bytes:
     return a.astype({"float32": "<f4", "float16": "<f2", "float64": "<f8"}[dtype]).tobytes()
 
 
-def generate_blocks(canonical: str, shape: tuple, cfg, seed: int, block_elems: int = 1 << 24):
-    """The tensor's values (float64 rows) in blocks along axis 0 — deterministic for (seed, name)."""
-    _, center, half = init_spec(canonical, shape, cfg)
-    rng = np.random.default_rng(tensor_seed(seed, canonical))
+_BLOCK_ELEMS = 1 << 22      # 4M values (16 MiB float32) per block: the unit of generation, seeding and threading
+
+
+def _block_ranges(shape: tuple) -> list[tuple[int, int]]:
     n0 = shape[0] if shape else 1
     row = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
-    step = max(1, block_elems // max(1, row))
-    for a in range(0, n0, step):
-        b = min(n0, a + step)
-        x = rng.random((b - a,) + tuple(shape[1:]), dtype=np.float32)
-        yield (x * np.float32(2 * half) + np.float32(center - half))
+    step = max(1, _BLOCK_ELEMS // max(1, row))
+    return [(a, min(n0, a + step)) for a in range(0, n0, step)]
+
+
+def _block(canonical: str, shape: tuple, cfg, seed: int, k: int, a: int, b: int) -> np.ndarray:
+    """Rows [a, b) of the tensor (float32): block k has its own generator seeded by (seed, name, k), so any block
+    can be made alone, by any thread, and the values depend only on (seed, name, shape)."""
+    _, center, half = init_spec(canonical, shape, cfg)
+    rng = np.random.default_rng([tensor_seed(seed, canonical), k])
+    x = rng.random((b - a,) + tuple(shape[1:]), dtype=np.float32)
+    x *= np.float32(2 * half)
+    x += np.float32(center - half)
+    return x
+
+
+def generate_blocks(canonical: str, shape: tuple, cfg, seed: int):
+    """The tensor's values (float32) in row blocks along axis 0 — deterministic for (seed, name)."""
+    for k, (a, b) in enumerate(_block_ranges(shape)):
+        yield _block(canonical, shape, cfg, seed, k, a, b)
 
 
 def tensor_values(canonical: str, shape: tuple, cfg, seed: int) -> np.ndarray:
     """The whole tensor (float32) — for tests and small tensors."""
     return np.concatenate(list(generate_blocks(canonical, shape, cfg, seed)), axis=0).reshape(shape)
+
+
+def _encoded_blocks(pool, canonical, shape, cfg, seed, dtype, threads):
+    """(bytes, data) of each block in order, made by the pool with at most 2 x threads blocks in flight."""
+    from collections import deque
+
+    def job(k, a, b):
+        x = _block(canonical, shape, cfg, seed, k, a, b)
+        return x.size * _ST_DTYPES[dtype][1], _to_bytes(x, dtype)
+    pending: deque = deque()
+    for k, (a, b) in enumerate(_block_ranges(shape)):
+        pending.append(pool.submit(job, k, a, b))
+        if len(pending) >= 2 * threads:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def plan_tensors(hf_config: dict, where: str = "config"):
@@ -311,6 +341,9 @@ def make_random(name_or_config, out, seed: int = 0, dtype: str = "bfloat16", sha
     if progress:
         print(f"make-random {where}: {cfg.arch}, {n_params / 1e9:.3f}B parameters, {dtype}, "
               f"{total / 1e9:.2f} GB in {len(shards)} shard(s) -> {out}", file=sys.stderr, flush=True)
+    threads = max(1, min(16, os.cpu_count() or 1))
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(threads)      # numpy's generators and ufuncs release the GIL
     try:
         for fname, shard in zip(names_, shards):
             header, off = {}, 0
@@ -326,9 +359,9 @@ def make_random(name_or_config, out, seed: int = 0, dtype: str = "bfloat16", sha
                 f.write(len(hb).to_bytes(8, "little"))
                 f.write(hb)
                 for hn, canon, shp in shard:
-                    for blk in generate_blocks(canon, shp, cfg, seed):
-                        f.write(_to_bytes(blk, dtype))
-                        done += blk.size * width
+                    for nbytes, data in _encoded_blocks(pool, canon, shp, cfg, seed, dtype, threads):
+                        f.write(data)
+                        done += nbytes
                     if progress:
                         el = time.perf_counter() - t0
                         print(f"\r  {done / 1e9:7.2f}/{total / 1e9:.2f} GB  {100 * done / total:5.1f}%  "
@@ -342,8 +375,10 @@ def make_random(name_or_config, out, seed: int = 0, dtype: str = "bfloat16", sha
             {"source": where, "seed": seed, "dtype": dtype, "n_params": n_params, "bytes": total,
              "note": CONFIG_NOTES.get(str(name_or_config))}, indent=1))
     except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    pool.shutdown()
     if out.exists():
         out.rmdir()             # checked empty above
     os.replace(tmp, out)
