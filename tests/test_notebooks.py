@@ -571,3 +571,21 @@ def test_logit_lens_uses_the_models_own_unembed_when_it_has_one():
     m.unembed = lambda v: seen.append(v) or np.full((2, m.config.vocab_size), 7.0, np.float32)
     assert (interp.unembed(m, x) == 7.0).all() and len(seen) == 1
     assert reimpl.shape == (2, m.config.vocab_size) and np.isfinite(reimpl).all()
+
+
+def test_patching_target_token_is_taken_as_typed():
+    """' Berlin' and 'Berlin' are different tokens: the target/foil boxes keep the leading space."""
+    from types import SimpleNamespace
+    from workbench.explorer import _parse_token
+    from workbench.interp import PromptError
+
+    class Tok:
+        def encode(self, text):
+            return [2] + {"Berlin": [5], " Berlin": [6], " two words": [7, 8]}[text]
+    m = SimpleNamespace(config=SimpleNamespace(vocab_size=256, bos_token_id=2), tokenizer=Tok())
+    assert _parse_token(m, " Berlin") == 6 and _parse_token(m, "Berlin") == 5
+    assert _parse_token(m, "#17") == 17 and _parse_token(m, " 17 ") == 17 and _parse_token(m, "  ") is None
+    with pytest.raises(PromptError, match="2 tokens, not one"):
+        _parse_token(m, " two words")
+    with pytest.raises(PromptError, match="outside the vocabulary"):
+        _parse_token(m, "#256")

@@ -141,7 +141,8 @@ def prompt_text(ids, text: str | None = None) -> str:
 def _parse_token(model, s: str) -> int | None:
     """A target/foil token typed by the user: blank (None: the default), an id (``123`` or ``#123``), or a
     text that is exactly one token under the model's tokenizer."""
-    s = (s or "").strip()
+    raw = s or ""
+    s = raw.strip()
     if not s:
         return None
     if s.lstrip("#").isdigit():
@@ -151,10 +152,10 @@ def _parse_token(model, s: str) -> int | None:
         return i
     if model.tokenizer is None:
         raise interp.PromptError(f"{s!r}: this model has no tokenizer, give a token id")
-    ids = list(model.tokenizer.encode(s))
+    ids = list(model.tokenizer.encode(raw))       # as typed: " Berlin" and "Berlin" are different tokens
     ids = [i for i in ids if i != getattr(model.config, "bos_token_id", None)]
     if len(ids) != 1:
-        raise interp.PromptError(f"{s!r} is {len(ids)} tokens, not one: {ids}")
+        raise interp.PromptError(f"{raw!r} is {len(ids)} tokens, not one: {ids}")
     return ids[0]
 
 
