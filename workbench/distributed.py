@@ -546,16 +546,35 @@ def _worker_export(spec: dict, out_path: Path):
     m = build(cfg, plan, tensors, ops, where=str(path))
     del tensors
     t_load = time.perf_counter() - t0
+    ids_arr = np.asarray(ids, dtype=np.int64)[None]
+    want = spec.get("want") or spec["taps"]
     barrier()
     ops.synchronize()
     t1 = time.perf_counter()
-    o = m.forward(np.asarray(ids, dtype=np.int64)[None], taps=spec.get("want") or spec["taps"])
+    o = m.forward(ids_arr, taps=want)
     ops.synchronize()
     t_fwd = time.perf_counter() - t1
     got = dict(o.taps)
     got["logits"] = o.logits
-    info = dict(rank=d.rank, load_s=t_load, forward_s=t_fwd, comm_s=ops.comm_seconds, comm_calls=ops.comm_calls,
-                comm_bytes=ops.comm_bytes, weight_bytes=m.local_weight_bytes, peak_rss=peak_rss_bytes(),
+    del o
+    info = dict(rank=d.rank, load_s=t_load, forward_s=t_fwd, weight_bytes=m.local_weight_bytes)
+    if spec.get("timing") and d.world > 1:
+        # a second pass untimed (warm: wall time), a third with each collective bracketed by device syncs (its share)
+        barrier()
+        ops.synchronize()
+        t2 = time.perf_counter()
+        m.forward(ids_arr, taps=want)
+        ops.synchronize()
+        info["warm_forward_s"] = time.perf_counter() - t2
+        ops.timing, ops.comm_seconds, ops.comm_calls, ops.comm_bytes = True, 0.0, 0, 0
+        barrier()
+        t3 = time.perf_counter()
+        m.forward(ids_arr, taps=want)
+        ops.synchronize()
+        info["timed_forward_s"] = time.perf_counter() - t3
+        ops.timing = False
+    info.update(comm_s=ops.comm_seconds, comm_calls=ops.comm_calls, comm_bytes=ops.comm_bytes,
+                peak_rss=peak_rss_bytes(),
                 gpu_peak=int(torch.cuda.max_memory_allocated()) if ops.device.type == "cuda" else None)
     ranks = _gather_obj(info)
     if d.rank == 0:
@@ -719,7 +738,7 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
 
 
 def export_sharded(source, out, prompt=None, taps=None, reference="torch:cpu:float64", decode_steps=4,
-                   max_tokens=64, world=2, progress=True) -> Path:
+                   max_tokens=64, world=2, progress=True, timing: bool = False) -> Path:
     """``workbench reference export --nproc N``: the reference sharded over N processes, written by rank 0."""
     from .parity import ANCHOR_TAPS, DEFAULT_TAPS
     out = Path(os.path.expanduser(str(out))).resolve()
@@ -728,7 +747,8 @@ def export_sharded(source, out, prompt=None, taps=None, reference="torch:cpu:flo
     taps = list(taps or DEFAULT_TAPS)
     spec = dict(source=str(source), output=str(out), prompt=prompt, taps=taps,
                 want=list(dict.fromkeys(taps + ANCHOR_TAPS)),
-                reference=reference, decode_steps=decode_steps, max_tokens=max_tokens, progress=progress)
+                reference=reference, decode_steps=decode_steps, max_tokens=max_tokens, progress=progress,
+                timing=timing)
     res = launch("export", spec, world, progress=progress)
     if progress:
         for r in res["ranks"]:
