@@ -54,9 +54,11 @@ def installed(tmp_path_factory):
     assert len(wheels) == 1, wheels
     import zipfile
     names = set(zipfile.ZipFile(wheels[0]).namelist())
-    for f in ("workbench/_data/dashboards/parity.py", "workbench/_data/dashboards/_logic.py",
-              "workbench/_data/notebooks/parity.ipynb", "workbench/_data/notebooks/explore_layers.ipynb",
-              "workbench/_data/notebooks/throughput.ipynb", "workbench/resources.py"):
+    shipped = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "dashboards").rglob("*.py"))
+               if "__pycache__" not in p.parts]        # the app, its logic modules and its pages
+    shipped += [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "notebooks").glob("*.ipynb"))]
+    assert "dashboards/parity.py" in shipped and "notebooks/parity.ipynb" in shipped
+    for f in ["workbench/_data/" + s for s in shipped] + ["workbench/resources.py"]:
         assert f in names, f"{f} is not in {wheels[0].name}"
 
     venv = tmp / "venv"

@@ -261,8 +261,9 @@ def cmd_demo(args) -> int:
         print(f"demo: the benchmark failed: {type(e).__name__}: {e}", file=sys.stderr)
         brc = 1
     rc = prc or brc
+    from .runs import default_path
     print(f"== demo: parity {'PASSED' if prc == 0 else 'FAILED'}, benchmark {'done' if brc == 0 else 'FAILED'}; "
-          "both stored in the results store", flush=True)
+          f"results store {args.db or default_path()}", flush=True)
     if args.no_dashboard:
         return rc
     print("== demo 3/3: dashboard", flush=True)
