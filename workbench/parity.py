@@ -8,6 +8,7 @@ from one table keyed by (backend kind, dtype) — see TOLERANCES and the README 
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
 import sys
@@ -243,6 +244,13 @@ class ParityReport:
                          f"{'':28s} SKIPPED ({why})")
         for src, who in sources.items():
             lines.append(f"tolerance of {', '.join(sorted(set(who)))}: {src}")
+        for k, flips in (self.meta.get("routing_flips") or {}).items():
+            f0 = flips[0]
+            kind = "a near-tie" if f0["near_tie"] else "NOT a near-tie"
+            lines.append(f"MoE routing differs on {k}: {len(flips)} token/layer choice(s), first layer {f0['layer']} "
+                         f"token {f0['token']} (reference top-k margin "
+                         f"{'?' if f0['margin'] is None else format(f0['margin'], '.1e')}: {kind}; "
+                         "later taps differ by design)")
         hz = self.hazards()
         for k, r in hz.items():
             lines.append(f"precision hazard on {k}: first NaN/inf at {r['tap']}"
@@ -507,6 +515,28 @@ def _apply_budgets(rows: list[dict], hf_err: dict | None, hf_what: str, why_not:
         r["margin"] = _margin(r)
 
 
+def _routing_flips(ref_taps: dict, got: dict, dtype: str) -> list[dict]:
+    """Tokens whose MoE expert set differs from the reference's, with the reference's margin between its k-th
+    and (k+1)-th router probability: a margin under a few units of the dtype's rounding is a near-tie that a
+    correct low-precision implementation may break either way (and the outputs then differ by design)."""
+    out = []
+    for name in sorted(got, key=lambda n: int(n.split(".")[1])):
+        if not name.endswith("moe.hook_expert_ids") or name not in ref_taps:
+            continue
+        layer = int(name.split(".")[1])
+        a, b = np.sort(ref_taps[name], -1), np.sort(got[name], -1)
+        probs = ref_taps.get(name.replace("hook_expert_ids", "hook_router_probs"))
+        k = a.shape[-1]
+        for bt in zip(*np.where((a != b).any(-1))):
+            m = None
+            if probs is not None:
+                p = np.sort(np.asarray(probs)[bt], -1)[::-1]
+                m = float(p[k - 1] - p[k]) if p.shape[-1] > k else None
+            near = m is not None and m < 4 * UNIT_ROUNDOFF.get(dtype, 2.0 ** -24)
+            out.append(dict(layer=layer, token=int(bt[-1]), margin=m, near_tie=bool(near)))
+    return out
+
+
 def _tap_name(tap: str, layer: int) -> str:
     for pre in ("vision.", "audio."):
         if tap.startswith(pre):
@@ -593,7 +623,6 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
         raw = cfg.raw or {}
         mnames = (vision_point_names(raw["vision_config"]["num_hidden_layers"]) if raw.get("vision_config") else []) + \
             (audio_point_names(raw["audio_config"]["num_hidden_layers"]) if raw.get("audio_config") else [])
-        import fnmatch
         taps += [t for t in MEDIA_TAPS if any(fnmatch.fnmatchcase(n, t) for n in mnames)]
         names = mnames + names
     order_of = {n: k for k, n in enumerate(names)}
@@ -614,13 +643,16 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
         return m
     prog = _Progress(progress, 2 + len(low) + len(targets) + len(refs))
 
+    # MoE: the router's choice per token, to tell a near-tie routing flip from a fault (not compared as rows)
+    moe_taps = ["blocks.*.moe.hook_expert_ids", "blocks.*.moe.hook_router_probs"] \
+        if cfg.arch == "gemma4" and cfg.enable_moe_block and not media else []
     ref_parts = reference.split(":")
     ref_backend, ref_dtype = ":".join(ref_parts[:-1]), ref_parts[-1]
     if art is not None:     # the artifact's taps, once its hashes match these weights, config and tokenizer
         ref_taps = art.reference_taps(path, cfg)
     else:
         ref_model = build(_bk.get_ops(ref_backend, ref_dtype))
-        want = list(dict.fromkeys(taps + (ANCHOR_TAPS if anchor and not media else [])))
+        want = list(dict.fromkeys(taps + (ANCHOR_TAPS if anchor and not media else []) + moe_taps))
         ref_out = ref_model.forward(ids_arr, taps=want, **mm)
         ref_taps = dict(ref_out.taps)
         ref_taps["logits"] = ref_out.logits
@@ -664,6 +696,7 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
     rows: list[dict] = []
     skipped: dict[str, str] = {}
     devices: dict[str, str] = {}
+    routing_flips: dict[str, list] = {}
     for b, d in targets:
         key = f"{b}:{d}"
         try:
@@ -684,9 +717,15 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
         if fault and _bk.parse(fault["backend"]).name == spec.name and fault.get("dtype", d) == d:
             m.perturb = _make_fault(fault)
         tol = tolerance_for(spec.kind, d, tolerances)
-        out = m.forward(ids_arr, taps=taps, **mm)
+        out = m.forward(ids_arr, taps=taps + moe_taps, **mm)
         got = dict(out.taps)
         got["logits"] = out.logits
+        routing = {n: got.pop(n) for n in list(got) if n.endswith(("moe.hook_expert_ids", "moe.hook_router_probs"))
+                   and not any(fnmatch.fnmatchcase(n, t) for t in taps)}
+        if routing:
+            flips = _routing_flips(ref_taps, routing, d)
+            if flips:
+                routing_flips[key] = flips
         trows = _rows_for(ref_taps, got, spec.name, d, spec.kind, "prefill", tol, order_of)
         if decode_steps:
             if capture_decode is not None:
@@ -731,7 +770,8 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
                 backends=sorted({b for b, _ in targets}), dtypes=sorted({d for _, d in targets}),
                 n_tokens=T, decode_steps=decode_steps, media=dict(images=len(images or []), audio=len(audio or [])), prompt=prompt if isinstance(prompt, str) else None,
                 token_ids=ids, taps=taps, skipped=skipped, devices=devices, arch=cfg.arch,
-                anchor=anchor_info, failed_references=failed_refs, references=refs, decode=decode)
+                anchor=anchor_info, failed_references=failed_refs, references=refs, decode=decode,
+                routing_flips=routing_flips)
     rep = ParityReport(rows=rows, meta=meta, skipped=skipped, anchor=anchor_rows, anchor_info=anchor_info,
                        failed_references=failed_refs)
     meta["passed"] = rep.passed
