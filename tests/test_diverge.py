@@ -28,8 +28,14 @@ def _div(fx="gemma3_text", **kw):
         return diverge(str(fixture_dir(fx)), **kw)
 
 
-def test_clean_float32_has_no_differing_token_over_64_steps():
-    div = _div(backends=cpu_backends(), dtypes=["float32"], steps=64)
+def _backend_params():
+    """torch:cpu in the fast suite; mlx:cpu (the same check, slower here) in the slow one."""
+    return [pytest.param(b, marks=[pytest.mark.slow] if b != "torch:cpu" else []) for b in cpu_backends()]
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_clean_float32_has_no_differing_token_over_64_steps(backend):
+    div = _div(backends=[backend], dtypes=["float32"], steps=64)
     assert div.first_divergence is None, div.summary()
     df = div.to_frame()
     for t in div.targets:

@@ -59,9 +59,11 @@ from typing import Callable
 import numpy as np
 
 from .backends import base as _bk
-from .parity import DEFAULT_PROMPT, _make_fault, _targets, metrics
+from .parity import _make_fault, _targets, metrics
 
 NEAR_TIE_FACTOR = 2.0
+# prose, so a greedy continuation has real choices to make (a code/number prompt tends to loop)
+DEFAULT_PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
 SUSPECT_RATIO = 100.0     # a layer whose own error is this many times its output's rounding floor is suspect
 SECTIONS = ("step", "layer_step", "kv", "local")
 
@@ -85,6 +87,12 @@ def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
     kl = np.sum(np.exp(lp) * (lp - lq), axis=-1)
     kl = np.maximum(kl, 0.0)            # rounding can give -1e-17
     return np.where(bad, np.nan, kl)
+
+
+def _rel(m: dict) -> float:
+    """The relative L2 error of a ``metrics`` dict, inf when the target has NaN or mismatched inf entries (the norm
+    itself only sums finite entries, which would make an all-NaN tensor look perfect)."""
+    return math.inf if (m["nan_count"] or m["inf_mismatch"]) else m["rel_l2"]
 
 
 def _topk(z: np.ndarray, k: int) -> np.ndarray:
@@ -371,10 +379,10 @@ def _kv_rows(cfg, ref_kv, tgt_kv, target: str) -> list[dict]:
             row = dict(target=target, layer=i, position=p, shared_from=None if src == i else src, ring=ring,
                        slot=b)
             mv = metrics(rv[:, a], tv[:, b])
-            row.update(v_rel=mv["rel_l2"], v_rel_max=mv["rel_max"], v_nonfinite=mv["nan_count"] + mv["inf_count"])
+            row.update(v_rel=_rel(mv), v_rel_max=mv["rel_max"], v_nonfinite=mv["nan_count"] + mv["inf_count"])
             if rk is not None and tk is not None:
                 mk = metrics(rk[:, a], tk[:, b])
-                row.update(k_rel=mk["rel_l2"], k_rel_max=mk["rel_max"],
+                row.update(k_rel=_rel(mk), k_rel_max=mk["rel_max"],
                            k_nonfinite=mk["nan_count"] + mk["inf_count"])
             else:
                 row.update(k_rel=None, k_rel_max=None, k_nonfinite=None)
@@ -410,7 +418,7 @@ def _local_rows(m, cfg, seq: np.ndarray, ref_taps: dict, target: str) -> list[di
         fl = metrics(rp, _cast_like(m, rp))
         loc_bad = ml["nan_count"] + ml["inf_count"]
         rows.append(dict(target=target, layer=i, local=ml["rel_l2"], local_max=ml["rel_max"],
-                         inherited=mi["rel_l2"], inherited_max=mi["rel_max"], floor=fl["rel_l2"],
+                         inherited=mi["rel_l2"], inherited_max=mi["rel_max"], floor=_rel(fl),
                          input_nonfinite=in_bad, local_nonfinite=int(loc_bad),
                          inherited_nonfinite=int(mi["nan_count"] + mi["inf_count"]),
                          overflow=bool(loc_bad > 0 and in_bad == 0)))
@@ -614,7 +622,7 @@ def _step_rows(key, b, d, route, ids, toks, lg, rlg, st, ref_taps, ref_tokens, k
                    ref_own_token=ref_tokens[s] if s < len(ref_tokens) else None,
                    agree=bool(t == rt), kl=float(kl[s]),
                    topk_overlap=len(set(rk.tolist()) & set(xk.tolist())) / k,
-                   logit_rel_max=mt["rel_max"], logit_rel_l2=mt["rel_l2"], logit_max_abs=mt["max_abs"],
+                   logit_rel_max=mt["rel_max"], logit_rel_l2=_rel(mt), logit_max_abs=mt["max_abs"],
                    topk_max_abs=float(np.max(np.abs(x[rk] - r[rk]))) if np.isfinite(x[rk]).all() else math.inf,
                    ref_top1_top2=float(r2[1] - r2[0]),
                    ref_margin=float(r[rt] - r[t]) if t != rt else float(r2[1] - r2[0]),
@@ -630,7 +638,7 @@ def _step_rows(key, b, d, route, ids, toks, lg, rlg, st, ref_taps, ref_tokens, k
             if nm not in st:
                 continue
             me = metrics(ref_taps[nm][0, pos], st[nm][s])
-            lsrows.append(dict(target=key, step=s + 1, layer=i, rel_l2=me["rel_l2"], rel_max=me["rel_max"],
+            lsrows.append(dict(target=key, step=s + 1, layer=i, rel_l2=_rel(me), rel_max=me["rel_max"],
                                nonfinite=me["nan_count"] + me["inf_count"]))
     return srows, lsrows
 
