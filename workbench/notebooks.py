@@ -79,8 +79,13 @@ def notebook_path(name: str | os.PathLike) -> Path:
     nbs = available_notebooks()
     if s in nbs:
         return nbs[s]
+    from . import resources
+    try:
+        where = resources.notebook_dir()
+    except resources.ResourceError as e:
+        where = e
     raise NotebookError(f"unknown notebook {s!r}; available: {', '.join(nbs) or '(none)'} "
-                        f"(in {NOTEBOOK_DIR}), or pass a path to an .ipynb file")
+                        f"(in {where}), or pass a path to an .ipynb file")
 
 
 def parameters_cell(path: str | os.PathLike) -> tuple[int, str]:
