@@ -212,18 +212,24 @@ class Divergence:
                 lines.append(f"    per-layer resid error at that step: layer 0 {_fmt(errs[0]['rel_l2'])} ... "
                              f"layer {errs[-1]['layer']} {_fmt(errs[-1]['rel_l2'])} (worst layer {worst['layer']})")
         for t in self.targets:
-            loc = [r for r in self.local if r["target"] == t]
+            loc = sorted([r for r in self.local if r["target"] == t], key=lambda r: r["layer"])
             if not loc:
                 continue
             over = [r["layer"] for r in loc if r.get("overflow")]
-            top = max(loc, key=lambda r: _key(r["local"]))
-            s = f"{t}: largest local error at layer {top['layer']} ({_fmt(top['local'])}, inherited " \
-                f"{_fmt(top['inherited'])})"
+            fin = [r for r in loc if math.isfinite(float(r["local"]))]
+            s = f"{t}: layers' own error"
+            if fin:
+                top = max(fin, key=lambda r: float(r["local"]))
+                s += (f" at most {_fmt(top['local'])} (layer {top['layer']}, {_fmt(top.get('local_over_floor'))}x "
+                      f"its rounding floor)")
+            s += f"; inherited at the last layer {_fmt(loc[-1]['inherited'])}"
             if over:
                 s += f"; local overflow (inf/NaN from a representable input) at layer(s) {over}"
             sus = [r["layer"] for r in loc if r.get("suspect") and not r.get("overflow")]
             if sus:
                 s += f"; suspect layer(s) {sus} (own error > {SUSPECT_RATIO:g}x the rounding floor)"
+            elif not over:
+                s += "; no layer stands out"
             lines.append(s)
         for k, why in (m.get("skipped") or {}).items():
             lines.append(f"skipped {k}: {why}")
@@ -278,14 +284,23 @@ class Divergence:
             for sec, g in df.groupby("section", sort=False):
                 g = g.drop(columns="section").dropna(axis=1, how="all")
                 recs = g.to_dict("records")
-                secs[str(sec)] = [{k: _py(v) for k, v in r.items()} for r in recs]
+                secs[str(sec)] = [{k: _py(v, k) for k, v in r.items()} for r in recs]
         return cls(meta=dict(run.meta), steps=secs["step"], layer_steps=secs["layer_step"], kv=secs["kv"],
                    local=secs["local"], run_id=run.run_id)
 
 
-def _py(v):
+_INT_COLS = {"layer", "step", "position", "token", "ref_token", "ref_own_token", "slot", "shared_from", "nan_count",
+             "inf_count", "nonfinite", "k_nonfinite", "v_nonfinite", "input_nonfinite", "local_nonfinite",
+             "inherited_nonfinite"}
+
+
+def _py(v, col: str = ""):
+    """A stored cell back as Python: numpy scalars unwrapped; integer columns (which pandas widened to float
+    beside other sections' NaN) as int, NaN there as None."""
     if isinstance(v, np.generic):
-        return v.item()
+        v = v.item()
+    if col in _INT_COLS and isinstance(v, float):
+        return None if math.isnan(v) else (int(v) if v.is_integer() else v)
     return v
 
 
@@ -627,7 +642,7 @@ def _step_rows(key, b, d, route, ids, toks, lg, rlg, st, ref_taps, ref_tokens, k
                    ref_top1_top2=float(r2[1] - r2[0]),
                    ref_margin=float(r[rt] - r[t]) if t != rt else float(r2[1] - r2[0]),
                    target_margin=float(x[t] - x[rt]) if (t != rt and xr_fin) else None,
-                   nan_count=mt["nan_count"], inf_count=mt["inf_count"],
+                   nan_count=mt["nan_count"], inf_count=mt["inf_count"], nonfinite_stop=False,
                    ref_topk=rk.tolist(), ref_topk_text=[text(i) for i in rk],
                    ref_topk_p=np.exp(rlp[rk]).tolist(),
                    topk=xk.tolist(), topk_text=[text(i) for i in xk], topk_p=np.exp(xlp[xk]).tolist())
