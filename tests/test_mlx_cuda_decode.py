@@ -21,10 +21,10 @@ def _mlx_cuda() -> bool:
 def test_declines_where_it_does_not_apply():
     from workbench.backends import mlx_cuda_decode as mk
     m = wb.load(fixture_dir("gemma3_text"), backend="mlx:cpu")
-    assert "not mlx:gpu" in mk.unsupported(m)
-    assert mk.make_step(m, m.new_cache(max_len=8)) is None
-    from workbench.generate import FastDecoder
-    assert FastDecoder(m, m.new_cache(max_len=8), compile=True).route == "mx.compile"
+    assert "not mlx:gpu" in mk.unsupported(m.config, m.ops)
+    from workbench.decode import route
+    r = route.pick(m, m.new_cache(max_len=8), compile=True)
+    assert r.kind == "compiled" and "not mlx:gpu" in r.reason
 
 
 @pytest.mark.gpu
@@ -36,14 +36,14 @@ def test_kernel_step_matches_generic_on_cuda(g270m, dtype):
 
     from workbench.backends import mlx_cuda_decode as mk
     m = wb.load(g270m, backend="mlx:gpu", dtype=dtype)
-    assert mk.unsupported(m) is None
+    assert mk.unsupported(m.config, m.ops) is None
     ids = np.random.default_rng(0).integers(100, 262000, size=(1, 64))
     res = []
     for kern in (False, True):
         c = m.new_cache(max_len=96)
         m.forward(ids, cache=c, last_only=True)
         c.begin_static()
-        st = mk.MLXCudaDecodeStep(m, c) if kern else None
+        st = mk.MLXCudaDecodeStep(m.decode_plan(c)) if kern else None
         pos = mx.array([64], dtype=mx.int32)
         out = []
         for t in (5, 900, 70000, 12):

@@ -21,7 +21,7 @@ fx = sys.argv[1]
 out = {}
 def seq(m, ids, toks, triton):
     c = m.new_cache(max_len=40); m.forward(ids, cache=c, last_only=True); c.begin_static()
-    step = td.TritonDecodeStep(m, c) if triton else None
+    step = td.TritonDecodeStep(m.decode_plan(c)) if triton else None
     pos = torch.tensor([ids.shape[1]]); lg = []
     for t in toks:
         tk = torch.tensor([[t]])
@@ -62,15 +62,16 @@ c = m.new_cache(max_len=30)
 out["route"] = FastDecoder(m, c).route
 # advance(): the self-feeding step (token and position updated on the device) gives the same tokens
 c = m.new_cache(max_len=30); m.forward(np.asarray([prompt]), cache=c, last_only=True); c.begin_static()
-step = td.TritonDecodeStep(m, c)
+step = td.TritonDecodeStep(m.decode_plan(c))
 tok = torch.tensor([[out["plain_tokens"][0]]]); pos = torch.tensor([len(prompt)])
 adv = []
 for _ in range(4):
     step.advance(tok, pos); adv.append(int(tok))
 out["advance"] = adv == out["plain_tokens"][1:5] and int(pos) == len(prompt) + 4
 g4 = wb.load(f"{fx}/gemma4_kv", backend="torch:cpu", progress=False)
-out["gemma4_kv"] = td.unsupported(g4)
-out["float64"] = td.unsupported(wb.load(f"{fx}/gemma2", backend="torch:cpu", dtype="float64", progress=False))
+out["gemma4_kv"] = td.unsupported(g4.config, g4.ops)
+m64 = wb.load(f"{fx}/gemma2", backend="torch:cpu", dtype="float64", progress=False)
+out["float64"] = td.unsupported(m64.config, m64.ops)
 print("RESULT " + json.dumps(out))
 '''
 
@@ -105,7 +106,9 @@ def test_triton_step_bfloat16_no_worse_than_plain(interp):
     # rounded where the plain path rounds; fewer intermediate roundings (RoPE, softmax), so its error
     # against float64 is of the plain bfloat16 path's size
     assert r["triton_vs_f64"] < 1.5 * r["plain_vs_f64"] + 1e-3, r
-    assert 1e-4 < r["triton_vs_plain"] < 0.1, r
+    # and it is close to the plain bfloat16 step (a few bfloat16 roundings apart at most); no lower bound: the
+    # step computing exactly what the plain one computes would be no fault (issue 14 item 3)
+    assert r["triton_vs_plain"] < 0.1, r
 
 
 def test_fast_decoder_uses_triton_step_and_keeps_tokens(interp):
@@ -149,7 +152,7 @@ def test_triton_step_on_cuda_matches_plain(name):
         c = m.new_cache(max_len=64)
         m.forward(ids, cache=c, last_only=True)
         c.begin_static()
-        st = td.TritonDecodeStep(m, c) if triton else None
+        st = td.TritonDecodeStep(m.decode_plan(c)) if triton else None
         pos = torch.tensor([13], device="cuda")
         out = []
         for t in (5, 77, 130, 201):

@@ -126,7 +126,7 @@ def cmd_parity(args) -> int:
         except ValueError:
             raise ValueError(f"--tolerance {t!r}: expected KEY=NUMBER, e.g. float32=1e-5 or "
                              "mlx:gpu:float32=1e-2") from None
-    model = args.model or (None if getattr(args, "against", None) else DEFAULT_MODEL)
+    model = None if getattr(args, "against", None) and args.model == DEFAULT_MODEL else args.model
     rep = compare(model, backends=args.backends, dtypes=args.dtypes, reference=args.reference,
                   prompt=prompt, decode_steps=args.decode_steps, references=refs, db=args.db,
                   store=not args.no_store, progress=True, tolerances=tols or None,
@@ -169,7 +169,8 @@ def cmd_generate(args) -> int:
     st = getattr(m, "last_stats", {})
     print(f"[{m.backend} {m.dtype}] prompt {st.get('prompt_tokens')} tok at {st.get('prompt_tok_s', 0):.1f} tok/s, "
           f"generated {st.get('generated_tokens', 0)} tok at {st.get('gen_tok_s', float('nan')):.1f} tok/s, "
-          f"ttft {st.get('ttft_s', 0) * 1000:.0f} ms, total {time.perf_counter() - t0:.2f}s", file=sys.stderr)
+          f"ttft {st.get('ttft_s', 0) * 1000:.0f} ms, total {time.perf_counter() - t0:.2f}s, "
+          f"decode route: {st.get('route')}", file=sys.stderr)
     return 0
 
 
@@ -279,7 +280,8 @@ def _add_info(sub):
 
 def _add_parity(sub):
     p = sub.add_parser("parity", help="per-layer comparison of backends x dtypes against float64")
-    p.add_argument("--model", default=None, help=f"HF dir, .gguf, or registered name (default {DEFAULT_MODEL}; with --against, the artifact's model)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="HF dir, .gguf, or registered name (default %(default)s; "
+                   "with --against, the default means the artifact's own model)")
     p.add_argument("--backends", default="all", help="'all' or a comma list, e.g. torch:cpu,mlx:cpu")
     p.add_argument("--dtypes", default="float32", help="comma list: float32,bfloat16,float16")
     p.add_argument("--reference", default="torch:cpu:float64")

@@ -455,8 +455,11 @@ def multimodal_generate_iter(model, prompt, images=None, audio=None, max_new_tok
                              ignore_eos: bool = False, max_soft_tokens: int | None = None, stats: dict | None = None,
                              prompt_out: list | None = None):
     """Yield generated token ids: one prefill of the expanded prompt with the media embeddings (so the tokens
-    of each image see each other), then one cached decode step per token. Fills ``stats``."""
-    from ..generate import _stop_ids, sample
+    of each image see each other), then the decode engine's fast step (``workbench.decode``: the same route as a
+    text prompt's). Fills ``stats``."""
+    from ..decode import engine as _engine
+    from ..decode import sampler as _sampler
+    from ..generate import _stop_ids, decode_tokens
     ops, cfg = model.ops, model.config
     st = stats if stats is not None else {}
     t0 = time.perf_counter()
@@ -468,35 +471,20 @@ def multimodal_generate_iter(model, prompt, images=None, audio=None, max_new_tok
     if T >= ctx:
         raise InputError(f"prompt of {T} tokens (media expanded) does not fit the model's context of {ctx} tokens")
     max_len = min(T + max_new_tokens, ctx)
-    cache = model.new_cache(batch=1, max_len=max_len)
+    sampling = _sampler.make(temperature, top_k, top_p, seed)
+    eng = _engine.session(model, max_len, sampling)
+    cache = eng.cache
     logits = forward_embeds(model, prep.embeds, prep.ple_ids, Points(cfg, None, None), cache, 0, True,
                             prep.extra_mask)
     cache.offset = T
     logits = ops.numpy(logits).astype(np.float64)
     t1 = time.perf_counter()
     st.update(prompt_tokens=T, prefill_s=t1 - t0, ttft_s=t1 - t0, prompt_tok_s=T / max(t1 - t0, 1e-9),
-              image_tokens=prep.n_image_tokens, audio_tokens=prep.n_audio_tokens, stopped_by="length")
+              image_tokens=prep.n_image_tokens, audio_tokens=prep.n_audio_tokens)
     stops = set() if ignore_eos else _stop_ids(model, stop)
-    rng = np.random.default_rng(seed)
-    n = 0
-    while n < max_new_tokens:
-        tok = sample(logits[0, -1], temperature, top_k, top_p, rng)
-        if tok in stops:
-            st["stopped_by"] = "eos"
-            break
-        n += 1
-        st["generated_tokens"] = n
-        yield tok
-        if n >= max_new_tokens:
-            break
-        if cache.offset >= max_len:
-            st["stopped_by"] = "context"
-            break
-        logits = model.forward(np.asarray([[tok]]), cache=cache, last_only=True).logits
-    t2 = time.perf_counter()
-    steps = max(n - 1, 0)
-    st.update(decode_s=t2 - t1, gen_tok_s=steps / (t2 - t1) if steps and t2 > t1 else float("nan"),
-              peak_memory=ops.peak_memory())
+    yield from decode_tokens(model, eng, logits[0, -1], T, min(max_new_tokens, max_len - T), sampling, stops, st)
+    if max_len - T < max_new_tokens and st.get("stopped_by") == "length":
+        st["stopped_by"] = "context"
 
 
 def multimodal_generate(model, prompt, images=None, audio=None, max_new_tokens: int = 32, temperature: float = 0.0,
