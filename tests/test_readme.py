@@ -90,8 +90,9 @@ EXPECT = {
         dict(rc=1, out=["float16", "hook_resid_post", "Overall: FAILED"]),
 }
 SERVERS = {"dashboard": "/_stcore/health", "demo": "/_stcore/health", "lab": "/api"}   # subcommand -> health path
-TIMEOUT = 900
-SLOW_TIMEOUT = 3600
+TIMEOUT = 900          # s, one command of the default suite
+SLOW_TIMEOUT = 3600    # s, one slow command (and the demo, which also has to keep printing progress)
+STALL_S = 600          # s without new output from a server before it counts as stuck
 
 
 # ============================================================================ reading the README
@@ -232,13 +233,19 @@ def _stop(proc: subprocess.Popen) -> None:
             pass
 
 
-def _wait_health(proc, log: Path, base: str | None, path: str, port: int, timeout: float) -> str:
+def _wait_health(proc, log: Path, base: str | None, path: str, port: int, timeout: float,
+                 stall: float = STALL_S) -> str:
     """Wait until the server answers 200 on its health path; returns its base URL (printed by the command, or
-    127.0.0.1:$WORKBENCH_PORT)."""
+    127.0.0.1:$WORKBENCH_PORT). Fails after ``timeout`` s, or after ``stall`` s without new output (the demo
+    measures for minutes first and shows progress all along; on a loaded machine it is slow, not stuck)."""
     deadline = time.time() + timeout
-    url = None
+    size, changed = -1, time.time()
     while True:
         text = log.read_text(errors="replace")
+        if len(text) != size:
+            size, changed = len(text), time.time()
+        elif time.time() - changed > stall:
+            pytest.fail(f"no new output for {stall:.0f} s and no answer from the server:\n{text[-4000:]}")
         if proc.poll() is not None:
             pytest.fail(f"the server exited with {proc.returncode} before answering:\n{text[-4000:]}")
         m = re.search(r"https?://(?:127\.0\.0\.1|localhost|\[::1\]):(\d+)", text)
@@ -257,9 +264,15 @@ def _wait_health(proc, log: Path, base: str | None, path: str, port: int, timeou
 def run_command(printed: str, tmp: Path, timeout: float) -> tuple[int, str, float]:
     port = _free_port()
     t0 = time.time()
-    r = subprocess.run(["bash", "-c", printed], cwd=ROOT, env=_env(tmp, port), capture_output=True, text=True,
-                       timeout=timeout, start_new_session=True)
-    return r.returncode, r.stdout + "\n" + r.stderr, time.time() - t0
+    proc = subprocess.Popen(["bash", "-c", printed], cwd=ROOT, env=_env(tmp, port), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop(proc)                      # the whole group: bash, workbench and whatever it started
+        out, err = proc.communicate()
+        pytest.fail(f"`{printed}` did not finish within {timeout:.0f} s:\n{(out + err)[-4000:]}")
+    return proc.returncode, out + "\n" + err, time.time() - t0
 
 
 def _check_no_traceback(out: str) -> None:
@@ -332,7 +345,7 @@ def _serve(key: str, printed: str, sub: str, tmp: Path) -> None:
                                 start_new_session=True)
     try:
         t0 = time.time()
-        base = _wait_health(proc, log, None, SERVERS[sub], port, 600 if sub == "demo" else 180)
+        base = _wait_health(proc, log, None, SERVERS[sub], port, SLOW_TIMEOUT if sub == "demo" else 300)
         took = time.time() - t0
         text = log.read_text(errors="replace")
         _check_no_traceback(text)
