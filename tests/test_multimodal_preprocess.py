@@ -16,6 +16,15 @@ from workbench.multimodal import MediaError, preprocess as pp
 pytest.importorskip("PIL", reason="Pillow (image decoding) is not installed")
 
 needs_hf = pytest.mark.skipif(not have("transformers"), reason="transformers not installed")
+# independent WAV readers/writers (the dev extra installs both): the WAV code is checked against them, not
+# only against our own writer
+try:
+    import soundfile as sf
+    from scipy.io import wavfile
+except ImportError as _e:   # only the WAV tests need them
+    sf = wavfile = None
+    _WHY = f"soundfile and scipy are needed ({_e}; pip install gemma-workbench[dev])"
+needs_readers = pytest.mark.skipif(sf is None or wavfile is None, reason="soundfile/scipy not installed")
 
 
 
@@ -141,6 +150,7 @@ def test_audio_token_counts_equal_processor():
                                           (16, "pcm", True), (24, "pcm", True), (32, "float", True)])
 @pytest.mark.parametrize("channels", [1, 2])
 @pytest.mark.parametrize("rate", [16000, 44100, 8000])
+@needs_readers
 def test_wav_decoding(tmp_path, bits, fmt, ext, channels, rate):
     """Our reader gives soundfile's float32 samples; the 16 kHz mono waveform equals HF's load_audio
     (soundfile decode, channel mean, soxr) when those packages are installed; otherwise checked by hand."""
@@ -157,13 +167,54 @@ def test_wav_decoding(tmp_path, bits, fmt, ext, channels, rate):
     wave, src = pp.load_audio(p)
     assert src == rate and wave.dtype == np.float32 and wave.ndim == 1
     assert len(wave) == -(-n * 16000 // rate)
-    if have("soundfile"):
-        import soundfile as sf
-        s, r = sf.read(p, dtype="float32", always_2d=True)
-        np.testing.assert_array_equal(w.samples, s)
-    if have("soundfile") and (rate == 16000 or have("soxr")) and have("transformers"):
+    # our writer's file through two independent readers (so the writer is not only checked by our reader)
+    s, r = sf.read(p, dtype="float32", always_2d=True)
+    assert r == rate
+    np.testing.assert_array_equal(w.samples, s)
+    r2, raw = wavfile.read(p)
+    assert r2 == rate
+    np.testing.assert_array_equal(w.samples, _scipy_float32(raw).reshape(n, channels))
+    if (rate == 16000 or have("soxr")) and have("transformers"):
         from transformers.audio_utils import load_audio
         np.testing.assert_array_equal(wave, load_audio(str(p), 16000, backend="soundfile"))
+
+
+def _scipy_float32(raw: np.ndarray) -> np.ndarray:
+    """scipy.io.wavfile's raw samples as float32 in [-1, 1), the usual PCM scaling (x / 2^(bits-1); 8-bit is
+    unsigned, offset 128; scipy returns 24-bit samples left-justified in int32)."""
+    if raw.dtype == np.uint8:
+        return ((raw.astype(np.float64) - 128) / 128).astype(np.float32)
+    if raw.dtype == np.int16:
+        return (raw / 32768.0).astype(np.float32)
+    if raw.dtype == np.int32:
+        return (raw / 2.0 ** 31).astype(np.float32)
+    return raw.astype(np.float32)
+
+
+@pytest.mark.parametrize("subtype", ["PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE"])
+@pytest.mark.parametrize("container", ["WAV", "WAVEX"])
+@pytest.mark.parametrize("channels", [1, 2, 3])
+@needs_readers
+@pytest.mark.filterwarnings("ignore:Chunk .non-data. not understood")
+def test_wav_reader_on_files_written_by_others(tmp_path, subtype, container, channels):
+    """Files written by libsndfile (soundfile), in plain and WAVE_FORMAT_EXTENSIBLE containers: our reader
+    gives the samples soundfile and scipy.io.wavfile read back from them."""
+    rate = 22050
+    n = 2001
+    rng = np.random.default_rng(channels)
+    x = np.clip(0.6 * np.sin(np.arange(n)[:, None] * np.array([0.011, 0.07, 0.3])[:channels])
+                + 0.05 * rng.standard_normal((n, channels)), -1, 0.999)
+    p = tmp_path / f"sf-{subtype}-{container}.wav"
+    sf.write(p, x, rate, subtype=subtype, format=container)
+    w = pp.read_wav(p)
+    ref, r = sf.read(p, dtype="float32", always_2d=True)
+    assert (w.rate, r) == (rate, rate) and w.samples.shape == (n, channels)
+    np.testing.assert_array_equal(w.samples, ref)
+    r2, raw = wavfile.read(p)
+    assert r2 == rate
+    np.testing.assert_array_equal(w.samples, _scipy_float32(raw).reshape(n, channels))
+    # and the bytes path gives the same
+    np.testing.assert_array_equal(pp.read_wav(p.read_bytes()).samples, w.samples)
 
 
 def test_wav_mono_mix_and_tuple_inputs():
