@@ -286,7 +286,8 @@ def test_tracked_notebooks_have_no_outputs(tmp_path):
 
 def test_notebooks_default_output_dir_is_not_the_checkout(nb):
     """No shipped notebook writes into the working directory by default: output_dir None -> the user data dir."""
-    for name in NOTEBOOKS:
+    assert set(nb.available_notebooks()) >= set(NOTEBOOKS)
+    for name in nb.available_notebooks():
         assert nb.notebook_parameters(name)["output_dir"] is None, name
     assert nb.output_root() == nb.user_data_dir() / "notebooks"
 
