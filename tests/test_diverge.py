@@ -294,3 +294,34 @@ def test_notebook_runs_headless_and_stores_the_run(tmp_path):
         assert (out_dir / f"diverge_{kind}_torch_cpu_bfloat16.png").stat().st_size > 5000
     html = (out_dir / "diverge_strips.html").read_text()
     assert html.count('class="wb-tok') == 6
+
+
+def test_dashboard_page_with_apptest(tmp_path, monkeypatch):
+    """The page headless (no browser): an empty store offers the run form; a stored run shows the strip with the
+    first differing token, the three figures and the verdict."""
+    if not have("streamlit"):
+        pytest.skip("streamlit not installed: pip install 'gemma-workbench[dashboard]'")
+    from streamlit.testing.v1 import AppTest
+
+    from conftest import ROOT
+    page = str(ROOT / "dashboards" / "pages" / "diverge.py")
+    db = tmp_path / "page.sqlite"
+    monkeypatch.setenv("WORKBENCH_DB", str(db))
+    at = AppTest.from_file(page, default_timeout=120)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("No divergence runs" in i.value for i in at.info)
+    with one_torch_thread():
+        from workbench.diverge import diverge
+        div = diverge(str(fixture_dir("gemma3_text")), backends=["torch:cpu"], dtypes=["float32"], prompt=PROMPT,
+                      steps=8, db=db, progress=False,
+                      fault={"backend": "torch:cpu", "layer": 5, "tap": "hook_mlp_out", "scale": 3.0})
+    at = AppTest.from_file(page, default_timeout=120)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    fd = div.first_divergence
+    assert any("First differing token" in e.value and f"step {fd['step']}" in e.value for e in at.error)
+    strips = [h for h in at.get("html")]
+    assert strips and strips[0].proto.body.count('class="wb-tok') == 8
+    assert strips[0].proto.body.count("wb-first") == 1
+    assert len(at.get("image")) == 3           # KL curve, local vs inherited bars, KV heatmap

@@ -827,7 +827,7 @@ def kv_figure(div, target: str):
               and r.get("shared_from") is not None and not (isinstance(r["shared_from"], float)
                                                             and math.isnan(r["shared_from"]))}
     cmap = plt.get_cmap("magma_r").copy()
-    cmap.set_bad("#d9d9d9")
+    cmap = cmap.with_extremes(bad="#d9d9d9")
     im = None
     for ax, (layers, positions, mat), name in zip(axes, mats, ("K", "V")):
         plot = np.ma.masked_invalid(np.where(np.isnan(mat), np.nan, np.maximum(mat, vmin)))
