@@ -207,14 +207,11 @@ def test_generate_matches_full_forward(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_model_api_when_wired(backend, ref):
-    """``m.forward(prompt, images=, audio=)`` / ``m.generate`` as DESIGN.md has them, once gemma.py routes to the
-    multimodal runner (skipped until then)."""
+    """``m.forward(prompt, images=, audio=)`` / ``m.generate`` as DESIGN.md has them: gemma.py routes media to
+    the multimodal runner (no skip: a NotImplementedError here is a failure)."""
     m = model(backend)
     imgs, auds = fx.make_test_images(), fx.make_test_audio()
-    try:
-        out = m.forward(str(ref["prompt"]), images=imgs, audio=auds, taps=["vision.hook_out", "logits"])
-    except NotImplementedError:
-        pytest.skip("Gemma.forward does not route images/audio to workbench.multimodal yet")
+    out = m.forward(str(ref["prompt"]), images=imgs, audio=auds, taps=["vision.hook_out", "logits"])
     # the model's default budget is 280 soft tokens per image (no processor config in the fixture)
     assert out.logits.shape[1] == out.taps["logits"].shape[1]
     assert "vision.hook_out" in out.taps
