@@ -467,6 +467,12 @@ def test_load_progress_is_reported_before_the_widget_exists(monkeypatch):
     assert [s for s, _ in p.steps] == [f"loading {fx} on {b} (float32)" for b in cpu_backends()]
     explorer.load_models(fx, cpu_backends(), "float32", progress=p)     # cached: nothing to announce
     assert len(p.steps) == len(cpu_backends())
+    cb = p.stage("parity")                  # wb.compare(progress=cb) calls cb(step, total, what)
+    cb(1, 4, "reference torch:cpu:float64")
+    assert p.steps[-1][0] == "parity: reference torch:cpu:float64"
+    if p.bar is not None:
+        assert p.bar.value == pytest.approx(len(cpu_backends()) + 0.25)
+        assert "parity: 1/4 done (reference torch:cpu:float64)" in p.label.value
     p.done()
     if p.bar is not None:
         assert p.bar.value == p.bar.max
@@ -475,6 +481,7 @@ def test_load_progress_is_reported_before_the_widget_exists(monkeypatch):
     src = "".join("".join(c["source"]) for c in cells["cells"] if c["cell_type"] == "code")
     assert src.index("nb.StepProgress(") < src.index("nb.load_models(") < src.index("nb.LayerExplorer(")
     assert "progress=progress" in src[src.index("nb.load_models("):]
+    assert "progress=progress.stage(" in src[src.index("wb.compare("):]
 
 
 class _WordTokenizer:

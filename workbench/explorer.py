@@ -42,8 +42,8 @@ class StepProgress:
         self.widget = None
         try:
             import ipywidgets as W
-            self.bar = W.IntProgress(value=0, min=0, max=self.total, description=title[:20],
-                                     layout=W.Layout(width="320px"))
+            self.bar = W.FloatProgress(value=0, min=0, max=self.total, description=title[:20],
+                                       layout=W.Layout(width="320px"))
             self.label = W.HTML("<i>starting ...</i>")
             self.widget = W.HBox([self.bar, self.label])
         except ImportError:
@@ -71,6 +71,23 @@ class StepProgress:
             self.label.value = f"<i>{msg} ...</i>"
         if not self.shown:
             print(msg, file=sys.stderr, flush=True)
+
+    def stage(self, name: str):
+        """Start the next step and return a ``fn(i, n, what)`` progress callback for a library call that
+        reports its own sub-steps (``wb.compare(..., progress=p.stage("parity"))``): the bar moves within the
+        step, the text says which sub-step finished."""
+        self.step(name)
+        base = self.i - 1
+
+        def sub(i, n, what):
+            t = time.perf_counter() - self.t0
+            self.steps.append((f"{name}: {what}", t))
+            if self.label is not None:
+                self.bar.value = base + min(1.0, i / max(1, n))
+                self.label.value = f"<i>[{self.i}/{self.total}] {name}: {i}/{n} done ({what}) ({t:.1f}s) ...</i>"
+            if not self.shown:
+                print(f"  {name} [{i}/{n}] {what} ({t:.1f}s)", file=sys.stderr, flush=True)
+        return sub
 
     def done(self, what: str = "ready"):
         t = time.perf_counter() - self.t0
@@ -309,9 +326,11 @@ class LayerExplorer:
         key = (source, dtype, tuple(ids))
         if key not in self._frames:
             from .parity import compare
-            self._say(f"comparing {source} ({dtype}) on {', '.join(self.backends)} with float64")
+            what = f"comparing {source} ({dtype}) on {', '.join(self.backends)} with float64"
+            self._say(what)
             rep = compare(source, backends=self.backends, dtypes=[dtype], prompt=ids, taps=EXPLORE_TAPS,
-                          decode_steps=0, references=self.references, store=False, progress=False)
+                          decode_steps=0, references=self.references, store=False,
+                          progress=lambda i, n, done: self._say(f"{what}: {i}/{n} done ({done})"))
             self._frames[key] = rep.to_frame()
         return self._frames[key]
 
