@@ -129,3 +129,12 @@ def test_cli_make_random(tmp_path):
     assert "make-random" in r.stderr and (out / "model.safetensors").exists()
     h = _header(out / "model.safetensors")
     assert {v["dtype"] for k, v in h.items() if k != "__metadata__"} == {"BF16"}
+
+
+@pytest.mark.skipif(not have("torch"), reason="torch not installed")
+def test_bfloat16_bytes_are_torchs_rounding():
+    import torch
+    x = np.random.default_rng(0).standard_normal(1 << 16).astype(np.float32) * 7
+    x[:3] = [1 + 2 ** -8, 1 + 3 * 2 ** -8, -0.0]          # ties to even, signed zero
+    want = torch.from_numpy(x.copy()).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+    assert bytes(mr._to_bytes(x.copy(), "bfloat16")) == want

@@ -198,12 +198,19 @@ def tensor_seed(seed: int, name: str) -> int:
 _ST_DTYPES = {"bfloat16": ("BF16", 2), "float32": ("F32", 4), "float16": ("F16", 2), "float64": ("F64", 8)}
 
 
-def _to_bytes(a: np.ndarray, dtype: str) -> bytes:
+def _to_bytes(a: np.ndarray, dtype: str):
+    """The little-endian bytes of ``a`` in ``dtype`` (bfloat16: round to nearest even), as a buffer. For float32
+    input that is ours to change (a fresh block), the bfloat16 rounding works in place."""
     if dtype == "bfloat16":
-        u = a.astype(np.float32).view(np.uint32)
-        u = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)   # round to nearest even
-        return u.astype("<u2").tobytes()
-    return a.astype({"float32": "<f4", "float16": "<f2", "float64": "<f8"}[dtype]).tobytes()
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        u = a.view(np.uint32)
+        t = u >> np.uint32(16)
+        t &= np.uint32(1)
+        t += np.uint32(0x7FFF)
+        u += t
+        u >>= np.uint32(16)
+        return memoryview(u.astype("<u2"))
+    return memoryview(np.ascontiguousarray(a, dtype={"float32": "<f4", "float16": "<f2", "float64": "<f8"}[dtype]))
 
 
 _BLOCK_ELEMS = 1 << 22      # 4M values (16 MiB float32) per block: the unit of generation, seeding and threading
