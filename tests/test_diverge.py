@@ -266,6 +266,8 @@ def test_float16_overflow_of_the_270m_is_local_to_layer_7(g270m):
     assert math.isinf(loc.loc[7, "local"]) and loc.loc[7, "input_nonfinite"] == 0
     assert (loc.loc[:6, "local"] < 1e-2).all()
     assert (loc.loc[8:, "input_nonfinite"] > 0).all()         # the reference's residual is past float16's range
+    # independently of the float16 run: the float64 residual first exceeds float16's largest value (65504) at 7
+    assert (loc.loc[:6, "ref_absmax"] < 65504).all() and loc.loc[7, "ref_absmax"] > 65504
     fd = div.first_divergence
     assert fd is not None and fd["step"] == 1 and fd["kind"] == "non-finite" and "layer(s) [7]" in fd["verdict"]
 

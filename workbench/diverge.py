@@ -41,7 +41,8 @@ target dtype, so each layer's ``hook_resid_post`` is that layer's computation on
 error against the reference's output. Inherited = the error of the target's ordinary full run at the same point.
 ``input_nonfinite`` counts reference inputs the dtype cannot hold (float16 past 65504); ``overflow`` marks a layer
 that turns a representable input into inf/NaN. ``floor`` is the error of merely rounding the reference's output
-to the dtype.
+to the dtype (inf where that output is past the dtype's range: ``ref_unrepresentable`` values, ``ref_absmax``);
+a layer whose own error is over ``SUSPECT_RATIO`` x its floor is ``suspect``.
 
 Stored in the results store as kind ``diverge``: one row per (section, target, ...), sections ``step``,
 ``layer_step``, ``kv``, ``local``; :meth:`Divergence.from_run` rebuilds the object (the dashboard page and the
@@ -437,8 +438,12 @@ def _local_rows(m, cfg, seq: np.ndarray, ref_taps: dict, target: str) -> list[di
                          input_nonfinite=in_bad, local_nonfinite=int(loc_bad),
                          inherited_nonfinite=int(mi["nan_count"] + mi["inf_count"]),
                          overflow=bool(loc_bad > 0 and in_bad == 0)))
-        ratio = ml["rel_l2"] / fl["rel_l2"] if fl["rel_l2"] > 0 else (0.0 if ml["rel_l2"] == 0 else math.inf)
+        lv, fv = rows[-1]["local"], rows[-1]["floor"]
+        ratio = math.nan if math.isinf(fv) else (lv / fv if fv > 0 else (0.0 if lv == 0 else math.inf))
         rows[-1]["local_over_floor"] = ratio
+        # the reference's own scale there: float16 cannot hold a residual past 65504 however exact the layer
+        rows[-1]["ref_absmax"] = float(np.max(np.abs(rp)))
+        rows[-1]["ref_unrepresentable"] = int(fl["inf_count"] + fl["nan_count"])
         rows[-1]["suspect"] = bool(rows[-1]["overflow"] or (in_bad == 0 and ratio > SUSPECT_RATIO))
         if loc_bad:          # the norms above use finite entries only: say so in the number
             rows[-1]["local"] = math.inf
