@@ -56,7 +56,7 @@ class Dist:
     rank: int
     world: int
     local_rank: int
-    backend: str            # "gloo" | "nccl"
+    backend: str            # "gloo" | "cpu:gloo,cuda:nccl"
 
 
 _DIST: Dist | None = None
@@ -76,7 +76,8 @@ def init(device: str = "cpu") -> Dist:
     rank, world, local = env_world()
     if _DIST is not None:
         return _DIST
-    backend = "nccl" if device == "cuda" else "gloo"
+    # on GPUs: NCCL for CUDA tensors and gloo for CPU ones (a CPU reference beside CUDA targets), by tensor device
+    backend = "cpu:gloo,cuda:nccl" if device == "cuda" else "gloo"
     if device == "cuda":
         torch.cuda.set_device(local)
     if world > 1 and not dist.is_initialized():
@@ -317,7 +318,6 @@ def _tp_ops_class():
             self.comm_calls = 0
             self.comm_bytes = 0
             self.timing = os.environ.get("WORKBENCH_TP_TIMING", "0") == "1"
-            self._gloo_cast = d.backend == "gloo"
 
         def _timed(self, fn, x):
             if not self.timing:
@@ -334,7 +334,7 @@ def _tp_ops_class():
         def all_reduce(self, x):
             if self.tp.world == 1:
                 return x
-            low = self._gloo_cast and x.dtype in (torch.bfloat16, torch.float16)   # gloo sums float32/64
+            low = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)   # gloo: float32/64
 
             def run():
                 y = x.float() if low else x.contiguous()
@@ -345,7 +345,7 @@ def _tp_ops_class():
         def all_gather(self, x, dim):
             if self.tp.world == 1:
                 return x
-            low = self._gloo_cast and x.dtype in (torch.bfloat16, torch.float16)
+            low = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
 
             def run():
                 y = (x.float() if low else x).contiguous()
