@@ -513,10 +513,9 @@ def _worker_compare(spec: dict, out_path: Path):
         else:
             targets.append((b, dt))
     tols = {tuple(k.split("|")) if "|" in k else k: v for k, v in (spec.get("tolerances") or {}).items()} or None
-    rows, sk, devices = target_rows(lambda ops: build(cfg, plan, tensors, tp_ops(ops.spec.name, ops.dtype, d),
-                                                      where=str(path)),
+    rows, sk, devices = target_rows(lambda ops: build(cfg, plan, tensors, ops, where=str(path)),
                                     targets, ids_arr, taps, ref_taps, max(0, min(spec["decode_steps"], T - 1)),
-                                    tols, order_of, spec.get("fault"), prog)
+                                    tols, order_of, spec.get("fault"), prog, make_ops=lambda b, dt: tp_ops(b, dt, d))
     skipped.update(sk)
     mem = _gather_obj(dict(rank=d.rank, peak_rss=peak_rss_bytes()))
     if d.rank == 0:

@@ -260,10 +260,11 @@ def _split_ref(reference: str) -> tuple[str, str]:
 
 # ------------------------------------------------------------------------------------------------ compare
 def target_rows(build, targets, ids_arr, taps, ref_taps, decode_steps, tolerances, order_of, fault=None,
-                prog=None):
+                prog=None, make_ops=None):
     """The per-target part of a comparison (the same steps as ``wb.compare``): for each backend x dtype
     a model from ``build(ops)``, its prefill taps and ``decode_steps`` cached decode steps, rows against
-    ``ref_taps``. Returns (rows, skipped, devices)."""
+    ``ref_taps``. ``make_ops(backend, dtype)``: the ops to build on (default ``backends.get_ops``).
+    Returns (rows, skipped, devices)."""
     from . import parity as P
     from .backends import base as _bk
     rows: list[dict] = []
@@ -284,7 +285,7 @@ def target_rows(build, targets, ids_arr, taps, ref_taps, decode_steps, tolerance
             skipped[key] = str(e)
             prog and prog.step(f"{key} skipped")
             continue
-        ops = _bk.get_ops(b, d)
+        ops = (make_ops or _bk.get_ops)(b, d)
         devices[key] = why
         m = build(ops)
         if fault and _bk.parse(fault["backend"]).name == spec.name and fault.get("dtype", d) == d:
