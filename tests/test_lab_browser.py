@@ -16,7 +16,8 @@ import pytest
 
 from conftest import ROOT, cpu_backends, fixture_dir, have
 
-pytestmark = pytest.mark.browser
+# slow: 58-119 s on this 2-core machine under load (JupyterLab start, kernel imports, all cells, one redraw)
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = "/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else shutil.which("chromedriver")
