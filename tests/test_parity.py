@@ -71,7 +71,9 @@ def test_report_is_stored_and_loads_back(tmp_db):
     assert rep.passed, rep.summary()
     run = wb.runs.load(rep.run_id, db=tmp_db)
     assert run.kind == "parity" and run.meta["passed"] is True
-    assert len(run.rows) == len(rep.rows)
+    # the stored rows are the anchor rows (phase "anchor") and then the targets' rows
+    assert len(run.rows) == len(rep.anchor) + len(rep.rows) and len(rep.anchor) > 0
+    assert (run.rows.phase == "anchor").sum() == len(rep.anchor)
     L = wb.load(fixture_dir("gemma4_kv")).config.num_hidden_layers
     d = run.rows[(run.rows.tap == "hook_resid_post") & (run.rows.phase == "decode")]
     assert sorted(set(d.layer.dropna().astype(int))) == list(range(L))
