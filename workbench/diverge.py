@@ -774,7 +774,7 @@ def token_strip_html(steps: list[dict], first_step: int | None = None) -> str:
                  f"{_num(r.get('ref_margin'))}\n"
                  f"reference top-5:\n{_top(r.get('ref_topk_text'), r.get('ref_topk'), r.get('ref_topk_p'))}\n"
                  f"target top-5:\n{_top(r.get('topk_text'), r.get('topk'), r.get('topk_p'))}")
-        style = f"background:{_kl_colour(kl, lo, hi)}; padding:2px 1px; border-radius:3px; white-space:pre;"
+        style = f"background:{_kl_colour(kl, lo, hi)}; padding:2px 1px; border-radius:3px; white-space:pre-wrap;"
         cls = "wb-tok"
         if first:
             cls += " wb-first"
@@ -784,7 +784,7 @@ def token_strip_html(steps: list[dict], first_step: int | None = None) -> str:
             style += " text-decoration: underline dotted;"
         parts.append(f'<span class="{cls}" data-step="{int(r["step"])}" data-kl="{_num(kl)}" '
                      f'title="{html.escape(title, quote=True)}" style="{style}">'
-                     f'{html.escape(_vis(r.get("token_text")))}</span>')
+                     f'{html.escape(_vis(r.get("token_text")))}</span><wbr>')
         if first:
             parts.append(f'<span class="wb-ref-token" style="color:#1f4fd1; font-size: 12px;"> '
                          f'[ref: {html.escape(_vis(r.get("ref_token_text")))}]</span>')
@@ -831,17 +831,22 @@ def kv_figure(div, target: str):
     shared = {int(r["layer"]): int(r["shared_from"]) for r in div.kv if r["target"] == target
               and r.get("shared_from") is not None and not (isinstance(r["shared_from"], float)
                                                             and math.isnan(r["shared_from"]))}
-    cmap = plt.get_cmap("magma_r").copy()
-    cmap = cmap.with_extremes(bad="#d9d9d9")
+    # grey: the slot does not hold that position (sliding ring) or there is no such tensor (k_eq_v: no K);
+    # cyan: inf/NaN in the target's cache (its error is inf)
+    cmap = plt.get_cmap("magma_r").with_extremes(bad="#d9d9d9", over="#00bcd4")
     im = None
     for ax, (layers, positions, mat), name in zip(axes, mats, ("K", "V")):
-        plot = np.ma.masked_invalid(np.where(np.isnan(mat), np.nan, np.maximum(mat, vmin)))
+        plot = np.where(np.isinf(mat), vmax * 1e6, np.maximum(mat, vmin))
+        plot = np.ma.masked_invalid(np.where(np.isnan(mat), np.nan, plot))
         im = ax.imshow(plot, aspect="auto", cmap=cmap, norm=LogNorm(vmin=vmin, vmax=vmax), interpolation="nearest",
                        extent=(positions[0] - 0.5, positions[-1] + 0.5, layers[-1] + 0.5, layers[0] - 0.5))
-        ax.set_title(f"{name} cache: relative L2 error per position — {target}", fontsize=9)
+        n_inf = int(np.isinf(mat).sum())
+        ax.set_title(f"{name} cache: relative L2 error per position" + (f" ({n_inf} inf/NaN cells)" if n_inf else ""),
+                     fontsize=9)
         ax.set_xlabel("absolute position")
         ax.set_yticks(layers, [f"{i}" + (f"→{shared[i]}" if i in shared else "") for i in layers], fontsize=7)
     axes[0].set_ylabel("layer (→ KV source)")
+    fig.suptitle(f"{target} — grey: position not held (sliding ring) or no such tensor; cyan: inf/NaN", fontsize=9)
     fig.colorbar(im, ax=axes, label="rel L2")
     return fig
 
@@ -869,13 +874,13 @@ def local_figure(div, target: str):
            color="#7f7f7f")
     ax.step(np.r_[layers - 0.5, layers[-1] + 0.5], np.r_[flo, flo[-1]], where="post", color="k", lw=0.8, ls=":",
             label="rounding floor")
-    for r in rows:
+    for r in rows:     # inf bars reach the top; say why at their foot
         if r.get("overflow"):
-            ax.annotate("overflow", (r["layer"] - w / 2, top), ha="center", va="top", fontsize=7, rotation=90,
-                        color="#d62728")
+            ax.text(r["layer"] - w / 2, bot * 1.3, "overflow", ha="center", va="bottom", fontsize=7, rotation=90,
+                    color="white", fontweight="bold")
         elif r.get("input_nonfinite"):
-            ax.annotate("input ∞", (r["layer"] - w / 2, top), ha="center", va="top", fontsize=6, rotation=90,
-                        color="#555")
+            ax.text(r["layer"] - w / 2, bot * 1.3, "input ∞", ha="center", va="bottom", fontsize=6, rotation=90,
+                    color="white")
     ax.set_yscale("log")
     ax.set_ylim(bot, top * 1.5)
     ax.set_xticks(layers)

@@ -100,7 +100,9 @@ for k, why in (meta.get("skipped") or {}).items():
     st.caption(f"skipped {k}: {why}")
 
 divs = div.divergences()
-fd_all = div.first_divergence
+# default: the earliest differing token that is a token (a non-finite stop shows one purple cell), else the earliest
+finite = [d for d in divs.values() if d and d.get("kind") != "non-finite"]
+fd_all = min(finite, key=lambda d: d["step"]) if finite else div.first_divergence
 default_t = fd_all["target"] if fd_all else div.targets[0]
 target = st.selectbox("target", div.targets, index=div.targets.index(default_t), key="dv_target")
 info = (meta.get("target_info") or {}).get(target, {})
