@@ -88,7 +88,7 @@ class LlamaCppReference:
     """
 
     def __init__(self, gguf_path, n_ctx: int = 2048, n_threads: int | None = None, n_gpu_layers: int = 0,
-                 *, quiet: bool = True, seed: int = 0):
+                 *, quiet: bool = True, seed: int = 0, **llama_kwargs):
         llama_cpp = _import_llama_cpp()
         self._llama_cpp = llama_cpp
         self.path = Path(gguf_path).expanduser()
@@ -99,8 +99,8 @@ class LlamaCppReference:
         t0 = time.perf_counter()
         self._llama_kwargs = dict(
             model_path=str(self.path), n_ctx=int(n_ctx), n_threads=int(threads), n_threads_batch=int(threads),
-            n_gpu_layers=int(n_gpu_layers), verbose=False, seed=seed,
-        )
+            n_gpu_layers=int(n_gpu_layers), verbose=False, seed=seed, **llama_kwargs,
+        )   # llama_kwargs: further llama_cpp.Llama arguments, e.g. type_k=0, type_v=0 (a float32 KV cache)
         with _quiet_stderr(quiet):
             self.llm = llama_cpp.Llama(logits_all=True, **self._llama_kwargs)
         self._bench_llm = None  # a second context without logits_all, made on the first bench()
