@@ -78,34 +78,39 @@ def part_270m(ckpt, backends, args):
 
     import workbench as wb
     say("\n## Gemma 3 270M shape (random weights): bench decode vs m.generate\n")
-    say(f"prompt {args.prompt_len}, {args.gen_len} new tokens, EOS ignored; bench: wb.bench (3 repeats, median); "
-        "generate: median of 3 after a warm-up; sampled: temperature 0.8, top-p 0.95, seed 0\n")
+    say(f"prompt {args.prompt_len}, {args.gen_len} new tokens, EOS ignored; bench: wb.bench ({args.repeats} repeats, "
+        f"median); generate: median of {args.repeats} after a warm-up; sampled: temperature 0.8, top-p 0.95, seed 0\n")
+    say(f"model {ckpt}\n")
     say("| backend | dtype | route | bench decode tok/s | generate greedy tok/s | ratio | generate sampled tok/s | "
-        "ratio | fast == plain (64 greedy tokens) |")
+        "ratio | fast == plain (greedy tokens) |")
     say("|---|---|---|---|---|---|---|---|---|")
-    targets = [(b, d) for b in backends for d in (("bfloat16", "float32") if b.startswith("torch") else ("bfloat16",))]
+    targets = [(b, d) for b in backends for d in (args.dtypes.split(",") if args.dtypes else
+                                                  (("bfloat16",) if b == "mlx:gpu" else ("bfloat16", "float32")))]
     ids = np.random.default_rng(0).integers(100, 262000, size=args.prompt_len).tolist()
     for b, d in targets:
         try:
             t0 = time.perf_counter()
             res = wb.bench(str(ckpt), backends=[b], dtypes=[d], prompt_len=args.prompt_len, gen_len=args.gen_len,
-                           repeats=3, store=False, progress=False)
+                           repeats=args.repeats, store=False, progress=False)
             row = [r for r in res.rows if r["impl"] == "workbench"][0]
             if row["status"] != "ok":
                 say(f"| {b} | {d} | skipped: {row.get('reason')} |")
                 continue
             bench_tps = row["decode_tok_s"]
             m = wb.load(str(ckpt), backend=b, dtype=d, progress=False)
-            g_tps, st, fast_toks = gen_rate(m, ids, args.gen_len + 1)
-            s_tps, sst, _ = gen_rate(m, ids, args.gen_len + 1, temperature=0.8, top_p=0.95, seed=0)
-            fast = m.generate(ids, max_new_tokens=64, ignore_eos=True).token_ids
-            os.environ["WORKBENCH_DECODE"] = "plain"
-            try:
-                plain = m.generate(ids, max_new_tokens=64, ignore_eos=True).token_ids
-            finally:
-                del os.environ["WORKBENCH_DECODE"]
-            same = next((i for i, (a, c) in enumerate(zip(fast, plain)) if a != c), len(fast))
-            agree = "all 64" if same == 64 else f"first {same} (then a near-tie in {d}?)"
+            g_tps, st, fast_toks = gen_rate(m, ids, args.gen_len + 1, reps=args.repeats)
+            s_tps, sst, _ = gen_rate(m, ids, args.gen_len + 1, reps=args.repeats, temperature=0.8, top_p=0.95, seed=0)
+            k = args.check_tokens
+            agree = "-"
+            if k:
+                fast = m.generate(ids, max_new_tokens=k, ignore_eos=True).token_ids
+                os.environ["WORKBENCH_DECODE"] = "plain"
+                try:
+                    plain = m.generate(ids, max_new_tokens=k, ignore_eos=True).token_ids
+                finally:
+                    del os.environ["WORKBENCH_DECODE"]
+                same = next((i for i, (a, c) in enumerate(zip(fast, plain)) if a != c), len(fast))
+                agree = f"all {k}" if same == k else f"first {same} of {k} (then a near-tie in {d}?)"
             say(f"| {b} | {d} | {st['route']} ({st['route_reason']}) | {bench_tps:.0f} | {g_tps:.0f} | "
                 f"{g_tps / bench_tps:.2f} | {s_tps:.0f} | {s_tps / bench_tps:.2f} | {agree} |")
             say(f"<!-- {b} {d}: sampled route {sst['route']}; setup (compile/capture) of the first call "
@@ -215,6 +220,12 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-len", type=int, default=256)
     ap.add_argument("--g4-tokens", type=int, default=64)
+    ap.add_argument("--g4-backends", default=None, help="backends for the Gemma 4 part (default: --backends)")
+    ap.add_argument("--model", default=None, help="a source for the 270m part (default: the random 270M shape; "
+                                                   "'gemma3-270m' is the real one)")
+    ap.add_argument("--dtypes", default=None, help="comma list for the 270m part")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--check-tokens", type=int, default=64, help="fast vs plain greedy tokens compared (0: skip)")
     ap.add_argument("--work", default="/tmp/wb-decode")
     ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "out")))
     args = ap.parse_args(argv)
@@ -227,8 +238,14 @@ def main(argv=None) -> int:
         sm = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip()
     except Exception:
         sm = ""
+    import platform
+
     import torch
-    say(f"# Decode engine on {card()} ({sm}); torch {torch.__version__}; backends {backends}; "
+    dev = card()
+    if not any(b.startswith(("torch:cuda", "mlx:gpu")) for b in backends):
+        from workbench.runs import machine_info
+        dev = f"CPU {machine_info().get('cpu') or platform.processor()}, {os.cpu_count()} cores"
+    say(f"# Decode engine on {dev} ({sm}); torch {torch.__version__}; backends {backends}; "
         f"git {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=ROOT).stdout.strip()}")
     if not backends:
         say("no GPU backend here")
@@ -236,7 +253,7 @@ def main(argv=None) -> int:
     parts = args.parts.split(",")
     t0 = time.perf_counter()
     if "270m" in parts or "parity" in parts:
-        ck = make("gemma3-270m", pathlib.Path(args.work) / "g270m")
+        ck = args.model or make("gemma3-270m", pathlib.Path(args.work) / "g270m")
     if "270m" in parts:
         part_270m(ck, backends, args)
         say(f"<!-- {time.perf_counter() - t0:.0f} s so far -->")
@@ -244,7 +261,7 @@ def main(argv=None) -> int:
         part_parity(ck, backends, args)
         say(f"<!-- {time.perf_counter() - t0:.0f} s so far -->")
     if "gemma4" in parts:
-        part_gemma4(backends, args)
+        part_gemma4(args.g4_backends.split(",") if args.g4_backends else backends, args)
         say(f"<!-- {time.perf_counter() - t0:.0f} s in all -->")
     return 0
 

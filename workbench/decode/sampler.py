@@ -86,7 +86,7 @@ def sample_np(logits: np.ndarray, s: Sampling, pos: int) -> int:
         raise FloatingPointError("logits are all NaN/inf: the model diverged (try float32 or bfloat16)")
     if s.greedy:
         return int(np.argmax(logits))
-    z = logits.astype(np.float32) / np.float32(s.temperature)
+    z = logits.astype(np.float32) * np.float32(1.0 / s.temperature)     # as the device samplers: x * (1/T)
     V = z.shape[0]
     C = s.candidates(V)
     if C is None:
@@ -114,35 +114,62 @@ def _mix_t(x):
     return x
 
 
-def torch_sampler(s: Sampling, vocab: int, device):
+def _topk_t(z, C: int):
+    """Top C (sorted, descending) of z [1, V]: for a large vocabulary in two stages — the top C of each of 64
+    groups, then the top C of those (exactly the top C; far cheaper on a GPU than one top-C over 262k entries)."""
+    import torch
+    V = z.shape[-1]
+    G = 64
+    if V >= 65536 and V % G == 0 and C <= V // G:
+        v1, i1 = torch.topk(z.reshape(G, V // G), C, dim=-1, sorted=False)
+        i1 = i1 + (torch.arange(G, device=z.device) * (V // G))[:, None]
+        v2, j = torch.topk(v1.reshape(1, -1), C, dim=-1, sorted=True)
+        return v2, torch.gather(i1.reshape(1, -1), 1, j)
+    return torch.topk(z, C, dim=-1, sorted=True)
+
+
+def torch_sampler(s: Sampling, vocab: int, device, compile: bool | None = None):
     """``fn(logits [1, V], pos [1] int64 (the input token's position)) -> token [1, 1] int64`` on the device,
-    with seed, temperature and top_p in device tensors (``fn.set(sampling)`` changes them without re-capture)."""
+    with seed, temperature and top_p in device tensors (``fn.set(sampling)`` changes them without re-capture).
+    On CUDA (``compile`` None) the elementwise work is compiled by inductor (a handful of kernels, not ~30)."""
     import torch
     C = s.candidates(vocab)
-    st = dict(seed=torch.zeros((), dtype=torch.long, device=device),
-              inv_t=torch.ones((), dtype=torch.float32, device=device),
-              top_p=torch.ones((), dtype=torch.float32, device=device))
-    ar = torch.arange(vocab, dtype=torch.long, device=device) if C is None else None
+    st = dict(seed=torch.zeros((1, 1), dtype=torch.long, device=device),
+              inv_t=torch.ones((1, 1), dtype=torch.float32, device=device),
+              top_p=torch.ones((1, 1), dtype=torch.float32, device=device))
+    use_top_p = s.use_top_p
 
-    def gumbel(pos, ids):
-        key = _mix_t(_mix_t(st["seed"]) ^ pos)
+    def gumbel(seed, pos, ids):
+        key = _mix_t(_mix_t(seed) ^ pos)
         h = _mix_t(key + ids * _GOLD)
         u = ((h >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)
         return -torch.log(-torch.log(u))
 
-    def fn(logits, pos):
-        z = logits.reshape(1, -1).to(torch.float32) * st["inv_t"]
-        p1 = (pos.reshape(1, 1) + 1)
-        if C is None:
-            return torch.argmax(z + gumbel(p1, ar[None]), dim=-1, keepdim=True)
-        vals, idx = torch.topk(z, C, dim=-1, sorted=True)
-        if s.use_top_p:
-            lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    def full(logits, pos, seed, inv_t, top_p):
+        z = logits.reshape(1, -1).to(torch.float32) * inv_t
+        ar = torch.arange(vocab, dtype=torch.long, device=logits.device)[None]
+        return torch.argmax(z + gumbel(seed, pos.reshape(1, 1) + 1, ar), dim=-1, keepdim=True)
+
+    def cand(logits, pos, seed, inv_t, top_p):
+        # top-k on the raw logits (x / T keeps the order for T > 0): no float copy of the vocabulary first
+        lg = logits.reshape(1, -1)
+        vals, idx = _topk_t(lg, C)
+        vals = vals.to(torch.float32) * inv_t
+        if use_top_p:
+            lse = torch.logsumexp(lg.to(torch.float32) * inv_t, dim=-1, keepdim=True)
             p = torch.exp(vals - lse)
-            keep = (torch.cumsum(p, dim=-1) - p) < st["top_p"]
+            keep = (torch.cumsum(p, dim=-1) - p) < top_p
             vals = torch.where(keep, vals, torch.full_like(vals, float("-inf")))
-        j = torch.argmax(vals + gumbel(p1, idx), dim=-1, keepdim=True)
+        j = torch.argmax(vals + gumbel(seed, pos.reshape(1, 1) + 1, idx), dim=-1, keepdim=True)
         return torch.gather(idx, 1, j)
+
+    body = full if C is None else cand
+    dev = torch.device(device)
+    if compile if compile is not None else dev.type == "cuda":
+        body = torch.compile(body, fullgraph=True, dynamic=False)
+
+    def fn(logits, pos):
+        return body(logits, pos, st["seed"], st["inv_t"], st["top_p"])
 
     def set_(sp: Sampling):
         st["seed"].fill_(int(sp.seed))
