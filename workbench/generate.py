@@ -94,6 +94,8 @@ def decode_tokens(model, cache_engine, last_logits, n_prompt: int, max_new_token
         st["stopped_by"] = "context"
     t_setup = time.perf_counter()
     setup = eng.prepare(tok) if todo > 0 else 0.0
+    if not sampling.greedy and getattr(eng, "sampler_note", None):
+        st["sampler"] = eng.sampler_note
     t_dec = time.perf_counter()
     steps = 0
     try:

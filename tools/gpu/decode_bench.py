@@ -113,7 +113,7 @@ def part_270m(ckpt, backends, args):
                 agree = f"all {k}" if same == k else f"first {same} of {k} (then a near-tie in {d}?)"
             say(f"| {b} | {d} | {st['route']} ({st['route_reason']}) | {bench_tps:.0f} | {g_tps:.0f} | "
                 f"{g_tps / bench_tps:.2f} | {s_tps:.0f} | {s_tps / bench_tps:.2f} | {agree} |")
-            say(f"<!-- {b} {d}: sampled route {sst['route']}; setup (compile/capture) of the first call "
+            say(f"<!-- {b} {d}: sampled route {sst['route']}, sampler {sst.get('sampler')}; setup (compile/capture) of the first call "
                 f"excluded, this block took {time.perf_counter() - t0:.0f} s -->")
             del m
         except Exception as e:

@@ -73,7 +73,9 @@ class DecodeEngine:
         if hasattr(ops, "fused_reductions"):
             ops.fused_reductions = sw.gpu_decode != "cublas"
         greedy = self.sampling.greedy
-        self._sample = None if greedy else _sampler.torch_sampler(self.sampling, self.vocab, ops.device)
+        self._sample = None if greedy else _sampler.torch_sampler(self.sampling, self.vocab, ops.device,
+                                                                  dtype=ops.tdtype)
+        self.sampler_note = None if greedy else self._sample.note
         self._advance = None
         if self.route.kind == "triton":
             from ..backends import triton_decode

@@ -128,7 +128,7 @@ def _topk_t(z, C: int):
     return torch.topk(z, C, dim=-1, sorted=True)
 
 
-def torch_sampler(s: Sampling, vocab: int, device, compile: bool | None = None):
+def torch_sampler(s: Sampling, vocab: int, device, compile: bool | None = None, dtype=None):
     """``fn(logits [1, V], pos [1] int64 (the input token's position)) -> token [1, 1] int64`` on the device,
     with seed, temperature and top_p in device tensors (``fn.set(sampling)`` changes them without re-capture).
     On CUDA (``compile`` None) the elementwise work is compiled by inductor (a handful of kernels, not ~30)."""
@@ -165,8 +165,15 @@ def torch_sampler(s: Sampling, vocab: int, device, compile: bool | None = None):
 
     body = full if C is None else cand
     dev = torch.device(device)
+    note = "eager"
     if compile if compile is not None else dev.type == "cuda":
-        body = torch.compile(body, fullgraph=True, dynamic=False)
+        cbody = torch.compile(body, fullgraph=True, dynamic=False)
+        try:     # compile now (not inside a CUDA graph capture); keep the eager ops if inductor fails here
+            cbody(torch.zeros((1, vocab), dtype=dtype or torch.float32, device=dev),
+                  torch.zeros((1,), dtype=torch.long, device=dev), st["seed"], st["inv_t"], st["top_p"])
+            body, note = cbody, "compiled"
+        except Exception as e:  # noqa: BLE001
+            note = f"eager (torch.compile failed: {type(e).__name__})"
 
     def fn(logits, pos):
         return body(logits, pos, st["seed"], st["inv_t"], st["top_p"])
@@ -176,6 +183,7 @@ def torch_sampler(s: Sampling, vocab: int, device, compile: bool | None = None):
         st["inv_t"].fill_(1.0 / float(sp.temperature))
         st["top_p"].fill_(float(sp.top_p if sp.top_p is not None else 1.0))
     fn.set = set_
+    fn.note = note
     set_(s)
     return fn
 
