@@ -162,25 +162,37 @@ with tab_parity:
             phases = [p for p in ("prefill", "decode") if (frame["phase"] == p).any()]
             phase = m2.radio("phase", phases, horizontal=True, key="phase")
             targets = list(dict.fromkeys(frame["target"]))
-            layer_taps = list(dict.fromkeys(frame[frame["layer"].notna()].sort_values("order")["tap"]))
+            per_layer = frame[frame["layer"].notna()]
+            layer_taps = list(dict.fromkeys(per_layer.sort_values("order")["tap"]))
+            # the picker offers the targets with per-layer rows in this phase (a reference such as the HF anchor
+            # may compare the logits only): the default is never an empty picture
+            layer_targets = list(dict.fromkeys(per_layer[per_layer["phase"] == phase]["target"])) or targets
             left, right = st.columns(2)
             with left:
                 st.subheader("layers × taps")
-                fd_t = fd["target"] if fd is not None else targets[0]
-                target = st.selectbox("backend:dtype", targets, index=targets.index(fd_t), key="hm_target")
-                fig = L.heatmap_figure(frame, metric=metric, by="taps", target=target, phase=phase,
-                                       highlight=L.first_divergence(frame, target))
-                st.pyplot(fig)
-                plt.close(fig)
+                fd_t = fd["target"] if fd is not None and fd["target"] in layer_targets else layer_targets[0]
+                target = st.selectbox("backend:dtype", layer_targets, index=layer_targets.index(fd_t),
+                                      key="hm_target")
+                if L.heatmap_matrix(frame, metric, "taps", target, "hook_resid_post", phase)[0].empty:
+                    st.info(f"no per-layer rows for {target} ({phase})")
+                else:
+                    fig = L.heatmap_figure(frame, metric=metric, by="taps", target=target, phase=phase,
+                                           highlight=L.first_divergence(frame, target))
+                    st.pyplot(fig)
+                    plt.close(fig)
             with right:
                 st.subheader("layers × backends")
                 default_tap = fd["tap"] if fd is not None and fd["tap"] in layer_taps else (
                     "hook_resid_post" if "hook_resid_post" in layer_taps else (layer_taps or [None])[0])
                 tap = st.selectbox("tap", layer_taps, index=layer_taps.index(default_tap) if default_tap in layer_taps
                                    else 0, key="hm_tap")
-                fig = L.heatmap_figure(frame, metric=metric, by="backends", tap=tap, phase=phase, highlight=fd)
-                st.pyplot(fig)
-                plt.close(fig)
+                if tap is None or L.heatmap_matrix(frame, metric, "backends", None, tap, phase)[0].empty:
+                    st.info(f"no per-layer rows for tap {tap} ({phase})")
+                else:
+                    fig = L.heatmap_figure(frame, metric=metric, by="backends", tap=tap, phase=phase,
+                                           highlight=fd)
+                    st.pyplot(fig)
+                    plt.close(fig)
             st.subheader("per target")
             st.dataframe(L.target_summary(frame), hide_index=True, width="stretch")
             with st.expander("taps outside the layers (embedding, final norm, logits)"):

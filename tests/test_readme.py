@@ -375,6 +375,13 @@ def _check_demo(base: str, log: str, db: Path, took: float) -> None:
     _check_demo_page(base, DEFAULT_MODEL)
 
 
+def _idle(drv) -> bool:
+    """Streamlit is not running the script (its status widget shows "Running..." / Stop while it does)."""
+    from selenium.webdriver.common.by import By
+    return not [e for e in drv.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]')
+                if e.is_displayed() and e.text.strip()]
+
+
 def _check_demo_page(base: str, model: str) -> None:
     import test_dashboard_browser as tb
     if not (have("selenium") and tb.CHROMIUM and tb.CHROMEDRIVER):
@@ -395,9 +402,12 @@ def _check_demo_page(base: str, model: str) -> None:
         drv.get(base + "/")
         tb._wait(drv, "the heading", lambda: "Gemma Workbench" in drv.find_element(By.TAG_NAME, "h1").text)
         tb._wait(drv, "the default model's name", lambda: model in drv.page_source)   # the run picker's value
-        tb._wait(drv, "the parity heatmap", lambda: any(
+        # both heatmaps (layers x taps of the default target, layers x backends), drawn, with the script done
+        tb._wait(drv, "the two parity heatmaps", lambda: _idle(drv) and sum(
             i.size["height"] > 100 and i.get_attribute("complete") == "true"
-            for i in drv.find_elements(By.CSS_SELECTOR, '[data-testid="stImage"] img')))
+            for i in drv.find_elements(By.CSS_SELECTOR, '[data-testid="stImage"] img')) >= 2)
+        assert not [e for e in drv.find_elements(By.CSS_SELECTOR, '[data-testid="stAlert"]')
+                    if "no per-layer rows" in e.text], "the dashboard's default heatmap target has no rows"
         assert not drv.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
         drv.save_screenshot(str(SCREENS / "demo-parity.png"))
         tab = tb._wait(drv, "the Throughput tab", lambda: [b for b in drv.find_elements(By.CSS_SELECTOR, '[role="tab"]')
@@ -406,7 +416,8 @@ def _check_demo_page(base: str, model: str) -> None:
         tb._wait(drv, "a drawn throughput chart", lambda: [c for c in drv.find_elements(
             By.CSS_SELECTOR, '[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg')
             if c.is_displayed() and c.size["height"] > 100])
-        time.sleep(1.0)
+        tb._wait(drv, "the throughput tab to finish", lambda: _idle(drv))
+        time.sleep(1.0)   # vega's transitions
         assert not drv.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
         drv.save_screenshot(str(SCREENS / "demo-throughput.png"))
     finally:
