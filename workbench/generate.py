@@ -53,6 +53,11 @@ def prompt_ids(model, prompt, chat: bool = False) -> list[int]:
     return [int(i) for i in ids]
 
 
+def _check_max_new_tokens(n) -> None:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise InputError(f"max_new_tokens must be a whole number >= 0 (how many tokens to generate), got {n!r}")
+
+
 def _stop_ids(model, stop) -> set[int]:
     out: set[int] = set()
     tok = model.tokenizer
@@ -123,6 +128,7 @@ def generate_iter(model, prompt, max_new_tokens: int = 32, temperature: float = 
                   stats: dict | None = None, compile: bool | None = None) -> Iterator[int]:
     """Yield generated token ids one by one; fills ``stats`` (timings, route) as it goes."""
     from .decode import engine as _engine
+    _check_max_new_tokens(max_new_tokens)
     ids = prompt_ids(model, prompt, chat)
     model.check_ids(ids)
     sampling = _sampler.make(temperature, top_k, top_p, seed)
@@ -214,6 +220,7 @@ def generate(model, prompt, max_new_tokens: int = 32, temperature: float = 0.0, 
              top_p: float | None = None, seed: int | None = 0, stop=None, stream: bool = False, chat: bool = False,
              ignore_eos: bool = False, **kw):
     """``m.generate``: a Generation, or with ``stream=True`` an iterator of text pieces."""
+    _check_max_new_tokens(max_new_tokens)
     stop_strings = [s for s in (stop or []) if isinstance(s, str)]
     if stream:
         stats: dict = {}
