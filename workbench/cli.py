@@ -227,15 +227,39 @@ def cmd_dashboard(args) -> int:
     import subprocess
     from . import resources
     app = resources.dashboard_path()
+    # always headless for Streamlit: its non-headless first run stops to ask for an e-mail address on stdin
+    # (and exits when there is none); the browser is opened here instead, once the server answers
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
-           "--server.address", args.address, "--server.headless", "true" if args.headless else "false",
-           "--browser.gatherUsageStats", "false"]
+           "--server.address", args.address, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
     if args.db:
         cmd += ["--", "--db", args.db]
     print(" ".join(cmd))
     host = "localhost" if args.address in ("127.0.0.1", "localhost", "0.0.0.0") else args.address
-    print(f"dashboard: http://{host}:{args.port}  (Ctrl-C stops it)", flush=True)
+    url = f"http://{host}:{args.port}"
+    print(f"dashboard: {url}  (Ctrl-C stops it)", flush=True)
+    display = sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    if not args.headless and display:      # as Streamlit does: no browser without a display
+        _open_browser_when_up(url)
     return subprocess.call(cmd)
+
+
+def _open_browser_when_up(url: str, timeout: float = 120.0) -> None:
+    """Open ``url`` in the user's browser once ``url/_stcore/health`` answers (a daemon thread; gives up quietly)."""
+    import threading
+    import urllib.request
+    import webbrowser
+
+    def wait_and_open():
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            try:
+                with urllib.request.urlopen(url.replace("localhost", "127.0.0.1") + "/_stcore/health", timeout=2):
+                    webbrowser.open(url)
+                    return
+            except OSError:
+                time.sleep(0.5)
+
+    threading.Thread(target=wait_and_open, daemon=True).start()
 
 
 def cmd_demo(args) -> int:
