@@ -9,7 +9,8 @@ file):
 * the ```python blocks (the "Using it" snippet), run as one script.
 
 Each command runs in a shell (``bash -c``, the line exactly as printed, comments included) in the checkout, with
-``WORKBENCH_DB`` pointing into a temporary folder, ``WORKBENCH_PORT`` at a free port and ``.venv/bin`` on PATH.
+``WORKBENCH_DB`` pointing into a temporary folder (one store shared by the one-shot commands, in README order;
+each server its own), ``WORKBENCH_PORT`` at a free port and ``.venv/bin`` on PATH.
 Commands that differ only by a ``.ci/setup &&`` prefix or ``.venv/bin/`` run once, in the most literal form.
 Servers (``workbench dashboard``, ``workbench demo`` which ends in the dashboard, ``workbench lab``) run in the
 background until their health endpoint answers, are checked, then stopped. A command passes when it exits 0
@@ -321,14 +322,21 @@ def test_readme_parser():
     assert python_snippets(text) == ["x = 1"]
 
 
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory):
+    """One results store for the README's one-shot commands, run in README order: a later line (runs export,
+    --baseline, the dashboard of what was run) sees what the earlier ones stored, as it would for the reader."""
+    return tmp_path_factory.mktemp("readme-store")
+
+
 @pytest.mark.parametrize("key, printed", _params())
-def test_readme_command(key, printed, tmp_path):
+def test_readme_command(key, printed, tmp_path, shared_store):
     sub = _subcommand(key)
     server = sub in SERVERS and "--no-dashboard" not in key
-    if server:
+    if server:   # its own store: the demo's checks count what it stored
         _serve(key, printed, sub, tmp_path)
         return
-    rc, out, took = run_command(printed, tmp_path, SLOW_TIMEOUT if key in SLOW else TIMEOUT)
+    rc, out, took = run_command(printed, shared_store, SLOW_TIMEOUT if key in SLOW else TIMEOUT)
     want = EXPECT.get(key, {})
     assert rc == want.get("rc", 0), f"`{printed}` exited with {rc} after {took:.0f} s:\n{out[-6000:]}"
     _check_no_traceback(out)
