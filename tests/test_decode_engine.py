@@ -272,3 +272,20 @@ print("RESULT " + json.dumps(out))
     for key, layer in (("rope", 1), ("down", 2)):
         over = [e > 1e-4 for e in r[key]]
         assert over.index(True) == layer, (key, r[key])
+
+
+def test_mlx_compiled_route_samples_as_the_plain_route(monkeypatch):
+    """mx.compile of the static step with the sampler inside (mlx:gpu's route; here forced on mlx:cpu)."""
+    if "mlx:cpu" not in cpu_backends():
+        pytest.skip("mlx is not installed")
+    from workbench.generate import generate_iter
+    m = wb.load(fixture_dir("gemma3_text"), backend="mlx:cpu", progress=False)
+    p = _prompt(m, 8)
+    for kw in (dict(temperature=0.8, top_p=0.95, seed=4), dict(temperature=1.0, top_k=5, seed=2), {}):
+        st: dict = {}
+        fast = list(generate_iter(m, p, 20, ignore_eos=True, compile=True, stats=st, **kw))
+        assert st["route"] == "compiled"
+        monkeypatch.setenv("WORKBENCH_DECODE", "plain")
+        plain = list(generate_iter(m, p, 20, ignore_eos=True, **kw))
+        monkeypatch.delenv("WORKBENCH_DECODE")
+        assert fast == plain, kw

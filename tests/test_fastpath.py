@@ -13,10 +13,21 @@ NAMES = ["gemma2", "gemma3_text", "gemma4_kv", "gemma4_e2b", "gemma4_moe"]
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("backend", cpu_backends())
-def test_fast_greedy_equals_plain(name, backend):
+def _plain(m, prompt, n, monkeypatch):
+    """The plain route (one model.forward per token), whatever the default route is."""
+    monkeypatch.setenv("WORKBENCH_DECODE", "plain")
+    try:
+        g = m.generate(prompt, max_new_tokens=n, ignore_eos=True)
+    finally:
+        monkeypatch.delenv("WORKBENCH_DECODE")
+    assert g.stats["route"] == "plain"
+    return g.token_ids
+
+
+def test_fast_greedy_equals_plain(name, backend, monkeypatch):
     m = wb.load(fixture_dir(name), backend=backend)
     prompt = list(np.random.default_rng(3).integers(3, m.config.vocab_size, size=11))
-    plain = m.generate(prompt, max_new_tokens=30, ignore_eos=True).token_ids   # 41 positions: 5x the window
+    plain = _plain(m, prompt, 30, monkeypatch)   # 41 positions: 5x the window
     fast, _ = greedy_fast(m, prompt, 30)
     assert fast == plain
 
@@ -36,11 +47,11 @@ def test_static_step_logits_equal_full_forward(name):
 
 
 @pytest.mark.slow
-def test_compiled_cpu_step_equals_plain():
+def test_compiled_cpu_step_equals_plain(monkeypatch):
     """torch.compile of the static step (inductor on the CPU; on CUDA it is also captured as a CUDA graph)."""
     m = wb.load(fixture_dir("gemma3_text"))
     prompt = [2, 5, 6, 7, 8, 9, 10, 11, 12, 13]
-    plain = m.generate(prompt, max_new_tokens=12, ignore_eos=True).token_ids
+    plain = _plain(m, prompt, 12, monkeypatch)
     fast, _ = greedy_fast(m, prompt, 12, compile=True)
     assert fast == plain
 
@@ -60,7 +71,7 @@ def test_decoder_reuse_after_reset():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_mlx_compiled_static_step(name):
+def test_mlx_compiled_static_step(name, monkeypatch):
     """mx.compile of the static step with the cache threaded through (FastDecoder's MLX compiled path):
     teacher-forced logits equal the full forward's past the sliding window, and greedy equals the plain path."""
     if "mlx:cpu" not in cpu_backends():
@@ -84,6 +95,7 @@ def test_mlx_compiled_static_step(name):
         assert rel_max(full[t], np.array(lg)[0]) < 1e-4, t
     m.ops._cpu_gemv = True
     prompt = list(ids[0, :11])
-    plain = m.generate(prompt, max_new_tokens=30, ignore_eos=True).token_ids
-    fast, _ = greedy_fast(m, prompt, 30, compile=True)
+    plain = _plain(m, prompt, 30, monkeypatch)
+    fast, st = greedy_fast(m, prompt, 30, compile=True)
+    assert st["route"] == "compiled"
     assert fast == plain

@@ -111,8 +111,9 @@ def part_270m(ckpt, backends, args):
                     del os.environ["WORKBENCH_DECODE"]
                 same = next((i for i, (a, c) in enumerate(zip(fast, plain)) if a != c), len(fast))
                 agree = f"all {k}" if same == k else f"first {same} of {k} (then a near-tie in {d}?)"
-            say(f"| {b} | {d} | {st['route']} ({st['route_reason']}) | {bench_tps:.0f} | {g_tps:.0f} | "
-                f"{g_tps / bench_tps:.2f} | {s_tps:.0f} | {s_tps / bench_tps:.2f} | {agree} |")
+            f = (lambda v: f"{v:.0f}" if v >= 100 else f"{v:.2f}")  # noqa: E731
+            say(f"| {b} | {d} | {st['route']} ({st['route_reason']}) | {f(bench_tps)} | {f(g_tps)} | "
+                f"{g_tps / bench_tps:.2f} | {f(s_tps)} | {s_tps / bench_tps:.2f} | {agree} |")
             say(f"<!-- {b} {d}: sampled route {sst['route']}, sampler {sst.get('sampler')}; setup (compile/capture) of the first call "
                 f"excluded, this block took {time.perf_counter() - t0:.0f} s -->")
             del m
