@@ -159,6 +159,7 @@ def test_incremental_detokenisation_equals_full_decode(tok270):
     assert st.hit and out == "Grüße aus " and st.text() == "Grüße aus "
 
 
+@pytest.mark.slow
 def test_stream_and_stop_string_on_the_real_model(g270m):
     m = wb.load(g270m, progress=False)
     g = m.generate("The capital of France is", max_new_tokens=12)
