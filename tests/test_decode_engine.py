@@ -229,7 +229,8 @@ def test_capture_decode_matches_float64_and_finds_a_plan_fault(backend, name):
     assert got["logits"].shape == (1, 8, m.config.vocab_size)
     assert np.abs(got["logits"] - ref.logits[:, 12:]).max() / np.abs(ref.logits).max() < 1e-4
     assert _first_over(refd, got, L, 1e-4) is None
-    bad, _ = capture_decode(m, ids, 12, ["blocks.*.hook_resid_post"], plan_fault=lambda p: p.scale_weight(1, "gate_up", 1.05))
+    bad, _ = capture_decode(m, ids, 12, ["blocks.*.hook_resid_post"],
+                            plan_fault=lambda p: p.scale_weight(1, "gate_up", 1.05))
     assert _first_over(refd, bad, L, 1e-4) == 1
 
 

@@ -114,7 +114,8 @@ def part_270m(ckpt, backends, args):
             f = (lambda v: f"{v:.0f}" if v >= 100 else f"{v:.2f}")  # noqa: E731
             say(f"| {b} | {d} | {st['route']} ({st['route_reason']}) | {f(bench_tps)} | {f(g_tps)} | "
                 f"{g_tps / bench_tps:.2f} | {f(s_tps)} | {s_tps / bench_tps:.2f} | {agree} |")
-            say(f"<!-- {b} {d}: sampled route {sst['route']}, sampler {sst.get('sampler')}; setup (compile/capture) of the first call "
+            say(f"<!-- {b} {d}: sampled route {sst['route']}, sampler {sst.get('sampler')}; setup (compile/capture) "
+                f"of the first call "
                 f"excluded, this block took {time.perf_counter() - t0:.0f} s -->")
             del m
         except Exception as e:
@@ -159,8 +160,9 @@ def part_parity(ckpt, backends, args):
                 g2, _ = capture_decode(m, ids, P, plan_fault=fault)
                 e2, _ = errs(g2)
                 first = next((i for i, x in enumerate(e2) if x > 1e-4), None)
+                there = e2[first] if first is not None else 0.0
                 say(f"  - fault: {label}: first layer over 1e-4 = {first} "
-                    f"({'located' if first == layer else 'NOT located'}; error there {e2[first] if first is not None else 0:.1e})")
+                    f"({'located' if first == layer else 'NOT located'}; error there {there:.1e})")
             del m
         except Exception as e:
             say(f"- {b}: ERROR {type(e).__name__}: {str(e).splitlines()[0][:200]}")
@@ -246,8 +248,8 @@ def main(argv=None) -> int:
     if not any(b.startswith(("torch:cuda", "mlx:gpu")) for b in backends):
         from workbench.runs import machine_info
         dev = f"CPU {machine_info().get('cpu') or platform.processor()}, {os.cpu_count()} cores"
-    say(f"# Decode engine on {dev} ({sm}); torch {torch.__version__}; backends {backends}; "
-        f"git {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=ROOT).stdout.strip()}")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    say(f"# Decode engine on {dev} ({sm}); torch {torch.__version__}; backends {backends}; git {head.strip()}")
     if not backends:
         say("no GPU backend here")
         return 2
