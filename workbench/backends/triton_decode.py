@@ -25,7 +25,8 @@ through the interpreter on CPU in CI).
 
 Supported: Gemma 1-3 text layers (post norms or not, q/k norms or not, attention and final softcaps, sliding
 windows, GQA), batch 1, float32 / bfloat16 / float16. Gemma 4 layers (KV sharing, k=v, V norm, PLE, layer scalar,
-MoE) and exact-erf GELU are not; :func:`make_step` returns None for them and the inductor step runs instead.
+MoE) and exact-erf GELU are not; :func:`unsupported` says so and the route (``workbench.decode.route``) runs the
+compiled generic step instead.
 """
 from __future__ import annotations
 
