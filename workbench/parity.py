@@ -167,12 +167,14 @@ class ParityReport:
         if st == "anchored":
             return (f"reference anchored to {info['against']}: max rel err {info.get('max_err', info['worst']):.1e} "
                     f"over {info['n']} taps; nearest its tol: {info['worst']:.1e} at {info['worst_at']} (tol "
-                    f"{info['worst_tol']:.1e}; tol = {info['tol_rule']}) PASSED")
+                    f"{info['worst_tol']:.1e}; tol = {info['tol_rule']}) PASSED"
+                    + (f"; {info['scope']}" if info.get("scope") else ""))
         if st == "failed":
             return (f"ANCHOR FAILED: reference disagrees with {info['against']} at {info['first_at']} "
                     f"({info['first_err']:.2e} > tol {info['first_tol']:.1e}; worst {info['worst']:.2e} at "
                     f"{info['worst_at']}): the shared model code (or the loader) differs from the independent "
-                    "implementation, so every backend inherits the difference")
+                    "implementation, so every backend inherits the difference"
+                    + (f"; {info['scope']}" if info.get("scope") else ""))
         if st == "off":
             return "UNANCHORED (knowingly, anchor=False / --no-anchor): the verdict below rests on the backends alone"
         return f"UNANCHORED: {info.get('reason', 'no anchor was run')} -> FAILED"
@@ -389,6 +391,8 @@ ANCHOR_FLOOR = 1e-6
 ANCHOR_CAP = 1e-4
 ANCHOR_TAPS = ["hook_embed", "blocks.*.hook_attn_out", "blocks.*.hook_mlp_out", "blocks.*.hook_resid_post",
                "ln_final.hook_normalized", "logits"]
+# parts of a media anchor to run in float32 in HF even where HF could run them in float64 (tests only)
+MEDIA_ANCHOR_FLOAT32_PARTS: tuple = ()
 ANCHOR_RULE = f"{ANCHOR_K:g}x our float32 error per tap, within [{ANCHOR_FLOOR:.0e}, {ANCHOR_CAP:.0e}]"
 
 # ------------------------------------------------------------------------------------------ dtype budgets
@@ -434,6 +438,14 @@ def _anchor(path, ids_arr, ref_taps, noise_taps, order_of, tolerances) -> tuple[
                         f"{type(e).__name__}: {e}".splitlines()[0][:300])
     got = hf.activations(ids_arr)
     del hf
+    return _anchor_verdict(got, ref_taps, noise_taps, order_of, tolerances, f"HF transformers {version} float64 (CPU)",
+                           "HF computes RMSNorm, RoPE and softmax in float32 inside its float64 model")
+
+
+def _anchor_verdict(got, ref_taps, noise_taps, order_of, tolerances, against: str, note: str,
+                    extra: dict | None = None) -> tuple[list[dict], dict]:
+    """Anchor rows of HF's values ``got`` against the reference (per-tap tolerance from our float32 run's
+    error, ANCHOR_RULE) and the status dict."""
     override = None
     if tolerances:
         for key in (("anchor", "float64"), "anchor"):
@@ -451,18 +463,123 @@ def _anchor(path, ids_arr, ref_taps, noise_taps, order_of, tolerances) -> tuple[
             tol, src = min(max(ANCHOR_K * noise, ANCHOR_FLOOR), ANCHOR_CAP), ANCHOR_RULE
         rows += _rows_for(ref_taps, {name: x}, "hf", "float64", "anchor", "anchor", tol, order_of)
         rows[-1].update(budget=tol, budget_source=f"anchor: {src}", margin=_margin(rows[-1]))
-    against = f"HF transformers {version} float64 (CPU)"
+    if not rows:
+        raise RuntimeError("the anchor compared nothing: no HF value matches a reference tap")
     worst = max(rows, key=_margin)
     info = dict(against=against, n=len(rows), max_err=max(r["rel_max"] for r in rows), worst=worst["rel_max"],
                 worst_tol=worst["tol"], worst_margin=_margin(worst),
                 worst_at=_where(worst), tol_rule=ANCHOR_RULE if override is None else f"override {override:g}",
-                note="HF computes RMSNorm, RoPE and softmax in float32 inside its float64 model")
+                note=note, **(extra or {}))
     bad = sorted([r for r in rows if not r["passed"]], key=lambda r: r["order"])
     if bad:
         info.update(status="failed", first_at=_where(bad[0]), first_err=bad[0]["rel_max"],
                     first_tol=bad[0]["tol"])
     else:
         info["status"] = "anchored"
+    return rows, info
+
+
+# ------------------------------------------------------------------------------------------ the media anchor
+# With images/audio the anchor runs HF's Gemma4ForConditionalGeneration on the same weights and on the *same
+# preprocessed inputs* (our pixel values + patch positions, our log-mel features + frame mask, our expanded
+# token ids): it checks the towers, the projectors and the decoder, not the preprocessing (that is checked
+# against HF's processors in tests/test_multimodal*.py). Every part runs in float64 where HF can; where HF
+# cannot (transformers 5.24's audio attention raises in float64), that tower runs in float32 and the anchor line
+# says so; its rows carry dtype float32. Compared per tap on the real rows only (patches / soft tokens / frames of
+# each item, padding dropped, as HF strips it before merging): the vision tower's patch embedding and layer
+# outputs, the pooler, the tower output, embed_vision; the audio sub-sampler, layer outputs, output projection,
+# embed_audio; then the decoder's taps (ANCHOR_TAPS) over the expanded sequence. Tolerances: ANCHOR_RULE.
+_VISION_PATCH_TAPS = ("vision.hook_patch_embed", "vision.blocks.")
+_VISION_SOFT_TAPS = ("vision.hook_pooled", "vision.hook_out", "embed_vision.hook_out")
+_MEDIA_SCOPE = ("inputs: our preprocessed pixel values / log-mel features (checks towers + projectors + decoder, "
+                "not the preprocessing)")
+
+
+def _media_inputs(model, images, audio, ref_out) -> dict:
+    """The arrays our towers took (runner.prepare's preprocessing, deterministic), checked against the counts
+    the reference run reported."""
+    from .multimodal import preprocess as pp
+    from .multimodal.runner import _listify
+    enc = model._media
+    out = dict(input_ids=np.asarray(ref_out.input_ids), mm_token_type_ids=np.asarray(ref_out.mm_token_type_ids))
+    images, audio = _listify(images), _listify(audio)
+    if images:
+        vc = enc.vcfg
+        prep = [pp.preprocess_image(im, enc.max_soft_tokens, vc.patch_size, vc.pooling_kernel_size, pad=False)
+                for im in images]
+        counts = [p.num_soft_tokens for p in prep]
+        if counts != list(ref_out.num_image_tokens):
+            raise RuntimeError(f"re-preprocessed images give {counts} soft tokens, the reference run "
+                               f"{list(ref_out.num_image_tokens)}")
+        out["pixel_values"], out["image_position_ids"] = pp.batch_images(prep)
+        out["image_counts"] = counts
+    if audio:
+        prep_a = [pp.preprocess_audio(a) for a in audio]
+        out["input_features"], out["input_features_mask"] = pp.batch_audio(prep_a)
+        m = out["input_features_mask"][:, ::2][:, ::2]      # the two stride-2 sub-sampling halvings
+        if [int(r.sum()) for r in m] != list(ref_out.num_audio_tokens):
+            raise RuntimeError(f"re-preprocessed audio gives {[int(r.sum()) for r in m]} soft tokens, the "
+                               f"reference run {list(ref_out.num_audio_tokens)}")
+        out["audio_mask"] = m
+    return out
+
+
+def _media_rows_only(name: str, x: np.ndarray, inp: dict, hf_layout: bool = False) -> np.ndarray:
+    """A media tap's real rows as [1, N, ...] (padding dropped); text taps unchanged."""
+    x = np.asarray(x)
+    if name.startswith(_VISION_PATCH_TAPS):
+        valid = ~(inp["image_position_ids"] == -1).all(-1)
+        return x[valid][None]
+    if name.startswith(_VISION_SOFT_TAPS):
+        if hf_layout and name != "vision.hook_pooled":     # HF strips the padding itself: [sum S, D]
+            return x.reshape(1, -1, x.shape[-1])
+        return np.concatenate([x[b, :c] for b, c in enumerate(inp["image_counts"])])[None]
+    if name.startswith(("audio.", "embed_audio.")):
+        return x[inp["audio_mask"]][None]
+    return x
+
+
+def _media_anchor(path, model32, images, audio, ref_out, ref_taps, noise_taps, order_of,
+                  tolerances, float32_parts=()) -> tuple[list[dict], dict]:
+    """The anchor of a media prompt: HF's Gemma 4 multimodal model on our preprocessed inputs (see above)."""
+    try:
+        from .references.hf import HFMultimodalReference, _import_transformers
+        version = _import_transformers().__version__
+    except ImportError as e:
+        return [], dict(status="unanchored", reason=f"transformers is not installed ({e})".splitlines()[0])
+    inp = _media_inputs(model32, images, audio, ref_out)
+    try:
+        hf = HFMultimodalReference(path, "float64", float32_parts=float32_parts)
+    except Exception as e:  # noqa: BLE001 - an unsupported checkpoint: say so, and fail
+        return [], dict(status="unanchored", reason=f"HF transformers cannot load {path} as a Gemma 4 multimodal "
+                        f"model in float64: {type(e).__name__}: {e}".splitlines()[0][:300])
+    got = hf.activations(inp["input_ids"], inp["mm_token_type_ids"], inp.get("pixel_values"),
+                         inp.get("image_position_ids"), inp.get("input_features"), inp.get("input_features_mask"))
+    parts, why = dict(hf.part_dtypes), dict(hf.fallback_reasons)
+    del hf
+    got.pop("audio.mask", None)
+    ref_m, noise_m, got_m = {}, {}, {}
+    for name, x in got.items():
+        if name not in ref_taps:
+            continue
+        got_m[name] = _media_rows_only(name, x, inp, hf_layout=True)
+        ref_m[name] = _media_rows_only(name, ref_taps[name], inp)
+        if name in noise_taps:
+            noise_m[name] = _media_rows_only(name, noise_taps[name], inp)
+        if got_m[name].shape != ref_m[name].shape:
+            raise RuntimeError(f"anchor tap {name}: HF gives {got_m[name].shape} real rows, the reference "
+                               f"{ref_m[name].shape}")
+    dts = ", ".join(f"{p} tower {d}" for p, d in parts.items() if (p == "vision" and images) or (p == "audio" and audio))
+    against = f"HF transformers {version} float64 (CPU" + (f"; {dts}" if dts else "") + ")"
+    note = ("HF computes RMSNorm, RoPE, softmax and the vision pooler in float32 inside its float64 model"
+            + "".join(f"; {p} tower float32: {w}" for p, w in why.items()))
+    rows, info = _anchor_verdict(got_m, ref_m, noise_m, order_of, tolerances, against, note,
+                                 extra=dict(part_dtypes=dict(parts, projectors="float64", decoder="float64"),
+                                            scope=_MEDIA_SCOPE))
+    for r in rows:          # rows of a tower HF ran in float32 say so
+        part = "vision" if r["tap"].startswith("vision.") else "audio" if r["tap"].startswith("audio.") else None
+        if part and parts.get(part) == "float32":
+            r["dtype"] = "float32"
     return rows, info
 
 
@@ -652,7 +769,7 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
         ref_taps = art.reference_taps(path, cfg)
     else:
         ref_model = build(_bk.get_ops(ref_backend, ref_dtype))
-        want = list(dict.fromkeys(taps + (ANCHOR_TAPS if anchor and not media else []) + moe_taps))
+        want = list(dict.fromkeys(taps + (ANCHOR_TAPS if anchor else []) + moe_taps))
         ref_out = ref_model.forward(ids_arr, taps=want, **mm)
         ref_taps = dict(ref_out.taps)
         ref_taps["logits"] = ref_out.logits
@@ -663,11 +780,22 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
     anchor_rows: list[dict] = []
     if not anchor:
         anchor_info = dict(status="off", reason="anchor=False: knowingly unanchored")
-    elif media:
-        anchor_info = dict(status="unanchored", reason="anchoring a media prompt (images/audio) against HF is "
-                           "not implemented; compare the text model alone, or pass anchor=False knowingly")
     elif ref_dtype != "float64":
         anchor_info = dict(status="unanchored", reason=f"the anchor checks a float64 reference, not {reference}")
+    elif media:
+        try:
+            if art is not None:
+                raise ValueError("a stored/sharded reference (against=/world=) with media is not supported")
+            m32 = build(_bk.get_ops("torch:cpu", "float32"))
+            media_taps = [t for t in taps if t.startswith(("vision.", "audio.", "embed_vision.", "embed_audio."))]
+            o32 = m32.forward(ids_arr, taps=ANCHOR_TAPS + media_taps, **mm)
+            noise = dict(o32.taps, logits=o32.logits)
+            anchor_rows, anchor_info = _media_anchor(path, m32, images, audio, ref_out, ref_taps, noise, order_of,
+                                                     tolerances, MEDIA_ANCHOR_FLOAT32_PARTS)
+            del m32
+        except Exception as e:  # noqa: BLE001 - the anchor could not run: that fails the report, with why
+            anchor_info = dict(status="unanchored", reason=f"the media anchor failed to run: {type(e).__name__}: "
+                               f"{e}".splitlines()[0][:300])
     else:
         try:
             m32 = build(_bk.get_ops("torch:cpu", "float32"))

@@ -573,3 +573,166 @@ def _is_nested(ids) -> bool:
     if hasattr(ids, "ndim"):
         return ids.ndim == 2
     return isinstance(ids, (list, tuple)) and len(ids) > 0 and isinstance(ids[0], (list, tuple, np.ndarray))
+
+
+# ---------------------------------------------------------------------------------------------- multimodal
+class HFMultimodalReference:
+    """Gemma 4 multimodal (``Gemma4ForConditionalGeneration``: vision tower + ``embed_vision``, audio tower +
+    ``embed_audio``, text decoder) via Hugging Face transformers, fed *already preprocessed* media (pixel values
+    and patch positions, log-mel features and frame mask, the expanded token ids): it checks the towers, the
+    projectors and the decoder, not the preprocessing.
+
+    ``dtype``: the dtype to run in (float64 for the anchor). Where HF cannot run a part in that dtype, that part
+    alone falls back to float32 (``self.part_dtypes`` says which, ``self.fallback_reasons`` why): transformers
+    5.24's audio attention casts q/k/v to float32 (``.float()``) but multiplies by a float64 ``per_dim_scale``,
+    so a float64 audio tower raises "expected scalar type Float but found Double". ``float32_parts``: parts to
+    run in float32 regardless ("vision", "audio"). The tower's input is cast to float32 and its output back to
+    ``dtype`` on the way out, so the projectors and the decoder still run in ``dtype``.
+    """
+
+    PARTS = ("vision", "audio")
+
+    def __init__(self, source, dtype="float64", *, float32_parts=()):
+        _import_transformers()
+        import torch
+        from transformers import Gemma4ForConditionalGeneration
+
+        self.source = Path(source).expanduser()
+        if not (self.source.is_dir() and (self.source / "config.json").is_file()):
+            raise FileNotFoundError(f"{self.source}: the multimodal reference needs an HF checkpoint directory "
+                                    "(config.json + safetensors); GGUF files carry no vision/audio towers")
+        self.dtype = _torch_dtype(dtype)
+        t0 = time.perf_counter()
+        self.model = Gemma4ForConditionalGeneration.from_pretrained(
+            str(self.source), dtype=self.dtype, attn_implementation="eager").eval()
+        self.load_seconds = time.perf_counter() - t0
+        inner = self.model.model
+        self.towers = {"vision": inner.vision_tower, "audio": inner.audio_tower}
+        self.part_dtypes = {p: str(self.dtype).replace("torch.", "") for p, t in self.towers.items() if t is not None}
+        self.fallback_reasons: dict[str, str] = {}
+        self._cast_handles: list = []
+        for p in float32_parts:
+            if p not in self.PARTS:
+                raise ValueError(f"float32_parts: unknown part {p!r}; use {self.PARTS}")
+            if self.towers.get(p) is not None:
+                self._to_float32(p, "asked for (float32_parts)")
+        self.layers = _find_decoder_layers(self.model)
+
+
+    def _to_float32(self, part: str, why: str):
+        """Run one tower in float32: weights cast, inputs cast in, outputs cast back to the model dtype."""
+        import torch
+        tower, dt = self.towers[part], self.dtype
+        if self.part_dtypes.get(part) == "float32":
+            return
+        tower.to(torch.float32)
+
+        def pre(mod, args, kwargs):
+            cast = lambda v: v.float() if torch.is_tensor(v) and v.is_floating_point() else v  # noqa: E731
+            return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+        def post(mod, args, kwargs, out):
+            out.last_hidden_state = out.last_hidden_state.to(dt)
+            return out
+        self._cast_handles += [tower.register_forward_pre_hook(pre, with_kwargs=True),
+                               tower.register_forward_hook(post, with_kwargs=True)]
+        self.part_dtypes[part] = "float32"
+        self.fallback_reasons[part] = why
+
+    def _probe(self, part: str, inputs: dict):
+        """Run the tower alone in the model dtype; where HF cannot, fall back to float32 for it."""
+        import torch
+        if self.part_dtypes.get(part) != str(self.dtype).replace("torch.", "") or self.dtype == torch.float32:
+            return
+        tower = self.towers[part]
+        try:
+            with torch.inference_mode():
+                if part == "vision":
+                    tower(pixel_values=inputs["pixel_values"], pixel_position_ids=inputs["image_position_ids"])
+                else:
+                    tower(inputs["input_features"], inputs["input_features_mask"])
+        except RuntimeError as e:
+            self._to_float32(part, f"HF's {part} tower does not run in {self.part_dtypes[part]}: "
+                                   f"{type(e).__name__}: {e}".splitlines()[0][:200])
+
+    def activations(self, input_ids, mm_token_type_ids, pixel_values=None, image_position_ids=None,
+                    input_features=None, input_features_mask=None) -> dict[str, np.ndarray]:
+        """One forward; returns HF's values at the workbench's tap names, as HF lays them out:
+        ``vision.hook_patch_embed`` / ``vision.blocks.{i}.hook_resid_post`` [n_img, P, Dv] (padded patches
+        included), ``vision.hook_pooled`` [n_img, S, Dv] (the pooler's output, before standardisation),
+        ``vision.hook_out`` and ``embed_vision.hook_out`` [sum of soft tokens, D] (padding stripped, images
+        concatenated), ``audio.hook_subsample`` / ``audio.blocks.{i}.hook_resid_post`` [n_aud, T, Da],
+        ``audio.hook_out`` [n_aud, T, Do], ``embed_audio.hook_out`` [n_aud, T, D] (padded frames included;
+        ``audio.mask`` [n_aud, T] says which are real), and the text decoder's ``hook_embed``,
+        ``blocks.{i}.hook_attn_out`` / ``hook_mlp_out`` / ``hook_resid_post``, ``ln_final.hook_normalized``,
+        ``logits`` [1, T, ...]."""
+        import torch
+        dt = self.dtype
+        t = lambda a, d=None: None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(d) if d else \
+            torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+        ids = t(_as_batch(input_ids))
+        inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=t(mm_token_type_ids),
+                      use_cache=False)
+        if pixel_values is not None:
+            inputs.update(pixel_values=t(pixel_values, dt), image_position_ids=t(image_position_ids))
+            self._probe("vision", inputs)
+        if input_features is not None:
+            inputs.update(input_features=t(input_features, dt), input_features_mask=t(input_features_mask))
+            self._probe("audio", inputs)
+        got: dict[str, Any] = {}
+
+        def keep(name, index=None):
+            def post(mod, args, output):
+                h = output[index] if index is not None else (
+                    output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output))
+                got[name] = h.detach().cpu()
+            return post
+
+        def pre(mod, args, kwargs):
+            h = args[0] if args else kwargs.get("hidden_states")
+            got.setdefault("hook_embed", h.detach().cpu())
+
+        inner = self.model.model
+        handles = []
+        vt, at = inner.vision_tower, inner.audio_tower
+        if pixel_values is not None and vt is not None:
+            handles.append(vt.patch_embedder.register_forward_hook(keep("vision.hook_patch_embed")))
+            for i, layer in enumerate(vt.encoder.layers):
+                handles.append(layer.register_forward_hook(keep(f"vision.blocks.{i}.hook_resid_post")))
+            handles.append(vt.pooler.register_forward_hook(keep("vision.hook_pooled", 0)))
+            handles.append(vt.register_forward_hook(keep("vision.hook_out")))
+            handles.append(inner.embed_vision.register_forward_hook(keep("embed_vision.hook_out")))
+        if input_features is not None and at is not None:
+            handles.append(at.subsample_conv_projection.register_forward_hook(keep("audio.hook_subsample", 0)))
+            handles.append(at.subsample_conv_projection.register_forward_hook(keep("audio.mask", 1)))
+            for i, layer in enumerate(at.layers):
+                handles.append(layer.register_forward_hook(keep(f"audio.blocks.{i}.hook_resid_post")))
+            handles.append(at.output_proj.register_forward_hook(keep("audio.hook_out")))
+            handles.append(inner.embed_audio.register_forward_hook(keep("embed_audio.hook_out")))
+        handles.append(self.layers[0].register_forward_pre_hook(pre, with_kwargs=True))
+        for i, layer in enumerate(self.layers):
+            handles.append(layer.register_forward_hook(keep(f"blocks.{i}.hook_resid_post")))
+            for mod, name in ((getattr(layer, "post_attention_layernorm", None), "hook_attn_out"),
+                              (getattr(layer, "post_feedforward_layernorm", None), "hook_mlp_out")):
+                if mod is not None:
+                    handles.append(mod.register_forward_hook(keep(f"blocks.{i}.{name}")))
+        norm = getattr(inner.language_model, "norm", None)
+        if norm is not None:
+            handles.append(norm.register_forward_hook(keep("ln_final.hook_normalized")))
+        try:
+            with torch.inference_mode():
+                out = self.model(**inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [i for i in range(len(self.layers)) if f"blocks.{i}.hook_resid_post" not in got]
+        if missing or "hook_embed" not in got:
+            raise RuntimeError(f"decoder hooks did not fire for layers {missing}")
+        got["logits"] = out.logits.detach().cpu()
+        return {k: (v.numpy() if v.dtype == torch.bool else _np_out(v)) for k, v in got.items()}
+
+
+def _np_out(v):
+    """float64 stays float64; anything else (float32, bf16/f16: exact in float32) -> float32 numpy."""
+    import torch
+    return (v.double() if v.dtype == torch.float64 else v.float()).numpy()
