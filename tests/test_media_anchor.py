@@ -159,7 +159,7 @@ def test_planted_tower_bug_fails_at_the_anchor_row(media, clean, monkeypatch, bu
     where = first[0] + (f" @ layer {first[1]}" if first[1] is not None else "")
     assert info["first_at"] == where
     line = rep.summary().splitlines()[1]
-    assert line.startswith(f"ANCHOR FAILED: reference disagrees with HF transformers") and where in line, line
+    assert line.startswith("ANCHOR FAILED: reference disagrees with HF transformers") and where in line, line
     # everything before the bug still agrees (so it is located, not smeared)
     for r in rep.anchor:
         if r["order"] < bad[0]["order"]:

@@ -692,7 +692,10 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
     {"backend": "mlx:cpu", "layer": 3, "tap": "hook_mlp_out", "scale": 1e-2}.
     progress: True prints "[i/N] what" lines to stderr; a callable gets (step, total, what); False: silent.
     images / audio (Gemma 4 multimodal checkpoints): media for the prompt's placeholders; the vision/audio
-    towers and projector outputs are then compared per layer too (prefill only).
+    towers and projector outputs are then compared per layer too (prefill only); the anchor then runs HF's
+    Gemma4ForConditionalGeneration on our preprocessed pixel values / log-mel features (towers, projectors and
+    decoder are anchored, not the preprocessing), in float64 where HF can and float32 per tower where it cannot
+    (the audio tower in transformers 5.24): the anchor line names each tower's dtype.
     against: a reference artifact (``workbench reference export``; a path or an Artifact) is the reference, once its
     weight/config/tokenizer hashes match the local model's; world=N: the reference sharded over N torchrun processes
     (workbench.distributed: gloo on CPUs, NCCL for torch:cuda), the targets and the anchor run here.

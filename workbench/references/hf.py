@@ -640,7 +640,9 @@ class HFMultimodalReference:
         self.fallback_reasons[part] = why
 
     def _probe(self, part: str, inputs: dict):
-        """Run the tower alone in the model dtype; where HF cannot, fall back to float32 for it."""
+        """Run the tower alone in the model dtype on a tiny input of the same kind (one pooling block of
+        patches / a few frames: whether HF runs in a dtype does not depend on the size); where HF cannot,
+        fall back to float32 for it."""
         import torch
         if self.part_dtypes.get(part) != str(self.dtype).replace("torch.", "") or self.dtype == torch.float32:
             return
@@ -648,9 +650,14 @@ class HFMultimodalReference:
         try:
             with torch.inference_mode():
                 if part == "vision":
-                    tower(pixel_values=inputs["pixel_values"], pixel_position_ids=inputs["image_position_ids"])
+                    k = tower.config.pooling_kernel_size
+                    pv = inputs["pixel_values"][:1, :k * k].clone()
+                    gy, gx = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")
+                    pos = torch.stack([gx.reshape(-1), gy.reshape(-1)], -1)[None]
+                    tower(pixel_values=pv, pixel_position_ids=pos)
                 else:
-                    tower(inputs["input_features"], inputs["input_features_mask"])
+                    n = min(inputs["input_features"].shape[1], 48)
+                    tower(inputs["input_features"][:1, :n], torch.ones_like(inputs["input_features_mask"][:1, :n]))
         except RuntimeError as e:
             self._to_float32(part, f"HF's {part} tower does not run in {self.part_dtypes[part]}: "
                                    f"{type(e).__name__}: {e}".splitlines()[0][:200])
