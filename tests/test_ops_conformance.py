@@ -13,7 +13,7 @@
    same way.
 
 Prints an op x dtype x backend table (and writes it to $WORKBENCH_OPS_TABLE, default /tmp/notes/ops_table.md when
-/tmp/notes exists). ``tools/gpu/ops_conformance.py`` runs the same cases on torch:cuda / mlx:gpu.
+/tmp/notes exists). ``tests/tools/gpu/ops_conformance.py`` runs the same cases on torch:cuda / mlx:gpu.
 """
 from __future__ import annotations
 

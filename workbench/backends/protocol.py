@@ -4,7 +4,7 @@ Everything ``workbench/model``, the KV cache, the multimodal towers, generate an
 declared here, with its contract; nothing else may be called (``tests/test_ops_conformance.py`` checks both: every
 backend class implements every member with a compatible signature, and a static scan of ``workbench/`` finds no
 ``ops.X`` / ``self.ops.X`` / ``model.ops.X`` outside this list). ``tests/test_ops_conformance.py`` also runs every op
-on every backend and dtype against a float64 numpy reference (``tools/gpu/ops_conformance.py`` on the GPUs).
+on every backend and dtype against a float64 numpy reference (``tests/tools/gpu/ops_conformance.py`` on the GPUs).
 
 Conventions. Arrays ("A") are the backend's own (``torch.Tensor``, ``mx.array``); numpy crosses the boundary only
 through ``asarray``/``asids``/``asmask`` (in) and ``numpy`` (out). Layouts: activations [B, T, D]; attention heads

@@ -3,7 +3,7 @@
 torch:mps where it exists) x float32 / bfloat16 / float16, against the float64 numpy references, with the one
 tolerance table of ``tests/test_ops_conformance.py`` (the same cases, imported from there).
 
-    .venv/bin/python tools/gpu/ops_conformance.py [--out ops_table_gpu.md] [--with-cpu] [--backends torch:cuda,...]
+    .venv/bin/python tests/tools/gpu/ops_conformance.py [--out ops_table_gpu.md] [--with-cpu] [--backends torch:cuda,...]
 
 On the GPU backends the decode ops also run inside torch.compile / mx.compile (``[..., compiled]`` rows: on CUDA
 the torch ops take their fused-reduction branches only there). Prints a markdown op x (backend, dtype) table (relative max error; ``✗`` where it exceeds the tolerance), the
@@ -19,7 +19,7 @@ import platform
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
 GPU_BACKENDS = ("torch:cuda", "mlx:gpu", "torch:mps")

@@ -2,7 +2,7 @@
 """The one decode engine on the card (issue 13): ``workbench bench`` decode beside ``m.generate`` greedy and sampled,
 the fast route's per-layer parity against float64, and Gemma 4 E2B-shaped decode beside HF transformers.
 
-    python3 tools/gpu/decode_bench.py [--parts 270m,parity,gemma4] [--backends torch:cuda,mlx:gpu] [--out DIR]
+    python3 tests/tools/gpu/decode_bench.py [--parts 270m,parity,gemma4] [--backends torch:cuda,mlx:gpu] [--out DIR]
 
 * 270m: a random checkpoint of the Gemma 3 270M config (``workbench make-random gemma3-270m``); for torch:cuda
   bfloat16 / float32 and mlx:gpu bfloat16: ``wb.bench`` decode tok/s (prompt 128, 256 tokens, 3 repeats), then
@@ -28,7 +28,7 @@ import sys
 import time
 import traceback
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 

@@ -2,8 +2,8 @@
 """Issue 17: the float64 reference of a large Gemma sharded over several GPUs (tensor parallel, NCCL), and
 torch:cuda bfloat16 on ONE GPU compared with it per layer, prefill and cached decode steps.
 
-    python3 tools/gpu/tp27b.py --model gemma3-27b --nproc 2 --out $OUT        (nvidia-h200-x2)
-    python3 tools/gpu/tp27b.py --model gemma4-31b --nproc 4 --out $OUT        (nvidia-h200-x4)
+    python3 tests/tools/gpu/tp27b.py --model gemma3-27b --nproc 2 --out $OUT        (nvidia-h200-x2)
+    python3 tests/tools/gpu/tp27b.py --model gemma4-31b --nproc 4 --out $OUT        (nvidia-h200-x4)
 
 Steps, each timed and printed as it goes: (1) ``workbench make-random MODEL`` (released config, seeded random
 bfloat16 weights) onto the local disk; (2) ``workbench reference export --nproc N --reference
@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
 

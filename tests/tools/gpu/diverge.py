@@ -3,7 +3,7 @@
 (float32 too with --float32) against torch:cpu float64, 64 greedy tokens, on the fast route (the model's generate,
 route recorded) and the plain per-token loop (--route both, the default here).
 
-    .venv/bin/python tools/gpu/diverge.py [--steps 64] [--route both] [--db out/diverge-gpu.sqlite] [--out diverge_gpu.md]
+    .venv/bin/python tests/tools/gpu/diverge.py [--steps 64] [--route both] [--db out/diverge-gpu.sqlite] [--out diverge_gpu.md]
 
 Prints (and writes to --out) per target: route, tokens generated, first differing token (step, both tokens, the
 reference's margin, verdict), KL mean / max, top-1 agreement, route mismatches (fast tokens the teacher-forced plain
@@ -19,7 +19,7 @@ import platform
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
 
