@@ -124,12 +124,33 @@ def test_parity_and_bench_runs_render(monkeypatch, filled):
     at.radio(key="phase").set_value("decode").run()
     _no_exception(at)
     assert len(at.get("image")) == 2
-    # a baseline comparison
-    other = filled["bench"][0]
+
+
+def test_baseline_comparison_says_regression_or_not(monkeypatch, tmp_path, filled):
+    """Against a copy of a real run scaled x1000 (unreachable here) the page must report regressions as an
+    error; against one scaled x0.001 it must report none (was: either message passed)."""
+    from workbench import runs
+    db = tmp_path / "runs.sqlite"
+    shutil.copy(filled["db"], db)
+    real = runs.load(filled["bench"][0], db=db)
+    ids = {}
+    with runs.RunStore(db) as st:
+        for name, f in (("fast", 1000.0), ("slow", 1e-3)):
+            rows = real.rows.copy()
+            for c in ("decode_tok_s", "prefill_tok_s"):
+                rows[c] = rows[c] * f
+            ids[name] = st.save("bench", real.meta, rows.to_dict("records"))
+    at = _app(monkeypatch, db)
     at.selectbox(key="sel_bench").set_value(filled["bench"][1]).run()
-    at.selectbox(key="baseline").set_value(other).run()
+    at.selectbox(key="baseline").set_value(ids["fast"]).run()
     _no_exception(at)
-    assert any("regression" in m.value for m in list(at.success) + list(at.error))
+    errs = [m.value for m in at.error if "regression" in m.value]
+    assert errs and not errs[0].startswith("0 "), [m.value for m in list(at.success) + list(at.error)]
+    assert not any("regression" in m.value for m in at.success)
+    at.selectbox(key="baseline").set_value(ids["slow"]).run()
+    _no_exception(at)
+    assert any(m.value.startswith("0 regression") for m in at.success), [m.value for m in at.success]
+    assert not any("regression" in m.value for m in at.error)
 
 
 def test_first_divergence_of_a_failing_run(monkeypatch, filled):

@@ -77,10 +77,8 @@ NEEDS = {
 SLOW = {
     "workbench parity --dtypes float32,bfloat16,float16 --references hf,llamacpp":
         "the real 270M on every backend in three dtypes, plus HF and llama.cpp: minutes",
-    "workbench bench --peers": "the real 270M, pp128/tg64 x 3 repeats, plus HF, mlx-lm and llama.cpp: ~10 minutes",
     "workbench bench --model gemma3-270m --backends torch:cpu,mlx:cpu --dtypes float32,bfloat16 --peers":
         "the README's CPU throughput table: 4 targets and 5 peers, pp128/tg64 x 3: ~15 minutes",
-    "workbench bench": "the real 270M on every backend, pp128/tg64 x 3 repeats: a few minutes on 2 cores",
     "<python snippet 1>": "the real 270M loaded on two backends, compare in two dtypes and wb.bench with peers",
 }
 SLOW.update({c: "needs a GPU; minutes" for c in NEEDS})

@@ -131,7 +131,8 @@ def cmd_parity(args) -> int:
                   prompt=prompt, decode_steps=args.decode_steps, references=refs, db=args.db,
                   store=not args.no_store, progress=True, tolerances=tols or None,
                   anchor=not getattr(args, "no_anchor", False),
-                  against=getattr(args, "against", None), world=getattr(args, "nproc", 1))
+                  against=getattr(args, "against", None), world=getattr(args, "nproc", 1),
+                  decode=getattr(args, "decode", "plain"))
     print(rep.summary())
     if rep.run_id:
         print(f"stored run {rep.run_id}")
@@ -320,6 +321,9 @@ def _add_parity(sub):
                    help="comma-separated token ids instead of a text prompt")
     p.add_argument("--tolerance", action="append", help="override, e.g. float32=1e-5 or mlx:gpu:float32=1e-2")
     p.add_argument("--decode-steps", type=_nonneg_int, default=4)
+    p.add_argument("--decode", choices=["plain", "fast"], default="plain",
+                   help="decode-phase route: plain per-token forward (default) or the fast kernels m.generate runs "
+                        "(Triton step / MLX CUDA kernels / CPU GEMV), compared per layer, teacher-forced")
     p.add_argument("--db", default=None, help="results database (default $WORKBENCH_DB or the user data dir)")
     p.add_argument("--no-store", action="store_true")
     p.add_argument("--heatmap", default=None, help="write a per-layer heatmap PNG here")

@@ -76,8 +76,9 @@ def capture_decode(model, ids_arr, P: int, taps=None, plan_fault=None, route=Non
             lg = o.logits
         logits.append(np.asarray(lg, dtype=np.float64 if lg.dtype == np.float64 else np.float32))
         for n in per:
-            per[n].append(pts.values[n])
-    out = {n: np.concatenate(v, axis=1) for n, v in per.items()}
+            if n in pts.values:          # a fused step visits the points it has (no hook_embed, say)
+                per[n].append(pts.values[n])
+    out = {n: np.concatenate(v, axis=1) for n, v in per.items() if len(v) == steps}
     if "logits" in want:
         out["logits"] = np.concatenate(logits, axis=1)
     return out, rt.name
