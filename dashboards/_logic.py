@@ -461,13 +461,14 @@ def run_with_progress(fn: Callable, kwargs: dict, total: int, update: Callable[[
 
 
 def start_parity(model, backends, dtypes, prompt=None, decode_steps: int = 2, db=None,
-                 update: Callable[[float, str], None] = lambda f, t: None):
-    """wb.compare in-process with progress; returns the ParityReport (stored in ``db``)."""
+                 update: Callable[[float, str], None] = lambda f, t: None, decode: str = "plain"):
+    """wb.compare in-process with progress (anchored to HF float64: compare's default); returns the ParityReport
+    (stored in ``db``). decode="fast" compares the fast decode kernels per layer too."""
     import workbench as wb
     total = 1 + len(backends) * len(dtypes)
     return run_with_progress(wb.compare, dict(source=model, backends=list(backends), dtypes=list(dtypes),
                                               prompt=parse_prompt(prompt), decode_steps=int(decode_steps),
-                                              references=(), db=db, progress=True),
+                                              references=(), db=db, progress=True, decode=decode),
                              total, update)
 
 

@@ -86,6 +86,9 @@ def new_run_form(where: str, model_default: str):
         prompt_len = c2.number_input("prompt length (bench)", 1, 4096, 32, key=f"nr_pl_{where}")
         gen_len = c3.number_input("generated tokens (bench)", 1, 4096, 16, key=f"nr_gl_{where}")
         repeats = c4.number_input("repeats (bench)", 1, 20, 1, key=f"nr_rep_{where}")
+        decode = st.radio("decode route (parity)", ["plain", "fast"], horizontal=True, key=f"nr_route_{where}",
+                          help="fast: the kernels m.generate runs (Triton step / MLX CUDA kernels / CPU GEMV), "
+                               "compared per layer, teacher-forced")
         go = st.form_submit_button("Start run", type="primary")
     if not go:
         return
@@ -99,7 +102,7 @@ def new_run_form(where: str, model_default: str):
     try:
         if kind == "parity":
             rep = L.start_parity(model, backends, dtypes, prompt=prompt, decode_steps=decode_steps, db=str(store.path),
-                                 update=update)
+                                 update=update, decode=decode)
             msg = f"stored parity run {rep.run_id}: {'PASSED' if rep.passed else 'FAILED'}"
             st.session_state["parity_run"] = rep.run_id
         else:

@@ -86,11 +86,16 @@ def test_form_starts_a_run_with_progress(monkeypatch, tmp_path):
     at.text_input(key="nr_model_empty").input(str(fixture_dir("gemma3_text")))
     at.text_input(key="nr_prompt_empty").input(",".join(map(str, PROMPT)))
     at.number_input(key="nr_decode_empty").set_value(1)
+    at.radio(key="nr_route_empty").set_value("fast")
     at.button[0].click()
     at.run()
     _no_exception(at)
     lst = runs.RunStore(db).list(kind="parity")
     assert len(lst) == 1
+    rows = runs.RunStore(db).load(lst["run_id"].iloc[0]).rows
+    assert (rows["phase"] == "anchor").any()                 # the form's run is anchored to HF
+    dec = rows[rows["phase"] == "decode"]
+    assert len(dec) and set(dec["route"]) - {"plain"}, set(dec.get("route", []))   # the fast route, per layer
     assert any("stored parity run" in s.value and "PASSED" in s.value for s in at.success)
     assert len(at.get("image")) == 2          # the new run's heatmaps
     # now a benchmark from the "New run" tab

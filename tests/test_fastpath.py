@@ -11,8 +11,6 @@ from workbench.generate import FastDecoder, greedy_fast
 NAMES = ["gemma2", "gemma3_text", "gemma4_kv", "gemma4_e2b", "gemma4_moe"]
 
 
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("backend", cpu_backends())
 def _plain(m, prompt, n, monkeypatch):
     """The plain route (one model.forward per token), whatever the default route is."""
     monkeypatch.setenv("WORKBENCH_DECODE", "plain")
@@ -24,6 +22,8 @@ def _plain(m, prompt, n, monkeypatch):
     return g.token_ids
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_fast_greedy_equals_plain(name, backend, monkeypatch):
     m = wb.load(fixture_dir(name), backend=backend)
     prompt = list(np.random.default_rng(3).integers(3, m.config.vocab_size, size=11))

