@@ -511,6 +511,8 @@ def test_snippet_free_names_are_provided():
                                for i in range(len(SNIPPETS))])
 def test_readme_python_snippet(i, tmp_path):
     script = tmp_path / "snippet.py"
+    # the README is read from the checkout: its relative paths (fixtures/...) resolve as they do there
+    (tmp_path / "fixtures").symlink_to(ROOT / "fixtures", target_is_directory=True)
     script.write_text(_prelude() + "\n# ---- README.md, as printed\n" + SNIPPETS[i] + "\nprint('SNIPPET OK')\n")
     env = _env(tmp_path, _free_port())
     r = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), str(script)], cwd=tmp_path, env=env,
