@@ -361,35 +361,7 @@ class HFReference:
         (the attention and MLP branches as added to the residual: Gemma 1's self_attn / mlp outputs, Gemma
         2-4's post_attention_layernorm / post_feedforward_layernorm outputs), ``ln_final.hook_normalized``
         (the final norm) and ``logits`` (after the final softcap)."""
-        import torch
-
-        got: dict[str, Any] = {}
-
-        def keep(name):
-            def post(mod, args, output):
-                h = output[0] if isinstance(output, (tuple, list)) else output
-                got[name] = h.detach().cpu()
-            return post
-
-        def pre(mod, args, kwargs):
-            h = args[0] if args else kwargs.get("hidden_states")
-            got.setdefault("hook_embed", h.detach().cpu())
-
-        handles = [self.layers[0].register_forward_pre_hook(pre, with_kwargs=True)]
-        gemma1 = getattr(self.text_config, "model_type", "") == "gemma"
-        for i, layer in enumerate(self.layers):
-            handles.append(layer.register_forward_hook(keep(f"blocks.{i}.hook_resid_post")))
-            if not sublayers:
-                continue
-            attn = layer.self_attn if gemma1 else getattr(layer, "post_attention_layernorm", None)
-            mlp = layer.mlp if gemma1 else getattr(layer, "post_feedforward_layernorm", None)
-            if attn is not None:
-                handles.append(attn.register_forward_hook(keep(f"blocks.{i}.hook_attn_out")))
-            if mlp is not None:
-                handles.append(mlp.register_forward_hook(keep(f"blocks.{i}.hook_mlp_out")))
-        norm = self._final_norm()
-        if norm is not None:
-            handles.append(norm.register_forward_hook(keep("ln_final.hook_normalized")))
+        got, handles, _ = self._hooked(sublayers)
         try:
             out = self._forward(ids)
         finally:
@@ -399,8 +371,7 @@ class HFReference:
         if missing or "hook_embed" not in got:
             raise RuntimeError(f"decoder hooks did not fire for layers {missing}")
         got["logits"] = out.logits.detach().cpu()
-        # bfloat16/float16 values are exact in float32 (numpy has no bfloat16); float64 stays float64
-        return {k: (v.double() if v.dtype == torch.float64 else v.float()).numpy() for k, v in got.items()}
+        return {k: self._np(v) for k, v in got.items()}
 
     def _final_norm(self):
         """The text decoder's final RMSNorm: the ``norm`` sibling of the decoder layer list."""
