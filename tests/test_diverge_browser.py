@@ -3,24 +3,14 @@ with a store holding a diverge run whose target has a fault big enough to flip t
 through selenium. Screenshot: out/dashboard-diverge.png."""
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
 
 import pytest
 
-from conftest import ROOT, fixture_dir, have, one_torch_thread
+from _browser import CHROMEDRIVER, CHROMIUM, OUT, chromium, streamlit_dashboard, wait
+from conftest import fixture_dir, have, one_torch_thread
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = "/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else shutil.which("chromedriver")
-OUT = ROOT / "out"
 PROMPT = list(range(3, 19))
 STEPS = 16
 
@@ -36,14 +26,6 @@ def _requirements():
         pytest.skip("chromedriver is not installed (apt-get install chromium-driver)")
     if not have("torch"):
         pytest.skip("torch is not installed (the float64 reference)")
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture(scope="module")
@@ -62,73 +44,19 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(run, tmp_path_factory):
     db, _ = run
-    port = _free_port()
-    log = tmp_path_factory.mktemp("streamlit-dv") / "streamlit.log"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("WORKBENCH_DB", None)
-    cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboards" / "parity.py"),
-           "--server.port", str(port), "--server.address", "127.0.0.1", "--server.headless", "true",
-           "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none", "--", "--db", str(db)]
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.time() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"streamlit exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"streamlit did not answer on {url} within 90 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    with streamlit_dashboard(db, tmp_path_factory.mktemp("streamlit-dv") / "streamlit.log") as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
 
 
 @pytest.fixture(scope="module")
 def browser():
     _requirements()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    profile = tempfile.mkdtemp(prefix="wb-chromium-dv-")
-    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
-              "--no-first-run", "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
-              "--window-size=1600,2400"):
-        opts.add_argument(a)
-    drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    try:
+    with chromium(window="1600,2400", profile_prefix="wb-chromium-dv-") as drv:
         yield drv
-    finally:
-        drv.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def _wait(drv, what, fn, timeout=120):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        try:
-            v = fn()
-            if v:
-                return v
-        except Exception:   # stale elements while Streamlit re-renders
-            pass
-        time.sleep(0.5)
-    OUT.mkdir(exist_ok=True)
-    drv.save_screenshot(str(OUT / "dashboard-diverge-timeout.png"))
-    pytest.fail(f"timed out waiting for {what} (screenshot: out/dashboard-diverge-timeout.png)")
+    return wait(drv, what, fn, timeout=timeout, shot="dashboard-diverge-timeout.png")
 
 
 def test_main_app_lists_the_diverge_page(server, browser):

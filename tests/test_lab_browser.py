@@ -6,21 +6,18 @@ layer slider must redraw the view. The checkout's notebooks/ must not be written
 Screenshots: ``lab.png`` under the test's tmp path (the pytest artifact) and /tmp/notes/screens/lab.png."""
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from _browser import CHROMEDRIVER, CHROMIUM, chromium
 from conftest import ROOT, cpu_backends, fixture_dir, have
 
 # slow: 58-119 s on this 2-core machine under load (JupyterLab start, kernel imports, all cells, one redraw)
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = "/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else shutil.which("chromedriver")
 SCREENS = Path("/tmp/notes/screens")
 PROMPT = list(range(3, 19))
 
@@ -71,21 +68,8 @@ def lab_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser():
     _requirements()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    profile = tempfile.mkdtemp(prefix="wb-chromium-")
-    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
-              "--no-first-run", "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
-              "--window-size=1700,1900"):
-        opts.add_argument(a)
-    drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    try:
+    with chromium(window="1700,1900") as drv:
         yield drv
-    finally:
-        drv.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def _wait(drv, what, fn, timeout=120, shot: Path | None = None):
