@@ -387,12 +387,18 @@ def _add_notebooks(sub):
     return n
 
 
+def _serve_args(p, address: bool = False):
+    """--port (and --address) and --db of the commands that serve the dashboard."""
+    p.add_argument("--port", type=int, default=_default_port(), help="default $WORKBENCH_PORT or %(default)s")
+    if address:
+        p.add_argument("--address", default="127.0.0.1", help="interface to listen on (default loopback; 0.0.0.0 "
+                       "serves other machines)")
+    p.add_argument("--db", default=None, help="results database (default $WORKBENCH_DB or the user data dir)")
+
+
 def _add_dashboard(sub):
     d = sub.add_parser("dashboard", help="the Streamlit dashboard of the results store")
-    d.add_argument("--port", type=int, default=_default_port(), help="default $WORKBENCH_PORT or %(default)s")
-    d.add_argument("--address", default="127.0.0.1", help="interface to listen on (default loopback; 0.0.0.0 "
-                   "serves other machines)")
-    d.add_argument("--db", default=None)
+    _serve_args(d, address=True)
     d.add_argument("--headless", action="store_true", help="do not open a browser")
     d.set_defaults(fn=cmd_dashboard)
     return d
@@ -401,10 +407,9 @@ def _add_dashboard(sub):
 def _add_demo(sub):
     m = sub.add_parser("demo", help="the main job: parity + bench of the default model, then the dashboard")
     m.add_argument("--model", default=DEFAULT_MODEL)
-    m.add_argument("--db", default=None)
     m.add_argument("--prompt-ids", type=_token_ids, default=None,
                    help="parity prompt as token ids (checkpoints without a tokenizer)")
-    m.add_argument("--port", type=int, default=_default_port(), help="default $WORKBENCH_PORT or %(default)s")
+    _serve_args(m)
     m.add_argument("--no-dashboard", action="store_true")
     m.set_defaults(fn=cmd_demo)
     return m

@@ -10,13 +10,14 @@ import numpy as np
 
 from . import cpu_gemv
 from .base import BackendSpec, Ops
+from .composed import ComposedOps
 from .mlx_media import MLXMediaOps
 
 _MD = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _GEMV_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16"}
 
 
-class MLXOps(MLXMediaOps, Ops):
+class MLXOps(MLXMediaOps, ComposedOps, Ops):
     framework = "mlx"
 
     def __init__(self, spec: BackendSpec, dtype: str):
@@ -148,25 +149,11 @@ class MLXOps(MLXMediaOps, Ops):
         return (mx.array(np.cos(emb).astype(np.float32)).astype(self.mdtype),
                 mx.array(np.sin(emb).astype(np.float32)).astype(self.mdtype))
 
-    def rope_at(self, x, table, pos):
-        return self.rope_apply(x, self.rope_rows(table, pos))
-
     def rope_rows(self, table, pos):
         cos, sin = table
         idx = mx.maximum(pos, 0)
         return cos[idx], sin[idx]
 
-    def rope_apply(self, x, cs):
-        c, s_ = cs
-        h = x.shape[-1] // 2
-        rot = mx.concatenate([-x[..., h:], x[..., :h]], axis=-1)
-        return x * c + rot * s_
-
-    def decode_mask(self, kpos, pos, window):
-        ok = (kpos >= 0) & (kpos <= pos)
-        if window is not None:
-            ok = ok & ((pos - kpos) < window)
-        return ok[None, None, None, :]
 
     def decode_attention(self, q, k, v, mask, scale, softcap):
         if softcap is None:

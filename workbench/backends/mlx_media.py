@@ -2,16 +2,10 @@
 Contracts in :mod:`workbench.backends.protocol` ("media towers")."""
 from __future__ import annotations
 
-import math
-
 import mlx.core as mx
 import numpy as np
 
-
-def _bounds(lo, hi):
-    """None for no bound: None, -inf below, +inf above."""
-    return (None if lo is None or (math.isinf(lo) and lo < 0) else lo,
-            None if hi is None or (math.isinf(hi) and hi > 0) else hi)
+from .composed import clamp_bounds as _bounds
 
 
 class MLXMediaOps:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from . import cpu_gemv
 from .base import BackendSpec, Ops
+from .composed import ComposedOps
 from .torch_media import TorchMediaOps
 
 _TD = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -66,7 +67,7 @@ def _cpu_rms_norm(x, w, eps):
     return y
 
 
-class TorchOps(TorchMediaOps, Ops):
+class TorchOps(TorchMediaOps, ComposedOps, Ops):
     framework = "torch"
 
     def __init__(self, spec: BackendSpec, dtype: str):
@@ -202,27 +203,12 @@ class TorchOps(TorchMediaOps, Ops):
         emb = torch.cat([ang, ang], dim=-1)
         return emb.cos().to(self.tdtype), emb.sin().to(self.tdtype)
 
-    def rope_at(self, x, table, pos):
-        """RoPE at device-side positions ``pos`` [T] (or the slot positions of a cache, -1 = empty)."""
-        return self.rope_apply(x, self.rope_rows(table, pos))
-
     def rope_rows(self, table, pos):
         """The (cos, sin) rows of a rope table at device-side positions (-1 = empty slot)."""
         cos, sin = table
         idx = pos.clamp(min=0)
         return cos[idx], sin[idx]
 
-    def rope_apply(self, x, cs):
-        c, s_ = cs
-        h = x.shape[-1] // 2
-        rot = torch.cat([-x[..., h:], x[..., :h]], dim=-1)
-        return x * c + rot * s_
-
-    def decode_mask(self, kpos, pos, window):
-        ok = (kpos >= 0) & (kpos <= pos)
-        if window is not None:
-            ok = ok & (pos - kpos < window)
-        return ok[None, None, None, :]
 
     def decode_attention(self, q, k, v, mask, scale, softcap):
         """One query per head against the whole cache, written out so inductor fuses it (cuDNN/flash SDPA

@@ -2,17 +2,11 @@
 Contracts in :mod:`workbench.backends.protocol` ("media towers")."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-def _bounds(lo, hi):
-    """None for no bound: None, -inf below, +inf above."""
-    return (None if lo is None or (math.isinf(lo) and lo < 0) else lo,
-            None if hi is None or (math.isinf(hi) and hi > 0) else hi)
+from .composed import clamp_bounds as _bounds
 
 
 class TorchMediaOps:
