@@ -56,9 +56,10 @@ def _finish(w) -> None:
 
 
 def _tiny_gemma3(path: Path, *, omit_key: str | None = None, extra_tensor: str | None = None,
-                 int_tensor: bool = False, arch: str = "gemma3") -> dict[str, np.ndarray]:
-    """A 2-layer gemma3 GGUF as llama.cpp writes one: F32 norms stored as w + 1, an F16 and Q8_0 matrices.
-    Returns the HF-convention values written (canonical names)."""
+                 int_tensor: bool = False, arch: str = "gemma3", qtype=None) -> dict[str, np.ndarray]:
+    """A 2-layer gemma3 GGUF as llama.cpp writes one: F32 norms stored as w + 1, an F16 and Q8_0 matrices
+    (``qtype``: another gguf-py quantisation for those). Returns the HF-convention values written (canonical names)."""
+    qtype = Q.Q8_0 if qtype is None else qtype
     rng = np.random.default_rng(0)
     H, F, NH, KV, D, L, V = 64, 96, 2, 1, 32, 2, SMALL_VOCAB
     w = _writer(path, arch)
@@ -85,9 +86,9 @@ def _tiny_gemma3(path: Path, *, omit_key: str | None = None, extra_tensor: str |
             w.add_tensor(gname, stored.astype(np.float16))
             want[cname] = stored.astype(np.float16).astype(np.float32)
         else:
-            qd = quantize(stored, Q.Q8_0)
-            w.add_tensor(gname, qd, raw_dtype=Q.Q8_0)
-            want[cname] = ref_dequantize(qd, Q.Q8_0).reshape(a.shape)
+            qd = quantize(stored, qtype)
+            w.add_tensor(gname, qd, raw_dtype=qtype)
+            want[cname] = ref_dequantize(qd, qtype).reshape(a.shape)
 
     put("token_embd.weight", "embed_tokens.weight", rng.standard_normal((V, H)), "q8")
     put("output_norm.weight", "norm.weight", rng.standard_normal(H) * 0.1, norm=True)

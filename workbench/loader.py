@@ -22,12 +22,17 @@ def resolve_source(source) -> Path:
                             f"(registered: {', '.join(registry.names())})")
 
 
-def read_source(source, dtype: str = "float32", progress: bool = True):
-    """(GemmaConfig, canonical numpy tensors, resolved path, tokenizer or None)."""
+def read_source(source, dtype: str = "float32", progress: bool = True, quant: str | None = None):
+    """(GemmaConfig, canonical numpy tensors, resolved path, tokenizer or None).
+    ``quant`` (GGUF only): "keep" / "keep-exact" keep the weight matrices in the file's blocks
+    (:mod:`workbench.backends.quant`)."""
     p = resolve_source(source)
+    if quant is not None and not (p.is_file() and p.suffix == ".gguf"):
+        raise ValueError(f"quant={quant!r} keeps a GGUF's quantised blocks; {p} is not a .gguf file")
     if p.is_file() and p.suffix == ".gguf":
-        from .weights.gguf import load_gguf
-        hf_cfg, tensors = load_gguf(p, dtype="float64" if dtype == "float64" else "float32", progress=progress)
+        from .weights.gguf import load_gguf, load_gguf_quantized
+        hf_cfg, tensors = load_gguf_quantized(p, progress=progress) if quant is not None else \
+            load_gguf(p, dtype="float64" if dtype == "float64" else "float32", progress=progress)
         cfg = GemmaConfig.from_dict(hf_cfg, where=str(p))
         tok = _tokenizer(p)
         return cfg, tensors, p, tok
@@ -64,9 +69,18 @@ def source_hash(p: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def load(source, backend: str = "torch:cpu", dtype: str = "float32", progress: bool = True) -> Gemma:
+def load(source, backend: str = "torch:cpu", dtype: str = "float32", progress: bool = True,
+         quant: str | None = None) -> Gemma:
+    """``quant="keep"`` (a GGUF on torch:cpu, float32): the weight matrices stay in the file's blocks and decode runs
+    the quantised GEMV with 8-bit activations (llama.cpp's method); ``"keep-exact"``: the same blocks, float32
+    activations; None (default): dequantised on load."""
     ops = backends.get_ops(backend, dtype)
-    cfg, tensors, p, tok = read_source(source, dtype=ops.dtype, progress=progress)
+    from .backends import quant as _quant
+    quant = _quant.check_mode(quant)
+    if quant is not None:
+        _quant.check_ops(ops)
+        ops.quant_act8 = _quant.MODES[quant]
+    cfg, tensors, p, tok = read_source(source, dtype=ops.dtype, progress=progress, quant=quant)
     m = Gemma(cfg, tensors, ops, where=str(p))
     m.tokenizer = tok
     m.source = str(source)

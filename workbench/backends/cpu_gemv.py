@@ -173,6 +173,357 @@ void wb_rms_norm(const void *restrict xv, const float *restrict w, void *restric
         }
     }
 }
+/* ---------------------------------------------------------------------------------------------------------
+   GGUF block-quantised weights (Q8_0, Q5_0, Q4_K, Q6_K), used in their own blocks: no dequantised copy.
+
+   Block layouts are ggml's (ggml-common.h). The "q8" products follow llama.cpp's CPU kernels
+   (ggml-cpu/arch/x86/quants.c, MIT licence, (c) the ggml authors): x is quantised once per product to 8-bit
+   blocks (Q8_0-like blocks of 32 for Q8_0/Q5_0 weights, Q8_K super-blocks of 256 with 16-element sums for
+   the k-quants) and each block's dot product is integer (_mm256_maddubs_epi16 / _mm256_madd_epi16), scaled
+   once per block in float32. The "exact" products keep x in float32 and dequantise each weight block into a
+   small buffer (L1) before a float32 dot product: the only error then is the weights' own quantisation.
+   --------------------------------------------------------------------------------------------------------- */
+enum { WQ_Q4_0 = 2, WQ_Q5_0 = 6, WQ_Q8_0 = 8, WQ_Q4_K = 12, WQ_Q6_K = 14 };
+
+static inline float h2f(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, u;
+    if (e == 0) {
+        if (m == 0) u = s;
+        else { e = 113; while (!(m & 0x400)) { m <<= 1; e--; } u = s | (e << 23) | ((m & 0x3ff) << 13); }
+    } else if (e == 31) u = s | 0x7f800000u | (m << 13);
+    else u = s | ((e + 112) << 23) | (m << 13);
+    float f; memcpy(&f, &u, 4); return f;
+#endif
+}
+static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+
+/* bytes per block and elements per block */
+static int qblock(int t, int *elems) {
+    switch (t) {
+        case WQ_Q4_0: *elems = 32; return 18;
+        case WQ_Q5_0: *elems = 32; return 22;
+        case WQ_Q8_0: *elems = 32; return 34;
+        case WQ_Q4_K: *elems = 256; return 144;
+        case WQ_Q6_K: *elems = 256; return 210;
+    }
+    *elems = 0; return 0;
+}
+
+/* ---- dequantisation of one block (ggml's dequantize_row_*) ---- */
+static inline void deq_q8_0(const uint8_t *b, float *y) {
+    float d = h2f(rd16(b)); const int8_t *q = (const int8_t *)(b + 2);
+    for (int j = 0; j < 32; j++) y[j] = d * q[j];
+}
+static inline void deq_q4_0(const uint8_t *b, float *y) {
+    float d = h2f(rd16(b)); const uint8_t *q = b + 2;
+    for (int j = 0; j < 16; j++) { y[j] = d * ((q[j] & 15) - 8); y[j + 16] = d * ((q[j] >> 4) - 8); }
+}
+static inline void deq_q5_0(const uint8_t *b, float *y) {
+    float d = h2f(rd16(b)); uint32_t qh; memcpy(&qh, b + 2, 4); const uint8_t *q = b + 6;
+    for (int j = 0; j < 16; j++) {
+        int x0 = (q[j] & 15) | (((qh >> j) & 1) << 4), x1 = (q[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+        y[j] = d * (x0 - 16); y[j + 16] = d * (x1 - 16);
+    }
+}
+static inline void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
+    if (j < 4) { *d = q[j] & 63; *m = q[j + 4] & 63; }
+    else { *d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4); *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4); }
+}
+static inline void deq_q4_k(const uint8_t *b, float *y) {
+    float d = h2f(rd16(b)), dmin = h2f(rd16(b + 2)); const uint8_t *sc = b + 4, *q = b + 16;
+    int is = 0; uint8_t s, m;
+    for (int j = 0; j < 256; j += 64) {
+        scale_min_k4(is, sc, &s, &m); float d1 = d * s, m1 = dmin * m;
+        scale_min_k4(is + 1, sc, &s, &m); float d2 = d * s, m2 = dmin * m;
+        for (int l = 0; l < 32; l++) *y++ = d1 * (q[l] & 0xF) - m1;
+        for (int l = 0; l < 32; l++) *y++ = d2 * (q[l] >> 4) - m2;
+        q += 32; is += 2;
+    }
+}
+static inline void deq_q6_k(const uint8_t *b, float *y) {
+    const uint8_t *ql = b, *qh = b + 128; const int8_t *sc = (const int8_t *)(b + 192); float d = h2f(rd16(b + 208));
+    for (int n = 0; n < 256; n += 128) {
+        for (int l = 0; l < 32; l++) {
+            int is = l / 16;
+            int q1 = (int)((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+            int q2 = (int)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+            int q3 = (int)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+            int q4 = (int)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+            y[l] = d * sc[is] * q1; y[l + 32] = d * sc[is + 2] * q2;
+            y[l + 64] = d * sc[is + 4] * q3; y[l + 96] = d * sc[is + 6] * q4;
+        }
+        y += 128; ql += 64; qh += 32; sc += 8;
+    }
+}
+static inline void deq_block(int t, const uint8_t *b, float *y) {
+    switch (t) {
+        case WQ_Q8_0: deq_q8_0(b, y); break;
+        case WQ_Q4_0: deq_q4_0(b, y); break;
+        case WQ_Q5_0: deq_q5_0(b, y); break;
+        case WQ_Q4_K: deq_q4_k(b, y); break;
+        case WQ_Q6_K: deq_q6_k(b, y); break;
+    }
+}
+
+/* rows [R] of a quantised matrix (row_bytes each, K elements) -> float32 out [R, K] */
+int wb_q_dequant(int t, const uint8_t *restrict W, int64_t row_bytes, float *restrict out, int64_t R, int64_t K,
+                 int nthreads) {
+    int qk, bs = qblock(t, &qk);
+    if (!bs || K % qk || row_bytes != (K / qk) * bs) return -1;
+    int64_t nb = K / qk;
+    #pragma omp parallel for if(nthreads > 1 && R * K >= 65536) num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t i = 0; i < nb; i++) deq_block(t, W + r * row_bytes + i * bs, out + r * K + i * qk);
+    return 0;
+}
+
+/* ---- exact products: float32 x, each weight block dequantised into a buffer, float32 dot ---- */
+static float dot_exact(int t, const uint8_t *w, int bs, int qk, int64_t nb, const float *x) {
+    float buf[256] __attribute__((aligned(32)));
+    float acc = 0.f;
+    for (int64_t i = 0; i < nb; i++) {
+        deq_block(t, w + i * bs, buf);
+        acc += dot_f32(buf, x + i * qk, qk);
+    }
+    return acc;
+}
+
+/* ---- 8-bit activations ---- */
+typedef struct { float d; int8_t qs[32]; } xq8_32;                     /* per 32: x ~ d * qs */
+typedef struct { float d; int8_t qs[256]; int16_t bsums[16]; } xq8_k;  /* per 256, and the sums per 16 */
+
+static inline int nearest(float f) { return (int)lrintf(f); }
+
+static void quant_x32(const float *x, xq8_32 *q, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++) {
+        const float *v = x + 32 * i; float amax = 0.f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(v[j]));
+        float d = amax / 127.f, id = d ? 1.f / d : 0.f;
+        q[i].d = d;
+        for (int j = 0; j < 32; j++) q[i].qs[j] = (int8_t)nearest(v[j] * id);
+    }
+}
+static void quant_xk(const float *x, xq8_k *q, int64_t nb) {   /* ggml's quantize_row_q8_K */
+    for (int64_t i = 0; i < nb; i++) {
+        const float *v = x + 256 * i; float amax = 0.f, mx = 0.f;
+        for (int j = 0; j < 256; j++) { float a = fabsf(v[j]); if (a > amax) { amax = a; mx = v[j]; } }
+        if (!amax) { q[i].d = 0.f; memset(q[i].qs, 0, 256); memset(q[i].bsums, 0, 32); continue; }
+        float is = -127.f / mx;
+        for (int j = 0; j < 256; j++) { int v8 = nearest(is * v[j]); q[i].qs[j] = (int8_t)(v8 > 127 ? 127 : v8); }
+        for (int j = 0; j < 16; j++) { int s = 0; for (int l = 0; l < 16; l++) s += q[i].qs[16 * j + l]; q[i].bsums[j] = (int16_t)s; }
+        q[i].d = 1.f / is;
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+static inline float hsum_f8(__m256 x) {
+    __m128 r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+/* 32 signed x 32 signed bytes -> 8 float sums of 4 products (llama.cpp's mul_sum_i8_pairs_float) */
+static inline __m256 mul_sum_i8(__m256i a, __m256i b) {
+    __m256i ax = _mm256_sign_epi8(a, a), sy = _mm256_sign_epi8(b, a);
+    __m256i dot = _mm256_maddubs_epi16(ax, sy);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(dot, _mm256_set1_epi16(1)));
+}
+static inline __m256i bytes_from_bits_32(const uint8_t *x) {
+    uint32_t x32; memcpy(&x32, x, 4);
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)x32), shuf);
+    bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+}
+static inline __m256i bytes_from_nibbles_32(const uint8_t *p) {
+    __m128i lo = _mm_loadu_si128((const __m128i *)p);
+    __m256i b = _mm256_insertf128_si256(_mm256_castsi128_si256(lo), _mm_srli_epi16(lo, 4), 1);
+    return _mm256_and_si256(b, _mm256_set1_epi8(0xF));
+}
+static float dot_q8_0(const uint8_t *w, const xq8_32 *y, int64_t nb) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+    int64_t i = 0;
+    for (; i + 1 < nb; i += 2) {
+        const uint8_t *b0 = w + 34 * i, *b1 = b0 + 34;
+        __m256 q0 = mul_sum_i8(_mm256_loadu_si256((const __m256i *)(b0 + 2)), _mm256_loadu_si256((const __m256i *)y[i].qs));
+        __m256 q1 = mul_sum_i8(_mm256_loadu_si256((const __m256i *)(b1 + 2)), _mm256_loadu_si256((const __m256i *)y[i + 1].qs));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(rd16(b0)) * y[i].d), q0, acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(rd16(b1)) * y[i + 1].d), q1, acc1);
+    }
+    for (; i < nb; i++) {
+        const uint8_t *b0 = w + 34 * i;
+        __m256 q0 = mul_sum_i8(_mm256_loadu_si256((const __m256i *)(b0 + 2)), _mm256_loadu_si256((const __m256i *)y[i].qs));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(rd16(b0)) * y[i].d), q0, acc0);
+    }
+    return hsum_f8(_mm256_add_ps(acc0, acc1));
+}
+static float dot_q5_0(const uint8_t *w, const xq8_32 *y, int64_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = w + 22 * i;
+        __m256i qx = bytes_from_nibbles_32(b + 6);
+        __m256i hi = _mm256_andnot_si256(bytes_from_bits_32(b + 2), _mm256_set1_epi8((char)0xF0));
+        qx = _mm256_or_si256(qx, hi);          /* nibble | bit 4 << 4, minus 16, as signed bytes */
+        __m256 q = mul_sum_i8(qx, _mm256_loadu_si256((const __m256i *)y[i].qs));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(rd16(b)) * y[i].d), q, acc);
+    }
+    return hsum_f8(acc);
+}
+static float dot_q4_0(const uint8_t *w, const xq8_32 *y, int64_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = w + 18 * i;
+        __m256i qx = _mm256_sub_epi8(bytes_from_nibbles_32(b + 2), _mm256_set1_epi8(8));
+        __m256 q = mul_sum_i8(qx, _mm256_loadu_si256((const __m256i *)y[i].qs));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(rd16(b)) * y[i].d), q, acc);
+    }
+    return hsum_f8(acc);
+}
+static float dot_q4_k(const uint8_t *w, const xq8_k *y, int64_t nb) {
+    const uint32_t km1 = 0x3f3f3f3f, km2 = 0x0f0f0f0f, km3 = 0x03030303;
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    __m256 acc = _mm256_setzero_ps();
+    __m128 acc_m = _mm_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = w + 144 * i;
+        const float d = y[i].d * h2f(rd16(b)), dmin = -y[i].d * h2f(rd16(b + 2));
+        uint32_t u[4]; memcpy(u, b + 4, 12);
+        u[3] = ((u[2] >> 4) & km2) | (((u[1] >> 6) & km3) << 4);
+        const uint32_t ua = u[1] & km1;
+        u[1] = (u[2] & km2) | (((u[0] >> 6) & km3) << 4);
+        u[2] = ua;
+        u[0] &= km1;
+        const __m256i ms = _mm256_cvtepu8_epi16(_mm_set_epi32((int)u[3], (int)u[2], (int)u[1], (int)u[0]));
+        const __m256i q8sums = _mm256_loadu_si256((const __m256i *)y[i].bsums);
+        const __m128i q8s = _mm_hadd_epi16(_mm256_extracti128_si256(q8sums, 0), _mm256_extracti128_si256(q8sums, 1));
+        const __m128i prod = _mm_madd_epi16(_mm256_extracti128_si256(ms, 1), q8s);
+        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
+        const __m128i sc128 = _mm256_extracti128_si256(ms, 0);
+        const __m256i scales = _mm256_set_m128i(sc128, sc128);
+        const uint8_t *q4 = b + 16; const int8_t *q8 = y[i].qs;
+        __m256i sumi = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            const __m256i sl = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)(((4 * j + 1) << 8) | (4 * j))));
+            const __m256i sh = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)(((4 * j + 3) << 8) | (4 * j + 2))));
+            const __m256i bits = _mm256_loadu_si256((const __m256i *)q4); q4 += 32;
+            const __m256i ql = _mm256_and_si256(bits, m4), qh = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+            __m256i pl = _mm256_maddubs_epi16(ql, _mm256_loadu_si256((const __m256i *)q8)); q8 += 32;
+            __m256i ph = _mm256_maddubs_epi16(qh, _mm256_loadu_si256((const __m256i *)q8)); q8 += 32;
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(_mm256_madd_epi16(sl, pl), _mm256_madd_epi16(sh, ph)));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    acc_m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
+    acc_m = _mm_add_ss(acc_m, _mm_movehdup_ps(acc_m));
+    return hsum_f8(acc) + _mm_cvtss_f32(acc_m);
+}
+static float dot_q6_k(const uint8_t *w, const xq8_k *y, int64_t nb) {
+    const __m256i m4 = _mm256_set1_epi8(0xF), m2 = _mm256_set1_epi8(3), m32s = _mm256_set1_epi8(32);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = w + 210 * i;
+        const float d = y[i].d * h2f(rd16(b + 208));
+        const uint8_t *q4 = b, *qh = b + 128; const int8_t *q8 = y[i].qs;
+        const __m128i scales = _mm_loadu_si128((const __m128i *)(b + 192));
+        __m256i sumi = _mm256_setzero_si256();
+        for (int j = 0; j < 2; j++) {
+            __m128i s[4];
+            for (int k = 0; k < 4; k++) {
+                int is = 4 * j + k;   /* bytes 2 is (x8), 2 is + 1 (x8) */
+                s[k] = _mm_shuffle_epi8(scales, _mm_set_epi64x(0x0101010101010101LL * (2 * is + 1), 0x0101010101010101LL * (2 * is)));
+            }
+            const __m256i b1 = _mm256_loadu_si256((const __m256i *)q4); q4 += 32;
+            const __m256i b2 = _mm256_loadu_si256((const __m256i *)q4); q4 += 32;
+            const __m256i bh = _mm256_loadu_si256((const __m256i *)qh); qh += 32;
+            const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(bh, m2), 4);
+            const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 2), m2), 4);
+            const __m256i h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 4), m2), 4);
+            const __m256i h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 6), m2), 4);
+            const __m256i x0 = _mm256_or_si256(_mm256_and_si256(b1, m4), h0);
+            const __m256i x1 = _mm256_or_si256(_mm256_and_si256(b2, m4), h1);
+            const __m256i x2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b1, 4), m4), h2);
+            const __m256i x3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b2, 4), m4), h3);
+            const __m256i y0 = _mm256_loadu_si256((const __m256i *)q8), y1 = _mm256_loadu_si256((const __m256i *)(q8 + 32));
+            const __m256i y2 = _mm256_loadu_si256((const __m256i *)(q8 + 64)), y3 = _mm256_loadu_si256((const __m256i *)(q8 + 96));
+            q8 += 128;
+            __m256i p0 = _mm256_sub_epi16(_mm256_maddubs_epi16(x0, y0), _mm256_maddubs_epi16(m32s, y0));
+            __m256i p1 = _mm256_sub_epi16(_mm256_maddubs_epi16(x1, y1), _mm256_maddubs_epi16(m32s, y1));
+            __m256i p2 = _mm256_sub_epi16(_mm256_maddubs_epi16(x2, y2), _mm256_maddubs_epi16(m32s, y2));
+            __m256i p3 = _mm256_sub_epi16(_mm256_maddubs_epi16(x3, y3), _mm256_maddubs_epi16(m32s, y3));
+            p0 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(s[0]), p0);
+            p1 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(s[1]), p1);
+            p2 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(s[2]), p2);
+            p3 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(s[3]), p3);
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(_mm256_add_epi32(p0, p1), _mm256_add_epi32(p2, p3)));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum_f8(acc);
+}
+#define WQ_SIMD 1
+#else
+/* portable: the same 8-bit x, the weight block dequantised (same products up to float32 rounding) */
+static float dot_q_32(int t, const uint8_t *w, int bs, const xq8_32 *y, int64_t nb) {
+    float buf[32]; float acc = 0.f;
+    for (int64_t i = 0; i < nb; i++) {
+        deq_block(t, w + i * bs, buf); float s = 0.f;
+        for (int j = 0; j < 32; j++) s += buf[j] * y[i].qs[j];
+        acc += s * y[i].d;
+    }
+    return acc;
+}
+static float dot_q_k(int t, const uint8_t *w, int bs, const xq8_k *y, int64_t nb) {
+    float buf[256]; float acc = 0.f;
+    for (int64_t i = 0; i < nb; i++) {
+        deq_block(t, w + i * bs, buf); float s = 0.f;
+        for (int j = 0; j < 256; j++) s += buf[j] * y[i].qs[j];
+        acc += s * y[i].d;
+    }
+    return acc;
+}
+#define WQ_SIMD 0
+#endif
+
+int wb_q_simd(void) { return WQ_SIMD; }
+
+/* y[n] = sum_k W[n, k] x[k] for a quantised W [N, K] (row_bytes per row); act8: x quantised to 8 bits
+   (llama.cpp's way) or kept float32 (exact). Returns 0, or -1 for an unsupported type / shape. */
+int wb_q_gemv(int t, const uint8_t *restrict W, int64_t row_bytes, const float *restrict x, float *restrict y,
+              int64_t N, int64_t K, int act8, int nthreads) {
+    int qk, bs = qblock(t, &qk);
+    if (!bs || K % qk || row_bytes != (K / qk) * bs) return -1;
+    const int64_t nb = K / qk;
+    if (!act8) {
+        #pragma omp parallel for if(nthreads > 1 && N >= 64) num_threads(nthreads) schedule(static)
+        for (int64_t n = 0; n < N; n++) y[n] = dot_exact(t, W + n * row_bytes, bs, qk, nb, x);
+        return 0;
+    }
+    void *xq = malloc(qk == 32 ? sizeof(xq8_32) * nb : sizeof(xq8_k) * nb);
+    if (!xq) return -2;
+    if (qk == 32) quant_x32(x, (xq8_32 *)xq, nb); else quant_xk(x, (xq8_k *)xq, nb);
+    #pragma omp parallel for if(nthreads > 1 && N >= 64) num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *w = W + n * row_bytes;
+#if WQ_SIMD
+        float v = 0.f;
+        switch (t) {
+            case WQ_Q8_0: v = dot_q8_0(w, (const xq8_32 *)xq, nb); break;
+            case WQ_Q5_0: v = dot_q5_0(w, (const xq8_32 *)xq, nb); break;
+            case WQ_Q4_0: v = dot_q4_0(w, (const xq8_32 *)xq, nb); break;
+            case WQ_Q4_K: v = dot_q4_k(w, (const xq8_k *)xq, nb); break;
+            case WQ_Q6_K: v = dot_q6_k(w, (const xq8_k *)xq, nb); break;
+        }
+        y[n] = v;
+#else
+        y[n] = qk == 32 ? dot_q_32(t, w, bs, (const xq8_32 *)xq, nb) : dot_q_k(t, w, bs, (const xq8_k *)xq, nb);
+#endif
+    }
+    free(xq);
+    return 0;
+}
 """
 
 _lock = threading.Lock()
@@ -258,6 +609,13 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         lib.wb_rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                     ctypes.c_int64, ctypes.c_float, ctypes.c_int]
         lib.wb_rms_norm.restype = None
+        lib.wb_q_gemv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+        lib.wb_q_gemv.restype = ctypes.c_int
+        lib.wb_q_dequant.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                     ctypes.c_int64, ctypes.c_int]
+        lib.wb_q_dequant.restype = ctypes.c_int
+        lib.wb_q_simd.restype = ctypes.c_int
         threads = "OpenMP" if "-fopenmp" in flags else "1 thread"
         return lib, f"C kernel ({cc} {' '.join(flags)}; {threads})"
     return None, "C kernel not built: " + "; ".join(errors)

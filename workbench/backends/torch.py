@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_gemv
+from . import quant
+from .quant import QuantWeight
 from .base import BackendSpec, Ops
 from .composed import ComposedOps
 from .torch_media import TorchMediaOps
@@ -84,9 +86,14 @@ class TorchOps(TorchMediaOps, ComposedOps, Ops):
         # the compiled GPU decode step writes one-row products and one-query attention as float32 reductions
         # inductor fuses; the decode route sets it False for WORKBENCH_GPU_DECODE=cublas (the library kernels)
         self.fused_reductions = True
+        # kept-quantised GGUF weights (quant.py): 8-bit activations in one-row products (quant="keep") or
+        # float32 (quant="keep-exact"); set by the loader
+        self.quant_act8 = True
 
     # ------------------------------------------------------------ data movement
     def asarray(self, a, dtype=None):
+        if isinstance(a, QuantWeight):      # GGUF blocks kept quantised (quant.py): the ops below take it as is
+            return a
         if isinstance(a, torch.Tensor):
             return a.to(self.device, _TD[dtype] if dtype else self.tdtype)
         a = np.ascontiguousarray(a)
@@ -129,13 +136,19 @@ class TorchOps(TorchMediaOps, ComposedOps, Ops):
         return x.permute(*axes)
 
     def concat(self, xs, axis):
+        if axis == 0 and any(isinstance(x, QuantWeight) for x in xs):   # a fused projection of quantised matrices
+            return QuantWeight.concat(xs)
         return torch.cat(xs, dim=axis)
 
     def take_rows(self, w, ids):
+        if isinstance(w, QuantWeight):      # the looked-up rows dequantised (quant.py)
+            return quant.torch_rows(w, ids).to(self.tdtype)
         return F.embedding(ids, w)
 
     # ------------------------------------------------------------ math
     def linear(self, x, w):
+        if isinstance(w, QuantWeight):      # GGUF blocks: the quantised GEMV (one row), chunked dequant + GEMM
+            return quant.torch_linear(x, w, self.quant_act8)
         if x.numel() == x.shape[-1] and w.dtype == x.dtype:
             if self._cpu_gemv:
                 y = _cpu_gemv(x, w)     # decode on the CPU: see cpu_gemv

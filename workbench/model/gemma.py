@@ -154,7 +154,7 @@ class Gemma:
         acc = "float64" if ops.dtype == "float64" else "float32"
         w = {}
         for k, v in text.items():
-            v = np.asarray(v)
+            v = v if getattr(v, "is_quantized", False) else np.asarray(v)   # GGUF blocks kept (backends/quant.py)
             if self._is_norm(k):
                 # Gemma 1-3 scale by (1 + w): fold the offset once, in float32/64 as HF computes it
                 w[k] = ops.asarray(v.astype(np.float64) + off, dtype=acc)
@@ -166,6 +166,9 @@ class Gemma:
         self.w = w
         self.n_params = int(sum(int(np.prod(v.shape)) for v in text.values()))
         self.weight_bytes = self.n_params * {"float64": 8, "float32": 4}.get(ops.dtype, 2)
+        if any(getattr(v, "is_quantized", False) for v in text.values()):    # the blocks' own bytes
+            self.weight_bytes = int(sum(v.nbytes if getattr(v, "is_quantized", False) else
+                                        np.prod(v.shape) * 4 for v in text.values()))
         self._inv_freq = [cfg.rope(i).inv_freq(np.float64) for i in range(cfg.num_hidden_layers)]
         self.tokenizer = None
         self.source = where

@@ -1120,3 +1120,55 @@ def gguf_tokenizer_metadata(path: str | os.PathLike) -> dict[str, Any]:
         "chat_template": md.get("tokenizer.chat_template"),
         "fingerprint": _fingerprint(g.path),
     }
+
+
+# --------------------------------------------------------------------------------------------- kept quantised
+def load_gguf_quantized(path: str | os.PathLike, progress: bool = True) -> tuple[dict, dict[str, Any]]:
+    """Load a Gemma GGUF with its weight matrices kept in the file's own blocks: (HF-style config dict, canonical
+    tensors), where every 2-D matrix stored as Q8_0 / Q5_0 / Q4_0 / Q4_K / Q6_K is a
+    :class:`workbench.backends.quant.QuantWeight` (the raw blocks, read into memory once; no dequantised copy)
+    and everything else (norms, float matrices) is a float32 numpy array as :func:`load_gguf` gives it.
+    A quantised matrix of another type (Q5_K, IQ*, ...) or a quantised 3-D tensor (MoE experts) is a
+    :class:`GGUFError` naming the tensor and its type; :func:`load_gguf` dequantises those."""
+    from ..backends.quant import TYPES, QuantWeight
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such GGUF file")
+    g = read_gguf(p)
+    cfg = build_config(g)
+    plan = _plan(g, cfg)
+    floats = ("F32", "F16", "BF16", "F64")
+    for o in plan:
+        for s in o.sources:
+            if s.type_name in floats:
+                continue
+            if len(s.dims) != 2 or len(o.sources) != 1:
+                raise GGUFError(f"{p}: tensor {s.name!r} ({s.type_name}, shape {s.shape}) cannot be kept quantised: "
+                                "only 2-D matrices are; load without quant= to dequantise it")
+            if s.type_name not in TYPES:
+                raise GGUFError(f"{p}: tensor {s.name!r} has ggml type {s.type_name}, which the CPU kernels do not "
+                                f"keep quantised (kept: {', '.join(TYPES)}); load without quant= to dequantise it")
+    from tqdm import tqdm
+    total = sum(s.nbytes for o in plan for s in o.sources)
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, disable=not progress,
+               desc=f"reading {p.name} (kept quantised)", leave=False, dynamic_ncols=True)
+    mm = np.memmap(g.path, dtype=np.uint8, mode="r")
+    out: dict[str, Any] = {}
+    try:
+        for o in plan:
+            src = o.sources[0]
+            if src.type_name in floats:
+                arr = np.empty(o.shape, np.float32)
+                _fill(mm, o, arr, None, bar)
+                out[o.name] = arr
+                continue
+            rows, n = src.dims[1], src.dims[0]
+            raw = np.array(mm[src.offset:src.offset + src.nbytes]).reshape(rows, src.nbytes // rows)
+            out[o.name] = QuantWeight([(src.type_name, raw)], n, name=src.name)
+            bar.update(src.nbytes)
+    finally:
+        del mm
+        bar.close()
+    cfg.setdefault("_gguf", {})["file"] = str(p)
+    cfg["_gguf"]["kept_quantized"] = True
+    return cfg, out
