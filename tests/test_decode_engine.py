@@ -64,9 +64,9 @@ def test_generate_stats_name_the_route_and_engines_are_reused(monkeypatch):
     assert g.stats["route"] == "cpu gemv" or g.stats["route"] == "static", g.stats
     assert g.stats["route_reason"] and g.stats["decode_steps"] == 7
     g2 = _gen(m, monkeypatch, "fast", [2, 5, 6], max_new_tokens=8)
-    assert g2.token_ids == g.token_ids and len(m._decode_engines) == 1
+    assert g2.token_ids == g.token_ids and len(m.decoder._decode_engines) == 1
     s = m.generate([2, 5, 6], max_new_tokens=3, temperature=0.5, top_k=5)
-    assert len(s.token_ids) == 3 and len(m._decode_engines) == 2     # another sampling shape: its own engine
+    assert len(s.token_ids) == 3 and len(m.decoder._decode_engines) == 2     # another sampling shape: its own engine
     monkeypatch.setenv("WORKBENCH_CPU_GEMV", "off")
     g3 = m.generate([2, 5, 6], max_new_tokens=4, ignore_eos=True)
     assert g3.stats["route"] == "static" and g3.token_ids == g.token_ids[:4]

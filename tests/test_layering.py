@@ -89,21 +89,12 @@ BACKEND_INTERNALS = ("workbench.backends.torch", "workbench.backends.mlx", "work
                      "workbench.backends.torch_media", "workbench.backends.mlx_media")
 
 # (importer, imported): why it is there today. Fix the import, then delete the line.
-KNOWN_VIOLATIONS = {
-    ("workbench.model.gemma", "workbench.generate"):
-        "Gemma.generate dispatches to generate.generate (issue 18: the LanguageModel front calls generate)",
-    ("workbench.model.gemma", "workbench.multimodal"):
-        "Gemma.forward/.generate dispatch to multimodal_forward/multimodal_generate when media are passed "
-        "(issue 18: the LanguageModel front owns media)",
+KNOWN_VIOLATIONS: dict = {
 }
 
 # Import cycles, each named by the edge that closes it (every edge counted, lazy ones too): without these edges
 # the graph must be acyclic, and each listed edge must still close a cycle (else delete it).
 KNOWN_CYCLE_EDGES = {
-    ("workbench.model.gemma", "workbench.generate"):
-        "the upward import above, against generate's import of Gemma",
-    ("workbench.model.gemma", "workbench.multimodal"):
-        "the upward import above, against the towers' and the runner's imports of model.gemma",
     ("workbench.backends.base", "workbench.backends.torch"):
         "base.get_ops imports the implementation lazily while torch.py imports BackendSpec/Ops from base "
         "(the factory belongs next to the implementations, e.g. in backends/__init__)",

@@ -222,20 +222,20 @@ def test_model_api_when_wired(backend, ref):
 
 
 def test_runner_uses_the_models_forward_embeds_hook():
-    """The runner goes through the text model's own ``_forward_embeds`` (with the image block mask)."""
+    """The runner goes through the text decoder's public ``forward_embeds`` (with the image block mask)."""
     m = model(BACKENDS[0])
     calls = []
-    orig = m._forward_embeds
+    orig = m.decoder.forward_embeds
 
-    def hook(x, ple_ids, pts, cache, start, last_only, extra_mask=None):
+    def hook(x, ple_ids, pts=None, cache=None, start=0, last_only=False, extra_mask=None):
         calls.append(extra_mask is not None)
         return orig(x, ple_ids, pts, cache, start, last_only, extra_mask=extra_mask)
 
-    m._forward_embeds = hook
+    m.decoder.forward_embeds = hook
     try:
         multimodal_forward(m, "w5 <|image|> w6", images=fx.make_test_images()[:1], max_soft_tokens=70)
     finally:
-        del m._forward_embeds
+        del m.decoder.forward_embeds
     assert calls == [True]
 
 

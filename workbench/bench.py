@@ -254,13 +254,13 @@ def bench(source="gemma3-270m", backends=None, dtypes=None, prompt_len: int = 12
           fast: bool = True, compile: bool | None = None, progress: bool = True) -> BenchResult:
     """Prefill/decode throughput of every backend x dtype (and, with peers=True, HF transformers, mlx-lm
     and llama.cpp on the same weights); stored in the results store; compared with ``baseline`` (a run id)."""
-    from .loader import read_source, source_hash
-    from .model.gemma import Gemma
+    from .loader import build_model, read_source, source_hash
     from .parity import _targets
 
     targets = _targets(backends, dtypes)
     base_run = _load_baseline(baseline, db) if baseline else None   # a bad id fails before anything runs
-    cfg, tensors, path, tok = read_source(source, dtype="float32", progress=progress)
+    ckpt = read_source(source, dtype="float32", progress=progress)
+    cfg, tensors, path, tok = ckpt
     rows: list[dict] = []
     skipped: dict[str, str] = {}
     for b, d in targets:
@@ -277,7 +277,7 @@ def bench(source="gemma3-270m", backends=None, dtypes=None, prompt_len: int = 12
             continue
         if progress:
             print(f"[bench] {b} {d}", file=sys.stderr, flush=True)
-        m = Gemma(cfg, tensors, _bk.get_ops(b, d), where=str(path))
+        m = build_model(ckpt, _bk.get_ops(b, d), source)
         use_compile = compile if compile is not None else default_compile(spec)
         note = None
         try:

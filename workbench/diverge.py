@@ -463,8 +463,7 @@ def diverge(source="gemma3-270m", backends=None, dtypes=None, prompt: str | list
     forward loop) or "both". fault: test-only perturbation of a target, as in ``wb.compare``
     ({"backend": "torch:cpu", "layer": 3, "tap": "hook_attn_out", "scale": 1e-2}). progress: True prints to
     stderr, a callable gets (step, total, what). Stored as a ``diverge`` run unless store=False."""
-    from .loader import read_source, source_hash
-    from .model.gemma import Gemma
+    from .loader import Checkpoint, build_model, read_source, source_hash
 
     if route not in ("fast", "plain", "both"):
         raise ValueError(f"route must be 'fast', 'plain' or 'both', not {route!r}")
@@ -497,10 +496,8 @@ def diverge(source="gemma3-270m", backends=None, dtypes=None, prompt: str | list
     k = min(k, cfg.vocab_size)
     text = (lambda t: tok.decode([int(t)])) if tok is not None else (lambda t: f"<{int(t)}>")
 
-    def build(ops):
-        mm = Gemma(cfg, tensors, ops, where=str(path))
-        mm.tokenizer, mm.source, mm.source_path = tok, str(source), path
-        return mm
+    def build(ops):   # the one loader
+        return build_model(Checkpoint(cfg, tensors, path, tok), ops, source)
 
     rparts = reference.split(":")
     ref = build(_bk.get_ops(":".join(rparts[:-1]), rparts[-1]))

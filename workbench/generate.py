@@ -7,6 +7,9 @@ counter-based RNG keyed by (seed, position), so a seed gives the same tokens on 
 (:mod:`workbench.decode.sampler`). Tokens come back a few at a time; EOS / stop ids are checked on those
 integers, stop strings on a sliding window of decoded text. ``stream=True`` yields text pieces as they are
 produced, detokenised incrementally. ``g.stats["route"]`` names the route and ``route_reason`` says why.
+
+``model`` below is a :class:`workbench.lm.LanguageModel` (tokenizer + decoder), or a bare decoder
+(:class:`workbench.model.gemma.Gemma`) given token ids; the decode engine always runs on the decoder.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from .decode import sampler as _sampler
-from .model.gemma import InputError
+from .model.gemma import Gemma, InputError
 
 
 @dataclass
@@ -38,15 +41,23 @@ def sample(logits: np.ndarray, temperature: float, top_k: int | None, top_p: flo
     return _sampler.sample_np(logits, _sampler.make(temperature, top_k, top_p, seed), pos)
 
 
+def _parts(model):
+    """(decoder, tokenizer) of a LanguageModel; a bare decoder has no tokenizer (token ids only)."""
+    if isinstance(model, Gemma):
+        return model, None
+    return model.decoder, model.tokenizer
+
+
 def prompt_ids(model, prompt, chat: bool = False) -> list[int]:
     if isinstance(prompt, str):
-        if model.tokenizer is None:
+        tok = _parts(model)[1]
+        if tok is None:
             raise InputError("a text prompt needs a tokenizer; this checkpoint has none — pass token ids")
         if not prompt:
             raise InputError("empty prompt: give at least one character or token id")
         if chat:
-            return list(model.tokenizer.encode_chat([{"role": "user", "content": prompt}]))
-        return list(model.tokenizer.encode(prompt))
+            return list(tok.encode_chat([{"role": "user", "content": prompt}]))
+        return list(tok.encode(prompt))
     ids = np.asarray(prompt).reshape(-1).tolist()
     if not ids:
         raise InputError("empty prompt: at least one token id is needed")
@@ -60,7 +71,7 @@ def _check_max_new_tokens(n) -> None:
 
 def _stop_ids(model, stop) -> set[int]:
     out: set[int] = set()
-    tok = model.tokenizer
+    tok = _parts(model)[1]
     if tok is not None:
         out |= set(getattr(tok, "stop_ids", []) or [])
     eos = model.config.eos_token_id
@@ -130,6 +141,7 @@ def generate_iter(model, prompt, max_new_tokens: int = 32, temperature: float = 
     from .decode import engine as _engine
     _check_max_new_tokens(max_new_tokens)
     ids = prompt_ids(model, prompt, chat)
+    model, _ = _parts(model)       # from here on, the decoder
     model.check_ids(ids)
     sampling = _sampler.make(temperature, top_k, top_p, seed)
     ctx = model.config.max_position_embeddings
@@ -218,18 +230,18 @@ class _StopText:
 
 def generate(model, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = 0, stop=None, stream: bool = False, chat: bool = False,
-             ignore_eos: bool = False, **kw):
-    """``m.generate``: a Generation, or with ``stream=True`` an iterator of text pieces."""
+             ignore_eos: bool = False, stats: dict | None = None, **kw):
+    """``m.generate``: a Generation, or with ``stream=True`` an iterator of text pieces. ``stats``: a dict to
+    fill with the run's stats (the Generation's ``stats``; for a stream, filled as it goes)."""
     _check_max_new_tokens(max_new_tokens)
     stop_strings = [s for s in (stop or []) if isinstance(s, str)]
+    tok = _parts(model)[1]
+    stats = stats if stats is not None else {}
     if stream:
-        stats: dict = {}
         tokens = generate_iter(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat,
                                ignore_eos, stats=stats, **kw)
-        return stream_pieces(model, tokens, stats, stop_strings)
-    stats = {}
+        return stream_pieces(tok, tokens, stats, stop_strings)
     out: list[int] = []
-    tok = model.tokenizer
     st_text = _StopText(tok, stop_strings) if (stop_strings and tok is not None) else None
     it = generate_iter(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, ignore_eos,
                        stats=stats, **kw)
@@ -249,15 +261,13 @@ def generate(model, prompt, max_new_tokens: int = 32, temperature: float = 0.0, 
                       stopped_by=stats.get("stopped_by", "length"))
 
 
-def stream_pieces(model, tokens, stats: dict, stop_strings):
-    """Text pieces from a token iterator, detokenised incrementally (a sliding window): waits out incomplete
-    UTF-8 sequences, cuts at a stop string, and leaves the run's stats on ``model.last_stats``. Shared by text
-    and multimodal streaming."""
-    tok = model.tokenizer
+def stream_pieces(tok, tokens, stats: dict, stop_strings):
+    """Text pieces from a token iterator, detokenised incrementally by the tokenizer ``tok`` (a sliding window;
+    no tokenizer: the token ids as strings): waits out incomplete UTF-8 sequences, cuts at a stop string (noted
+    in ``stats``). Shared by text and multimodal streaming."""
     if tok is None:
         for t in tokens:
             yield str(t)
-        model.last_stats = stats
         return
     st = _StopText(tok, stop_strings)
     for t in tokens:
@@ -267,12 +277,10 @@ def stream_pieces(model, tokens, stats: dict, stop_strings):
         if st.hit:
             stats["stopped_by"] = "stop"
             tokens.close()
-            model.last_stats = stats
             return
     rest = st.flush()
     if rest:
         yield rest
-    model.last_stats = stats
 
 
 # ----------------------------------------------------------------------------------------- older entry points
@@ -292,6 +300,7 @@ class FastDecoder:
     def __init__(self, model, cache, compile: bool | None = None, graph: bool | None = None):
         from .decode import engine as _engine
         from .decode import route as _route
+        model = _parts(model)[0]
         r = _route.pick(model, cache, compile=compile)
         if graph is not None and r.graph != bool(graph):
             import dataclasses

@@ -500,7 +500,7 @@ def _media_inputs(model, images, audio, ref_out) -> dict:
     the reference run reported."""
     from .multimodal import preprocess as pp
     from .multimodal.runner import _listify
-    enc = model._media
+    enc = model.encoders()
     out = dict(input_ids=np.asarray(ref_out.input_ids), mm_token_type_ids=np.asarray(ref_out.mm_token_type_ids))
     images, audio = _listify(images), _listify(audio)
     if images:
@@ -700,8 +700,7 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
     weight/config/tokenizer hashes match the local model's; world=N: the reference sharded over N torchrun processes
     (workbench.distributed: gloo on CPUs, NCCL for torch:cuda), the targets and the anchor run here.
     Stores the run in the results store (``db`` or the default) unless store=False."""
-    from .loader import read_source, source_hash
-    from .model.gemma import Gemma
+    from .loader import Checkpoint, build_model, read_source, source_hash
     from .model.taps import point_names
 
     if decode not in ("plain", "fast"):
@@ -754,13 +753,8 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
         asked = True
     low = sorted({d for _, d in targets if d in UNIT_ROUNDOFF}) if budgets else []
 
-    def build(ops):
-        m = Gemma(cfg, tensors, ops, where=str(path))
-        m.tokenizer, m.source, m.source_path = tok, str(source), path
-        if media:
-            from .multimodal.runner import attach_media
-            attach_media(m, tensors, str(path))
-        return m
+    def build(ops):   # the one loader (the media towers' tensors are kept; built on first use)
+        return build_model(Checkpoint(cfg, tensors, path, tok), ops, source)
     prog = _Progress(progress, 2 + len(low) + len(targets) + len(refs))
 
     # MoE: the router's choice per token, to tell a near-tie routing flip from a fault (not compared as rows)

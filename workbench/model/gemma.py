@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import GemmaConfig
+from ..weights.names import MEDIA_PREFIXES
 from .cache import ContextOverflow, KVCache
 from .taps import Points, point_names
 
@@ -40,6 +41,16 @@ class WeightError(ValueError):
 
 class InputError(ValueError):
     """Bad token ids or prompt (empty, out of the vocabulary, past the context)."""
+
+
+def _no_media(kw: dict) -> None:
+    """The decoder's forward takes no media: say where they go (and name any other unknown argument)."""
+    if kw.get("images") or kw.get("audio"):
+        raise InputError("images/audio go through the LanguageModel (wb.load(...).forward / .generate), which "
+                         "holds the media towers; the text decoder takes token ids")
+    extra = sorted(k for k, v in kw.items() if k not in ("images", "audio") or v)
+    if extra:
+        raise TypeError(f"forward() got unexpected keyword argument(s) {extra}")
 
 
 @dataclass
@@ -100,8 +111,6 @@ def expected_shapes(cfg: GemmaConfig) -> dict[str, tuple]:
 
 
 _NORM_SUFFIXES = ("layernorm.weight", "norm.weight", "_norm.weight")
-_MM_PREFIXES = ("vision_tower.", "embed_vision.", "audio_tower.", "embed_audio.", "multi_modal_projector.",
-                "vision_embedder.")
 
 
 def check_tensors(cfg: GemmaConfig, tensors: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
@@ -120,7 +129,7 @@ def check_tensors(cfg: GemmaConfig, tensors: dict[str, np.ndarray], where: str) 
             if cfg.kv_shared(i):
                 for n in ("k_proj.weight", "v_proj.weight", "k_norm.weight"):
                     t.pop(f"layers.{i}.self_attn.{n}", None)
-    text = {k: v for k, v in t.items() if not k.startswith(_MM_PREFIXES)}
+    text = {k: v for k, v in t.items() if not k.startswith(MEDIA_PREFIXES)}
     missing = sorted(set(want) - set(text))
     if missing:
         raise WeightError(f"{where}: {len(missing)} tensor(s) the config needs are missing: {missing[:6]}"
@@ -141,7 +150,10 @@ def check_tensors(cfg: GemmaConfig, tensors: dict[str, np.ndarray], where: str) 
 
 
 class Gemma:
-    """One Gemma model on one backend and dtype. Built by ``workbench.load``."""
+    """The text decoder of one Gemma model on one backend and dtype: token ids (or input embeddings) -> logits,
+    with taps, hooks and the KV cache. ``workbench.load`` wraps it in a :class:`workbench.lm.LanguageModel`
+    (tokenizer, media towers, generate); the pass is public in three steps: ``embed``, ``forward_embeds``,
+    ``unembed``."""
 
     def __init__(self, config: GemmaConfig, tensors: dict[str, np.ndarray], ops, where: str = "checkpoint"):
         self.config = cfg = config
@@ -170,8 +182,7 @@ class Gemma:
             self.weight_bytes = int(sum(v.nbytes if getattr(v, "is_quantized", False) else
                                         np.prod(v.shape) * 4 for v in text.values()))
         self._inv_freq = [cfg.rope(i).inv_freq(np.float64) for i in range(cfg.num_hidden_layers)]
-        self.tokenizer = None
-        self.source = where
+        self.where = where
         self.perturb = None     # test-only fault injection: fn(layer, name, x) -> x
 
     def _fuse(self, w):
@@ -216,9 +227,8 @@ class Gemma:
 
     def check_ids(self, ids) -> np.ndarray:
         if isinstance(ids, str):
-            if self.tokenizer is None:
-                raise InputError("a text prompt needs a tokenizer; this model has none — pass token ids")
-            ids = self.tokenizer.encode(ids)
+            raise InputError("the text decoder takes token ids; a text prompt goes through the LanguageModel "
+                             "(wb.load), which holds the tokenizer")
         a = np.asarray(ids)
         if a.size == 0:
             raise InputError("empty prompt: at least one token id is needed")
@@ -237,13 +247,12 @@ class Gemma:
 
     def forward(self, ids, taps=None, hooks=None, cache: KVCache | None = None, last_only: bool = False,
                 **mm) -> ForwardOutput:
-        """Run token ids [T] or [B, T] (or a text prompt) through the model.
+        """Run token ids [T] or [B, T] through the decoder.
 
         taps: names or wildcard patterns (``blocks.*.hook_resid_post``); hooks: {pattern: fn(np, name)}.
-        cache: a KVCache to continue from (prefill/decode); last_only: logits of the last position only."""
-        if mm.get("images") or mm.get("audio"):
-            from ..multimodal import multimodal_forward
-            return multimodal_forward(self, ids, taps=taps, hooks=hooks, cache=cache, last_only=last_only, **mm)
+        cache: a KVCache to continue from (prefill/decode); last_only: logits of the last position only.
+        Text prompts and media go through :class:`workbench.lm.LanguageModel` (tokenizer, towers)."""
+        _no_media(mm)
         a = self.check_ids(ids)
         B, T = a.shape
         start = cache.offset if cache is not None else 0
@@ -264,22 +273,36 @@ class Gemma:
 
     __call__ = forward
 
-    def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k=None, top_p=None,
-                 seed=0, stop=None, stream: bool = False, **kw):
-        """Continue a text prompt or token ids; see ``workbench.generate.generate``."""
-        if kw.get("images") or kw.get("audio"):
-            from ..multimodal import multimodal_generate
-            return multimodal_generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                                       top_k=top_k, top_p=top_p, seed=seed, stop=stop, stream=stream, **kw)
-        from ..generate import generate
-        return generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, seed=seed, stop=stop, stream=stream, **kw)
+    # ------------------------------------------------------------------ the pass, in three public steps
+    def embed(self, ids):
+        """Token ids ([B, T] numpy or backend ids) -> the scaled input embeddings [B, T, D] (backend array)."""
+        if isinstance(ids, np.ndarray):
+            ids = self.ops.asids(ids)
+        return self.ops.scale(self.ops.take_rows(self.w["embed_tokens.weight"], ids), self.config.embed_scale)
 
-    # ------------------------------------------------------------------ the pass
+    def forward_embeds(self, x, ple_ids, pts: Points | None = None, cache: KVCache | None = None, start: int = 0,
+                       last_only: bool = False, extra_mask=None):
+        """The pass from input embeddings ``x`` [B, T, D] (``embed``'s, or with media rows merged in) at positions
+        ``start``.. -> logits (backend array; the cache's offset is left to the caller). ple_ids [B, T]: backend
+        ids for Gemma 4's per-layer token embedding (the pad id at media positions); pts: tap/hook points
+        (:class:`workbench.model.taps.Points`; none: no taps); extra_mask: numpy bool [T, T], pairs also allowed
+        on sliding layers (Gemma 4 bidirectional attention within an image)."""
+        return self._forward_embeds(x, ple_ids, pts if pts is not None else _NO_POINTS, cache, start, last_only,
+                                    extra_mask=extra_mask)
+
+    def unembed(self, x, pts: Points | None = None):
+        """Final norm, head and final softcap: residual-stream vectors [..., D] (backend array) -> logits [..., V].
+        pts: tap points, visited at ``ln_final.hook_normalized`` (between the norm and the head)."""
+        cfg, ops, w = self.config, self.ops, self.w
+        h = ops.rms_norm(x, w["norm.weight"], cfg.rms_norm_eps)
+        if pts is not None:
+            h = pts.visit(ops, "ln_final.hook_normalized", h)
+        y = ops.linear(h, w.get("lm_head.weight", w["embed_tokens.weight"]))
+        return ops.softcap(y, cfg.final_logit_softcapping) if cfg.final_logit_softcapping else y
+
     def _forward(self, a: np.ndarray, pts: Points, cache, start: int, last_only: bool):
         ids = self.ops.asids(a)
-        x = self.ops.scale(self.ops.take_rows(self.w["embed_tokens.weight"], ids), self.config.embed_scale)
-        return self._forward_embeds(x, ids, pts, cache, start, last_only)
+        return self._forward_embeds(self.embed(ids), ids, pts, cache, start, last_only)
 
     def _forward_embeds(self, x, ple_ids, pts: Points, cache, start: int, last_only: bool, extra_mask=None):
         """The pass from input embeddings on. x [B, T, D]: scaled token embeddings (the multimodal runner merges
@@ -470,7 +493,7 @@ class Gemma:
 
     def _decode_step(self, tok, pos, cache, plan, pts):
         cfg, ops, w = self.config, self.ops, self.w
-        x = ops.scale(ops.take_rows(w["embed_tokens.weight"], tok), cfg.embed_scale)
+        x = self.embed(tok)
         ple = self._per_layer_inputs(tok, x) if cfg.has_ple else None
         shared: dict = {}   # layer -> its K/V for KV-sharing consumers; 'memo' -> per-step values
         if plan is not None:
@@ -545,12 +568,10 @@ class Gemma:
         """One token [B, 1] (a backend array, e.g. the previous step's pick) through the plain cached pass at
         ``cache.offset``; returns last-position logits [B, V] as a backend array and moves the offset on. MLX's
         queued decode route (the next step built while this one runs)."""
-        ops, cfg = self.ops, self.config
         start = cache.offset
         if start + 1 > cache.max_len:
             raise ContextOverflow(f"position {start} is past the cache's {cache.max_len} positions")
-        x = ops.scale(ops.take_rows(self.w["embed_tokens.weight"], tok), cfg.embed_scale)
-        logits = self._forward_embeds(x, tok, pts or _NO_POINTS, cache, start, True)
+        logits = self._forward_embeds(self.embed(tok), tok, pts or _NO_POINTS, cache, start, True)
         cache.offset = start + 1
         return logits[:, -1]
 

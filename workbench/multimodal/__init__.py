@@ -12,5 +12,5 @@ Modules: ``vision.py`` (Gemma4VisionModel), ``audio.py`` (Gemma4AudioModel), ``p
 from .common import MediaError  # noqa: F401
 from .preprocess import (PreparedAudio, PreparedImage, load_audio, load_image, log_mel, preprocess_audio,  # noqa: F401
                          preprocess_image, read_wav)
-from .runner import (MediaEncoders, MultimodalOutput, attach_media, multimodal_forward,  # noqa: F401
+from .runner import (MediaEncoders, MediaTensors, MultimodalOutput, attach_media, multimodal_forward,  # noqa: F401
                      multimodal_generate, tap_names)

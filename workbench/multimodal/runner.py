@@ -10,7 +10,9 @@
           also see each other (future ones too) on *sliding* layers, as HF's create_masks_for_vision_model
     logits = text model(x)
 
-The text model's pass is ``Gemma._forward_embeds(x, ple_ids, pts, cache, start, last_only, extra_mask)``.
+The text model's pass is the decoder's public ``embed`` / ``forward_embeds``
+(``m.decoder.forward_embeds(x, ple_ids, pts, cache, start, last_only, extra_mask)``); ``model`` below is the
+:class:`workbench.lm.LanguageModel` (tokenizer, decoder, media towers).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import numpy as np
 
 from ..model.gemma import ForwardOutput, InputError
 from ..model.taps import Points, point_names
+from ..weights.names import MEDIA_PREFIXES
 from .audio import AudioConfig, AudioTower
 from .common import MediaError
 from .points import MediaPoints, audio_point_names, split_patterns, vision_point_names
@@ -31,33 +34,34 @@ from .vision import VisionConfig, VisionTower
 
 IMAGE_PLACEHOLDER = "<|image|>"
 AUDIO_PLACEHOLDER = "<|audio|>"
-_MM_PREFIXES = ("vision_tower.", "embed_vision.", "audio_tower.", "embed_audio.")
+
+# MediaTokens attribute: (the Gemma 4 default id, the config key that overrides it)
+_TOKEN_KEYS = {"image": (258_880, "image_token_id"), "boi": (255_999, "boi_token_id"),
+               "eoi": (258_882, "eoi_token_id"), "audio": (258_881, "audio_token_id"),
+               "boa": (256_000, "boa_token_id"), "eoa": (258_883, "eoa_token_index"),
+               "video": (258_884, "video_token_id")}
 
 
-@dataclass
 class MediaTokens:
-    image: int = 258_880
-    boi: int = 255_999
-    eoi: int = 258_882
-    audio: int = 258_881
-    boa: int = 256_000
-    eoa: int = 258_883
-    video: int = 258_884
-    pad: int = 0
+    """The special token ids of a Gemma 4 multimodal prompt (image/audio placeholders, begin/end markers, pad)."""
+
+    def __init__(self, pad: int = 0, **ids: int):
+        for attr, (default, _) in _TOKEN_KEYS.items():
+            setattr(self, attr, int(ids.pop(attr, default)))
+        if ids:
+            raise TypeError(f"unknown media token(s) {sorted(ids)}; known: {sorted(_TOKEN_KEYS)}")
+        self.pad = int(pad)
+
+    def __repr__(self) -> str:
+        return "MediaTokens(" + ", ".join(f"{a}={getattr(self, a)}" for a in (*_TOKEN_KEYS, "pad")) + ")"
 
     @classmethod
     def from_config(cls, cfg) -> "MediaTokens":
         r = cfg.raw or {}
-        t = cls()
-        for attr, key in (("image", "image_token_id"), ("boi", "boi_token_id"), ("eoi", "eoi_token_id"),
-                          ("audio", "audio_token_id"), ("boa", "boa_token_id"), ("eoa", "eoa_token_index"),
-                          ("video", "video_token_id")):
-            if r.get(key) is not None:
-                setattr(t, attr, int(r[key]))
+        ids = {attr: r[key] for attr, (_, key) in _TOKEN_KEYS.items() if r.get(key) is not None}
         if r.get("eoa_token_id") is not None and r.get("eoa_token_index") is None:
-            t.eoa = int(r["eoa_token_id"])
-        t.pad = int(cfg.pad_token_id if cfg.pad_token_id is not None else 0)
-        return t
+            ids["eoa"] = r["eoa_token_id"]
+        return cls(pad=cfg.pad_token_id if cfg.pad_token_id is not None else 0, **ids)
 
 
 @dataclass
@@ -69,13 +73,30 @@ class MultimodalOutput(ForwardOutput):
 
 
 # ================================================================================================ encoders
-class MediaEncoders:
-    """The vision and audio towers and their projectors of one Gemma 4 checkpoint, on the model's backend."""
+@dataclass
+class MediaTensors:
+    """The media towers' tensors of one checkpoint (numpy, canonical names ``vision_tower.*`` ...), kept by the
+    loader beside the text decoder, and the image processor's ``max_soft_tokens``. The towers are built from
+    these on first use (``LanguageModel.encoders()``); the checkpoint is never read again."""
+    tensors: dict
+    where: str = "tensors"
+    max_soft_tokens: int = 280
 
-    def __init__(self, model, tensors: dict[str, np.ndarray], where: str = "checkpoint"):
-        cfg = model.config
-        ops = model.ops
+    @classmethod
+    def from_checkpoint(cls, tensors: dict, path) -> "MediaTensors | None":
+        """The media tensors of a checkpoint's canonical tensors, or None when it has none (a GGUF file)."""
+        keep = {k: v for k, v in tensors.items() if k.startswith(MEDIA_PREFIXES)}
+        if not keep:
+            return None
+        return cls(keep, str(path), _read_max_soft_tokens(path) if path.is_dir() else 280)
+
+
+class MediaEncoders:
+    """The vision and audio towers and their projectors of one Gemma 4 checkpoint, on one backend."""
+
+    def __init__(self, cfg, ops, tensors: dict[str, np.ndarray], where: str = "checkpoint"):
         raw = cfg.raw or {}
+        self.ops = ops
         self.tokens = MediaTokens.from_config(cfg)
         self.vision = self.embed_vision = self.audio = self.embed_audio = None
         self.vcfg = self.acfg = None
@@ -93,26 +114,22 @@ class MediaEncoders:
         self.max_soft_tokens = 280
 
     @classmethod
-    def for_model(cls, model) -> "MediaEncoders":
-        """Build (once, cached on the model) from the checkpoint the model was loaded from."""
-        enc = getattr(model, "_media", None)
-        if enc is not None:
-            return enc
-        cfg = model.config
+    def build(cls, cfg, ops, media: MediaTensors | None, source: str = "?") -> "MediaEncoders":
+        """The towers of ``media`` on ``ops``; a clear error for a model without media towers or their tensors."""
         if cfg.arch != "gemma4" or not ((cfg.raw or {}).get("vision_config") or (cfg.raw or {}).get("audio_config")):
             raise InputError(f"images/audio need a Gemma 4 multimodal checkpoint (model_type 'gemma4' with a "
                              f"vision_config/audio_config); this model is {cfg.model_type!r} without media towers")
-        path = getattr(model, "source_path", None)
-        if path is None or not path.is_dir():
-            raise InputError("the media towers are read from the Hugging Face checkpoint directory the model was "
-                             f"loaded from; this model came from {getattr(model, 'source', '?')!r}"
-                             " (GGUF files carry no vision/audio towers: use the HF checkpoint)")
-        from ..weights.safetensors import load_hf_checkpoint
-        tensors = {k: v for k, v in load_hf_checkpoint(path, cfg.model_type).items() if k.startswith(_MM_PREFIXES)}
-        enc = cls(model, tensors, str(path))
-        enc.max_soft_tokens = _read_max_soft_tokens(path)
-        model._media = enc
+        if media is None:
+            raise InputError(f"this model ({source!r}) was loaded without vision/audio tower tensors (GGUF files "
+                             "carry none: use the Hugging Face checkpoint)")
+        enc = cls(cfg, ops, media.tensors, media.where)
+        enc.max_soft_tokens = media.max_soft_tokens
         return enc
+
+    @staticmethod
+    def for_model(model) -> "MediaEncoders":
+        """A LanguageModel's towers (built once, from the tensors it was loaded with)."""
+        return model.encoders()
 
     def point_names(self) -> list[str]:
         out = []
@@ -123,20 +140,21 @@ class MediaEncoders:
         return out
 
     # --------------------------------------------------------------------------------------- encode
+    def _encode(self, kind: str, batched, pts):
+        tower, proj = (self.vision, self.embed_vision) if kind == "image" else (self.audio, self.embed_audio)
+        if tower is None:
+            raise InputError(f"this checkpoint has no {'vision' if kind == 'image' else 'audio'} tower "
+                             f"({'vision' if kind == 'image' else 'audio'}_config is null): {kind}s are not supported")
+        out, valid = tower(*batched, pts)
+        return proj(out, pts), valid
+
     def encode_images(self, prepared: list[PreparedImage], pts):
         """-> (embeddings [n, S, D] backend array, soft-token counts)."""
-        if self.vision is None:
-            raise InputError("this checkpoint has no vision tower (vision_config is null): images are not supported")
-        pv, pos = batch_images(prepared)
-        soft, counts = self.vision(pv, pos, pts)
-        return self.embed_vision(soft, pts), counts
+        return self._encode("image", batch_images(prepared), pts)
 
     def encode_audio(self, prepared: list[PreparedAudio], pts):
-        if self.audio is None:
-            raise InputError("this checkpoint has no audio tower (audio_config is null): audio is not supported")
-        feats, mask = batch_audio(prepared)
-        enc, m = self.audio(feats, mask, pts)
-        return self.embed_audio(enc, pts), m
+        """-> (embeddings [n, S, D] backend array, the tower's output mask [n, S])."""
+        return self._encode("audio", batch_audio(prepared), pts)
 
 
 def _read_max_soft_tokens(path) -> int:
@@ -159,10 +177,10 @@ def _read_max_soft_tokens(path) -> int:
 
 
 def attach_media(model, tensors: dict[str, np.ndarray], where: str = "tensors") -> MediaEncoders:
-    """Give a model its media towers from explicit tensors (canonical names: vision_tower.*, ...)."""
-    enc = MediaEncoders(model, {k: v for k, v in tensors.items() if k.startswith(_MM_PREFIXES)}, where)
-    model._media = enc
-    return enc
+    """Give a LanguageModel media towers from explicit tensors (canonical names: vision_tower.*, ...)."""
+    mst = model.media.max_soft_tokens if model.media is not None else 280
+    model.attach_media(MediaTensors({k: v for k, v in tensors.items() if k.startswith(MEDIA_PREFIXES)}, where, mst))
+    return model.encoders()
 
 
 def tap_names(model) -> list[str]:
@@ -327,7 +345,7 @@ def prepare(model, prompt_or_ids, images=None, audio=None, mpts=None, max_soft_t
     """Expand placeholders, encode the media, and build the text model's input embeddings."""
     cfg, ops = model.config, model.ops
     images, audio = _listify(images), _listify(audio)
-    enc = MediaEncoders.for_model(model) if (images or audio) else None
+    enc = model.encoders() if (images or audio) else None
     tokens = enc.tokens if enc is not None else MediaTokens.from_config(cfg)
     if isinstance(prompt_or_ids, str):
         pieces, n_img, n_aud = split_prompt(model, prompt_or_ids)
@@ -377,7 +395,7 @@ def prepare(model, prompt_or_ids, images=None, audio=None, mpts=None, max_soft_t
                          + (" (a media begin/end token id: the config's boi/eoi/boa/eoa ids do not fit this vocabulary)"
                             if int(llm_ids[j]) in (tokens.boi, tokens.eoi, tokens.boa, tokens.eoa) else ""))
     ple_ids = ops.asids(llm_ids[None])
-    x = ops.scale(ops.take_rows(model.w["embed_tokens.weight"], ple_ids), cfg.embed_scale)
+    x = model.decoder.embed(ple_ids)
     if media.any():
         D = cfg.hidden_size
         rows = [ops.reshape(x, (T, D))]
@@ -417,7 +435,7 @@ def multimodal_forward(model, prompt_or_ids, images=None, audio=None, taps=None,
     from ..model.cache import ContextOverflow
     cfg, ops = model.config, model.ops
     images, audio = _listify(images), _listify(audio)
-    enc = MediaEncoders.for_model(model) if (images or audio) else getattr(model, "_media", None)
+    enc = model.encoders() if (images or audio) else model._encoders
     media_names = enc.point_names() if enc is not None else []
     text_taps, media_taps = split_patterns(taps, point_names(cfg), media_names)
     text_hooks, media_hooks = split_patterns(hooks, point_names(cfg), media_names, "hook")
@@ -430,7 +448,7 @@ def multimodal_forward(model, prompt_or_ids, images=None, audio=None, taps=None,
     if start + T > limit:
         raise ContextOverflow(f"prompt of {T} tokens (media expanded) at position {start} needs {start + T} "
                               f"positions but the {'cache' if cache is not None else 'model context'} holds {limit}")
-    logits = forward_embeds(model, prep.embeds, prep.ple_ids, pts, cache, start, last_only, prep.extra_mask)
+    logits = model.decoder.forward_embeds(prep.embeds, prep.ple_ids, pts, cache, start, last_only, prep.extra_mask)
     if cache is not None:
         cache.offset = start + T
     out = None
@@ -442,11 +460,6 @@ def multimodal_forward(model, prompt_or_ids, images=None, audio=None, taps=None,
     values.update(pts.values)
     return MultimodalOutput(logits=out, taps=values, input_ids=prep.ids[None], mm_token_type_ids=prep.kinds[None],
                             num_image_tokens=prep.n_image_tokens, num_audio_tokens=prep.n_audio_tokens)
-
-
-def forward_embeds(model, x, ple_ids, pts, cache, start, last_only, extra_mask=None):
-    """The text model's pass from input embeddings (``Gemma._forward_embeds``)."""
-    return model._forward_embeds(x, ple_ids, pts, cache, start, last_only, extra_mask=extra_mask)
 
 
 # ================================================================================================ generate
@@ -472,26 +485,26 @@ def multimodal_generate_iter(model, prompt, images=None, audio=None, max_new_tok
         raise InputError(f"prompt of {T} tokens (media expanded) does not fit the model's context of {ctx} tokens")
     max_len = min(T + max_new_tokens, ctx)
     sampling = _sampler.make(temperature, top_k, top_p, seed)
-    eng = _engine.session(model, max_len, sampling)
+    eng = _engine.session(model.decoder, max_len, sampling)
     cache = eng.cache
-    logits = forward_embeds(model, prep.embeds, prep.ple_ids, Points(cfg, None, None), cache, 0, True,
-                            prep.extra_mask)
+    logits = model.decoder.forward_embeds(prep.embeds, prep.ple_ids, None, cache, 0, True, prep.extra_mask)
     cache.offset = T
     logits = ops.numpy(logits).astype(np.float64)
     t1 = time.perf_counter()
     st.update(prompt_tokens=T, prefill_s=t1 - t0, ttft_s=t1 - t0, prompt_tok_s=T / max(t1 - t0, 1e-9),
               image_tokens=prep.n_image_tokens, audio_tokens=prep.n_audio_tokens)
     stops = set() if ignore_eos else _stop_ids(model, stop)
-    yield from decode_tokens(model, eng, logits[0, -1], T, min(max_new_tokens, max_len - T), sampling, stops, st)
+    yield from decode_tokens(model.decoder, eng, logits[0, -1], T, min(max_new_tokens, max_len - T), sampling, stops, st)
     if max_len - T < max_new_tokens and st.get("stopped_by") == "length":
         st["stopped_by"] = "context"
 
 
 def multimodal_generate(model, prompt, images=None, audio=None, max_new_tokens: int = 32, temperature: float = 0.0,
                         top_k=None, top_p=None, seed=0, stop=None, stream: bool = False, ignore_eos: bool = False,
-                        max_soft_tokens: int | None = None, **_):
+                        max_soft_tokens: int | None = None, stats: dict | None = None, **_):
     """``m.generate(prompt, images=[...], audio=[...])``: a Generation, or with ``stream=True`` an iterator of
-    text pieces. ``stop``: token ids and/or strings, as ``workbench.generate.generate``."""
+    text pieces. ``stop``: token ids and/or strings, as ``workbench.generate.generate``; ``stats``: a dict filled
+    with the run's stats (the Generation's, or the stream's as it goes)."""
     from ..generate import Generation
     tok = model.tokenizer
     stop_strings = [s for s in (stop or []) if isinstance(s, str)]
@@ -499,10 +512,10 @@ def multimodal_generate(model, prompt, images=None, audio=None, max_new_tokens: 
               top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos, max_soft_tokens=max_soft_tokens)
     if stream:
         from ..generate import stream_pieces
-        stats_s: dict = {}
-        return stream_pieces(model, multimodal_generate_iter(model, prompt, stats=stats_s, **kw), stats_s,
+        stats_s = stats if stats is not None else {}
+        return stream_pieces(tok, multimodal_generate_iter(model, prompt, stats=stats_s, **kw), stats_s,
                              stop_strings)
-    stats: dict = {}
+    stats = stats if stats is not None else {}
     ids: list[int] = []
     out: list[int] = []
     text = ""

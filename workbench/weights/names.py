@@ -47,7 +47,12 @@ _TEXT_PREFIXES = (
     "model.text_model.",
     "model.",
 )
-_MM_PREFIXES = ("vision_tower.", "embed_vision.", "audio_tower.", "embed_audio.", "multi_modal_projector.")
+# the one list of media (non-text) tensor prefixes. canonical_name keeps these names (``model.`` removed);
+# check_tensors leaves them out of the text decoder's tensors; the loader keeps them beside the decoder for the
+# Gemma 4 towers (which read vision_tower/embed_vision/audio_tower/embed_audio; a Gemma 3 SigLIP tower with its
+# multi_modal_projector, and vision_embedder, are recognised as media but not run)
+MEDIA_PREFIXES = ("vision_tower.", "embed_vision.", "audio_tower.", "embed_audio.", "multi_modal_projector.",
+                  "vision_embedder.")
 
 
 def canonical_name(hf_name: str, model_type: str) -> str | None:
@@ -59,7 +64,7 @@ def canonical_name(hf_name: str, model_type: str) -> str | None:
         return None
     if name == "lm_head.weight" or name == "language_model.lm_head.weight":
         return "lm_head.weight"
-    for mm in _MM_PREFIXES:
+    for mm in MEDIA_PREFIXES:
         if name.startswith("model." + mm):
             return name[len("model."):]
         if name.startswith(mm):
