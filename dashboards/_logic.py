@@ -7,14 +7,11 @@ benchmark in-process with progress reports. ``dashboards/parity.py`` only lays t
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
 import re
 import sys
-import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -124,6 +121,31 @@ def run_label(row) -> str:
     return f"{t} · {model}{verdict} · {row.get('backends') or ''} {row.get('dtypes') or ''} · {row['run_id']}"
 
 
+def page_store(st):
+    """The page's results store (``--db`` / $WORKBENCH_DB) and its runs, shown in a caption, with a warning about
+    damaged records; the page stops with an error when the store can't be opened. ``st``: the streamlit module."""
+    try:
+        store = open_store(db_from_argv())
+    except Exception as e:  # not a results store, corrupt file, newer schema ...
+        st.error(f"The results store can't be opened: {e}")
+        st.stop()
+    st.caption(f"results store: `{store.path}`")
+    runs_df, problems = list_runs(store)
+    if problems:
+        st.warning("Damaged record(s) in the results store were skipped:\n\n" + "\n".join(f"- {p}" for p in problems))
+    return store, runs_df
+
+
+def pick_run(st, runs_df: pd.DataFrame, label: str, key: str, wanted: str):
+    """A selectbox of ``runs_df``'s runs (labelled by run_label); preselects ``st.session_state[wanted]`` (the run
+    just started) when it is there. Returns (run id, {run id: label})."""
+    ids = list(runs_df["run_id"])
+    labels = {r["run_id"]: run_label(r) for _, r in runs_df.iterrows()}
+    want = st.session_state.get(wanted)
+    rid = st.selectbox(label, ids, index=ids.index(want) if want in ids else 0, format_func=labels.get, key=key)
+    return rid, labels
+
+
 def load_run(store, run_id):
     """(Run, None) or (None, message) for a damaged or vanished record — never raises."""
     try:
@@ -133,97 +155,58 @@ def load_run(store, run_id):
 
 
 # ============================================================================ parity
-def parity_frame(rows: pd.DataFrame) -> pd.DataFrame:
-    """A parity run's rows with ``target`` (backend:dtype) and ``1-cosine`` added; layer as nullable int."""
-    d = rows.copy()
+# The verdicts (passed, first divergence, per-target table, heatmap numbers) are the library's: a stored run is
+# read back as the ParityReport wb.compare returned (ParityReport.from_run); this module only draws and labels.
+def load_report(store, run_id):
+    """(ParityReport, None) or (None, message) for a damaged or vanished record — never raises."""
+    from workbench.parity import ParityReport
+    try:
+        return ParityReport.from_run(store.load(run_id)), None
+    except Exception as e:  # RunStoreError, KeyError, a run of another kind
+        return None, f"run {run_id} can't be shown: {e}"
+
+
+def parity_frame(report) -> pd.DataFrame:
+    """A report's rows, the anchor's first (``ParityReport.to_frame(anchor=True)``: ``target`` = backend:dtype),
+    with ``1-cosine`` added for the metric picker; layer as a nullable int for the tables."""
+    d = report.to_frame(anchor=True)
     if d.empty:
         return d
-    d["target"] = d["backend"].astype(str) + ":" + d["dtype"].astype(str)
     if "cosine" in d:
         d["1-cosine"] = 1.0 - pd.to_numeric(d["cosine"], errors="coerce")
     d["layer"] = pd.to_numeric(d["layer"], errors="coerce").astype("Int64")
-    for c in ("rel_max", "rel_l2", "nmse", "max_abs", "tol", "min_tol", "order"):
-        if c in d:
-            d[c] = pd.to_numeric(d[c], errors="coerce")
-    d["passed"] = d["passed"].astype(bool)
     return d
 
 
-def first_divergence(frame: pd.DataFrame, target: str | None = None) -> dict | None:
-    """The first failing row in forward order (prefill before decode), over all targets or one."""
-    if frame is None or frame.empty:
-        return None
-    d = frame[~frame["passed"]]
-    if target is not None:
-        d = d[d["target"] == target]
-    if d.empty:
-        return None
-    d = d.assign(_ph=(d["phase"] != "prefill").astype(int)).sort_values(["_ph", "order"], kind="stable")
-    return d.iloc[0].drop(labels=["_ph"]).to_dict()
+def target_of(row: dict | None) -> str | None:
+    """backend:dtype of a report row (the key of ``ParityReport.divergences()``)."""
+    return None if row is None else f"{row['backend']}:{row['dtype']}"
 
 
 def describe_divergence(r: dict) -> str:
     where = str(r["tap"]) + (f" @ layer {int(r['layer'])}" if r.get("layer") is not None and
                              not pd.isna(r.get("layer")) else "")
-    return (f"{r['target']}: {where} ({r['phase']}) — rel_max {float(r['rel_max']):.3g} > tol "
+    return (f"{target_of(r)}: {where} ({r['phase']}) — rel_max {float(r['rel_max']):.3g} > tol "
             f"{float(r['tol']):.1g}" + (f", {int(r['nan_count'])} NaN" if r.get("nan_count") else "")
             + (f", inf mismatch {int(r['inf_mismatch'])}" if r.get("inf_mismatch") else ""))
 
 
-def target_summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """Polygraphy-style: per target and phase the tolerance, worst rel_max, rel_l2, min cosine, top-1
-    agreement on the logits, first divergence and the verdict."""
-    out = []
-    for (t, ph), g in frame.groupby(["target", "phase"], sort=False):
-        fd = first_divergence(g)
-        lg = g[g["tap"] == "logits"]
-        out.append(dict(target=t, phase=ph, tol=float(g["tol"].iloc[0]), worst_rel_max=float(g["rel_max"].max()),
-                        worst_rel_l2=float(g["rel_l2"].max()), min_cosine=float(g["cosine"].min()),
-                        top1=float(lg["top1"].iloc[0]) if len(lg) and "top1" in lg and pd.notna(lg["top1"].iloc[0])
-                        else None,
-                        first_divergence=None if fd is None else
-                        (str(fd["tap"]) + (f" @ layer {int(fd['layer'])}" if pd.notna(fd["layer"]) else "")),
-                        result="PASSED" if bool(g["passed"].all()) else "FAILED"))
-    return pd.DataFrame(out)
+def target_table(report) -> pd.DataFrame:
+    """``ParityReport.target_table()`` (what ``summary()`` prints) as a DataFrame for the page."""
+    return pd.DataFrame(report.target_table())
 
 
-def heatmap_matrix(frame: pd.DataFrame, metric: str = "rel_max", by: str = "taps", target: str | None = None,
-                   tap: str = "hook_resid_post", phase: str = "prefill"):
-    """(values, passed, tols) pivots: layers x taps for one target (by="taps") or layers x targets for one
-    tap (by="backends"). tols: the tolerance per column."""
-    d = frame[(frame["phase"] == phase) & frame["layer"].notna()]
-    if by == "taps":
-        if target is None and len(d):
-            target = d["target"].iloc[0]
-        d = d[d["target"] == target]
-        col = "tap"
-    elif by == "backends":
-        d = d[d["tap"] == tap]
-        col = "target"
-    else:
-        raise ValueError(f"by={by!r}: use 'taps' or 'backends'")
-    if d.empty:
-        return pd.DataFrame(), pd.DataFrame(), pd.Series(dtype=float)
-    order = list(dict.fromkeys(d.sort_values("order")[col])) if "order" in d else None
-    vals = d.pivot_table(index="layer", columns=col, values=metric, aggfunc="max")
-    passed = d.pivot_table(index="layer", columns=col, values="passed", aggfunc="min")
-    tols = d.groupby(col)["tol"].max()
-    if order:
-        cols = [c for c in order if c in vals.columns]
-        vals, passed, tols = vals[cols], passed.reindex(columns=cols), tols.reindex(cols)
-    return vals, passed, tols
-
-
-def heatmap_figure(frame: pd.DataFrame, metric: str = "rel_max", by: str = "taps", target: str | None = None,
+def heatmap_figure(report, metric: str = "rel_max", by: str = "taps", target: str | None = None,
                    tap: str = "hook_resid_post", phase: str = "prefill", highlight: dict | None = None):
-    """The per-layer Δ heatmap: log colour scale; failing cells outlined (cyan); the tolerance drawn on the
-    colour bar when the metric is in its units; ``highlight`` (a first-divergence row) boxed in red."""
+    """The per-layer Δ heatmap of ``report.heatmap_matrix(...)``: log colour scale; failing cells outlined (cyan);
+    the tolerance drawn on the colour bar when the metric is in its units; ``highlight`` (a first-divergence row)
+    boxed in red."""
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 
-    vals, passed, tols = heatmap_matrix(frame, metric, by, target, tap, phase)
+    vals, passed, tols = report.heatmap_matrix(metric, by, target, tap, phase)
     if vals.empty:
         fig, ax = plt.subplots(figsize=(5, 1.5))
         ax.text(0.5, 0.5, f"no per-layer rows for {'target ' + str(target) if by == 'taps' else 'tap ' + tap} "
@@ -255,8 +238,8 @@ def heatmap_figure(frame: pd.DataFrame, metric: str = "rel_max", by: str = "taps
     for yy, xx in zip(*np.where(~np.isfinite(v))):
         ax.text(xx, yy, "NaN/inf", ha="center", va="center", fontsize=6, color="white")
     if highlight:
-        col = highlight.get("tap") if by == "taps" else highlight.get("target")
-        same = (highlight.get("target") == target) if by == "taps" else (highlight.get("tap") == tap)
+        col = highlight.get("tap") if by == "taps" else target_of(highlight)
+        same = (target_of(highlight) == target) if by == "taps" else (highlight.get("tap") == tap)
         if same and highlight.get("phase") == phase and col in list(vals.columns) and \
                 highlight.get("layer") is not None and int(highlight["layer"]) in list(vals.index):
             xx = list(vals.columns).index(col)
@@ -376,88 +359,24 @@ def parse_prompt(text: str | None):
     return s
 
 
-@dataclass
-class _Progress:
-    total: int
-    done: float = 0.0
-    text: str = "starting"
-    lines: list = field(default_factory=list)
-    started: int = 0
+def progress_callback(update: Callable[[float, str], None]) -> Callable[[int, int, str], None]:
+    """The ``progress=`` callback of wb.compare / wb.bench / wb.diverge (``fn(done, total, what)``) that moves a
+    progress bar: ``update(fraction, text)``, called in the thread that runs the work (Streamlit's script thread)."""
+    def fn(done: int, total: int, what: str):
+        update(min(0.99, done / max(1, total)), str(what))
+    return fn
 
 
-class _StderrTap(io.TextIOBase):
-    """Reads the library's progress lines: parity's "[i/N] what" and bench's "[bench] ..." / "run r/R"."""
-
-    _PAR = re.compile(r"^\[(\d+)/(\d+)\]\s*(.*)")
-    _RUN = re.compile(r"run (\d+)/(\d+)")
-
-    def __init__(self, state: _Progress, passthrough=None):
-        self.state, self.passthrough, self.buf = state, passthrough, ""
-
-    def write(self, s):
-        if self.passthrough is not None:
-            try:
-                self.passthrough.write(s)
-            except Exception:
-                pass
-        self.buf += s
-        while "\n" in self.buf or "\r" in self.buf:
-            cut = min(i for i in (self.buf.find("\n"), self.buf.find("\r")) if i >= 0)
-            line, self.buf = self.buf[:cut].strip(), self.buf[cut + 1:]
-            if line:
-                self._line(line)
-        return len(s)
-
-    def _line(self, line):
-        st = self.state
-        st.lines.append(line)
-        m = self._PAR.match(line)
-        if m:
-            i, n = int(m.group(1)), int(m.group(2))
-            st.total = max(n, 1)
-            st.done, st.text = i, m.group(3)
-            return
-        if line.startswith("[bench]"):
-            st.started += 1
-            st.done, st.text = st.started - 1, line[len("[bench]"):].strip()
-            return
-        m = self._RUN.search(line)
-        if m and st.started:
-            r, n = int(m.group(1)), int(m.group(2))
-            st.done = st.started - 1 + r / max(n, 1)
-            st.text = line
-
-    def flush(self):
-        pass
-
-
-def run_with_progress(fn: Callable, kwargs: dict, total: int, update: Callable[[float, str], None],
-                      poll: float = 0.25):
-    """Run ``fn(**kwargs)`` in a worker thread while reading its progress lines from stderr; call
-    ``update(fraction, text)`` from the calling thread (Streamlit elements are updated there)."""
-    state = _Progress(total=max(1, total))
-    result, error = {}, {}
-
-    def work():
-        try:
-            result["v"] = fn(**kwargs)
-        except BaseException as e:  # reported in the calling thread
-            error["e"] = e
-
-    old = sys.stderr
-    sys.stderr = _StderrTap(state, passthrough=old)
-    t = threading.Thread(target=work, name="workbench-run", daemon=True)
-    try:
-        t.start()
-        while t.is_alive():
-            update(min(0.99, state.done / state.total), state.text)
-            t.join(poll)
-    finally:
-        sys.stderr = old
-    if "e" in error:
-        raise error["e"]
-    update(1.0, "done")
-    return result["v"]
+def run_bar(st, go: bool, backends, dtypes):
+    """After a new-run form: None when it was not submitted, or misses a backend or dtype (said on the page); else
+    the ``update(fraction, text)`` of a new progress bar (give it to ``progress_callback``)."""
+    if not go:
+        return None
+    if not backends or not dtypes:
+        st.error("pick at least one backend and one dtype")
+        return None
+    bar = st.progress(0.0, text="starting")
+    return lambda frac, text: bar.progress(float(frac), text=str(text)[:120])
 
 
 def start_parity(model, backends, dtypes, prompt=None, decode_steps: int = 2, db=None,
@@ -465,22 +384,21 @@ def start_parity(model, backends, dtypes, prompt=None, decode_steps: int = 2, db
     """wb.compare in-process with progress (anchored to HF float64: compare's default); returns the ParityReport
     (stored in ``db``). decode="fast" compares the fast decode kernels per layer too."""
     import workbench as wb
-    total = 1 + len(backends) * len(dtypes)
-    return run_with_progress(wb.compare, dict(source=model, backends=list(backends), dtypes=list(dtypes),
-                                              prompt=parse_prompt(prompt), decode_steps=int(decode_steps),
-                                              references=(), db=db, progress=True, decode=decode),
-                             total, update)
+    rep = wb.compare(source=model, backends=list(backends), dtypes=list(dtypes), prompt=parse_prompt(prompt),
+                     decode_steps=int(decode_steps), references=(), db=db, decode=decode,
+                     progress=progress_callback(update))
+    update(1.0, "done")
+    return rep
 
 
 def start_bench(model, backends, dtypes, prompt_len: int = 32, gen_len: int = 16, repeats: int = 1, db=None,
                 update: Callable[[float, str], None] = lambda f, t: None):
     """wb.bench in-process with progress; returns the BenchResult (stored in ``db``)."""
     from workbench.notebooks import run_bench
-    total = len(backends) * len(dtypes)
-    return run_with_progress(run_bench, dict(source=model, backends=list(backends), dtypes=list(dtypes),
-                                            prompt_len=int(prompt_len), gen_len=int(gen_len), repeats=int(repeats),
-                                            db=db, progress=True),
-                             total, update)
+    res = run_bench(source=model, backends=list(backends), dtypes=list(dtypes), prompt_len=int(prompt_len),
+                    gen_len=int(gen_len), repeats=int(repeats), db=db, progress=progress_callback(update))
+    update(1.0, "done")
+    return res
 
 
 def available_backends() -> list[str]:

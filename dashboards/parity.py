@@ -26,17 +26,7 @@ TITLE = "Gemma Workbench — parity & throughput"
 st.set_page_config(page_title="Gemma Workbench", layout="wide")
 st.title(TITLE)
 
-db = L.db_from_argv()
-try:
-    store = L.open_store(db)
-except Exception as e:  # not a results store, corrupt file, newer schema ...
-    st.error(f"The results store can't be opened: {e}")
-    st.stop()
-st.caption(f"results store: `{store.path}`")
-
-runs_df, problems = L.list_runs(store)
-if problems:
-    st.warning("Damaged record(s) in the results store were skipped:\n\n" + "\n".join(f"- {p}" for p in problems))
+store, runs_df = L.page_store(st)
 
 last = st.session_state.pop("last_run", None)
 if last:
@@ -90,15 +80,9 @@ def new_run_form(where: str, model_default: str):
                           help="fast: the kernels m.generate runs (Triton step / MLX CUDA kernels / CPU GEMV), "
                                "compared per layer, teacher-forced")
         go = st.form_submit_button("Start run", type="primary")
-    if not go:
+    update = L.run_bar(st, go, backends, dtypes)
+    if update is None:
         return
-    if not backends or not dtypes:
-        st.error("pick at least one backend and one dtype")
-        return
-    bar = st.progress(0.0, text="starting")
-
-    def update(frac, text):
-        bar.progress(float(frac), text=f"{text}"[:120])
     try:
         if kind == "parity":
             rep = L.start_parity(model, backends, dtypes, prompt=prompt, decode_steps=decode_steps, db=str(store.path),
@@ -130,39 +114,39 @@ with tab_parity:
     if parity_runs.empty:
         st.info("No parity runs match the filters. Start one in **New run**.")
     else:
-        ids = list(parity_runs["run_id"])
-        labels = {r["run_id"]: L.run_label(r) for _, r in parity_runs.iterrows()}
-        want = st.session_state.get("parity_run")
-        idx = ids.index(want) if want in ids else 0
-        rid = st.selectbox("parity run", ids, index=idx, format_func=labels.get, key="sel_parity")
-        run, err = L.load_run(store, rid)
+        rid, labels = L.pick_run(st, parity_runs, "parity run", "sel_parity", "parity_run")
+        rep, err = L.load_report(store, rid)       # the ParityReport wb.compare returned: its verdicts, not ours
         if err:
             st.warning(err)
-        elif run.rows.empty:
+        elif not rep.rows and not rep.anchor:
             st.info("this run has no rows (every target skipped?)")
-            st.json(L.meta_summary(run.meta))
+            st.json(L.meta_summary(rep.meta))
         else:
-            frame = L.parity_frame(run.rows)
-            passed = bool(frame["passed"].all())
-            meta = run.meta
+            frame = L.parity_frame(rep)
+            meta = rep.meta
             c1, c2, c3, c4 = st.columns(4)
-            c1.metric("result", "PASSED" if passed else "FAILED")
+            c1.metric("result", "PASSED" if rep.passed else "FAILED")
             c2.metric("targets", frame["target"].nunique())
             c3.metric("tokens", meta.get("n_tokens") or "-")
             c4.metric("reference", str(meta.get("reference") or "-"))
-            fd = L.first_divergence(frame)
+            st.caption(rep.anchor_line())
+            fd = rep.first_divergence
             if fd is not None:
                 st.error("**First divergence** — " + L.describe_divergence(fd))
-            else:
+            elif rep.passed:
                 st.success("No divergence: every compared tap of every target is within its tolerance.")
-            skipped = meta.get("skipped") or {}
-            for k, why in skipped.items():
+            else:
+                why = ([] if rep.anchor_ok else [rep.anchor_line()]) + \
+                    [f"requested reference {k} could not run: {v}" for k, v in rep.failed_references.items()] + \
+                    ([] if rep.rows else ["no target was compared"])
+                st.error("**FAILED** with every compared tap within its tolerance: " + "; ".join(why))
+            for k, why in rep.skipped.items():
                 st.caption(f"skipped {k}: {why}")
 
             m1, m2 = st.columns([3, 1])
             metric = m1.radio("metric", list(L.METRICS), horizontal=True, key="metric",
                               help="; ".join(f"{k}: {v}" for k, v in L.METRIC_HELP.items()))
-            phases = [p for p in ("prefill", "decode") if (frame["phase"] == p).any()]
+            phases = [p for p in ("prefill", "decode") if (frame["phase"] == p).any()] or ["prefill"]
             phase = m2.radio("phase", phases, horizontal=True, key="phase")
             targets = list(dict.fromkeys(frame["target"]))
             per_layer = frame[frame["layer"].notna()]
@@ -173,14 +157,14 @@ with tab_parity:
             left, right = st.columns(2)
             with left:
                 st.subheader("layers × taps")
-                fd_t = fd["target"] if fd is not None and fd["target"] in layer_targets else layer_targets[0]
+                fd_t = L.target_of(fd) if fd is not None and L.target_of(fd) in layer_targets else layer_targets[0]
                 target = st.selectbox("backend:dtype", layer_targets, index=layer_targets.index(fd_t),
                                       key="hm_target")
-                if L.heatmap_matrix(frame, metric, "taps", target, "hook_resid_post", phase)[0].empty:
+                if rep.heatmap_matrix(metric, "taps", target, "hook_resid_post", phase)[0].empty:
                     st.info(f"no per-layer rows for {target} ({phase})")
                 else:
-                    fig = L.heatmap_figure(frame, metric=metric, by="taps", target=target, phase=phase,
-                                           highlight=L.first_divergence(frame, target))
+                    fig = L.heatmap_figure(rep, metric=metric, by="taps", target=target, phase=phase,
+                                           highlight=rep.divergences().get(target))
                     st.pyplot(fig)
                     plt.close(fig)
             with right:
@@ -189,20 +173,21 @@ with tab_parity:
                     "hook_resid_post" if "hook_resid_post" in layer_taps else (layer_taps or [None])[0])
                 tap = st.selectbox("tap", layer_taps, index=layer_taps.index(default_tap) if default_tap in layer_taps
                                    else 0, key="hm_tap")
-                if tap is None or L.heatmap_matrix(frame, metric, "backends", None, tap, phase)[0].empty:
+                if tap is None or rep.heatmap_matrix(metric, "backends", None, tap, phase)[0].empty:
                     st.info(f"no per-layer rows for tap {tap} ({phase})")
                 else:
-                    fig = L.heatmap_figure(frame, metric=metric, by="backends", tap=tap, phase=phase,
-                                           highlight=fd)
+                    fig = L.heatmap_figure(rep, metric=metric, by="backends", tap=tap, phase=phase, highlight=fd)
                     st.pyplot(fig)
                     plt.close(fig)
             st.subheader("per target")
-            st.dataframe(L.target_summary(frame), hide_index=True, width="stretch")
+            st.dataframe(L.target_table(rep), hide_index=True, width="stretch")
             with st.expander("taps outside the layers (embedding, final norm, logits)"):
                 other = frame[frame["layer"].isna()]
                 cols = [c for c in ["target", "phase", "tap", "rel_max", "rel_l2", "nmse", "1-cosine", "max_abs",
                                     "tol", "passed", "top1", "top5_overlap"] if c in other]
                 st.dataframe(other[cols], hide_index=True, width="stretch")
+            with st.expander("summary (as `workbench parity` prints it)"):
+                st.code(rep.summary(), language=None)
             with st.expander("run details"):
                 st.json(L.meta_summary(meta))
 
@@ -211,11 +196,7 @@ with tab_bench:
     if bench_runs.empty:
         st.info("No benchmark runs match the filters. Start one in **New run**.")
     else:
-        ids = list(bench_runs["run_id"])
-        labels = {r["run_id"]: L.run_label(r) for _, r in bench_runs.iterrows()}
-        want = st.session_state.get("bench_run")
-        rid = st.selectbox("benchmark run", ids, index=ids.index(want) if want in ids else 0,
-                           format_func=labels.get, key="sel_bench")
+        rid, labels = L.pick_run(st, bench_runs, "benchmark run", "sel_bench", "bench_run")
         run, err = L.load_run(store, rid)
         if err:
             st.warning(err)

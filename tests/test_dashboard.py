@@ -45,7 +45,8 @@ def filled(tmp_path_factory):
     b1 = _bench(fx, backends=bk, dtypes=["float32"], prompt_len=16, gen_len=8, repeats=1, db=db, progress=False)
     b2 = _bench(fx, backends=bk, dtypes=["float32"], prompt_len=16, gen_len=8, repeats=1, db=db, progress=False)
     assert ok.passed and not bad.passed
-    return dict(db=db, ok=ok.run_id, bad=bad.run_id, bench=[b1.run_id, b2.run_id], fault_target=f"{bk[-1]}:float32")
+    return dict(db=db, ok=ok.run_id, bad=bad.run_id, bench=[b1.run_id, b2.run_id], fault_target=f"{bk[-1]}:float32",
+                reports={ok.run_id: ok, bad.run_id: bad})
 
 
 def _app(monkeypatch, db):
@@ -171,6 +172,46 @@ def test_first_divergence_of_a_failing_run(monkeypatch, filled):
     assert any("No divergence" in s.value for s in at.success)
 
 
+def test_dashboard_verdict_is_the_reports(monkeypatch, tmp_path, filled):
+    """What the page says about a stored parity run is the fresh report's verdict (ParityReport.from_run, no
+    re-derivation): the passing run, the run with an injected fault, and a run whose model carries a planted bug
+    (issue 14), which every backend shares, so no tap is over tolerance and only the anchor fails it."""
+    import _planted
+    import workbench as wb
+    from workbench.parity import ParityReport
+    L = _logic()
+    db = _copy(filled["db"], tmp_path / "verdicts.sqlite")
+    with _planted.planted("eps_x100"):
+        bug = wb.compare(str(fixture_dir("gemma3_text")), backends=cpu_backends()[:1], dtypes=["float32"],
+                         prompt=PROMPT, references=(), db=db, progress=False)
+    assert not bug.passed and bug.first_divergence is None and bug.anchor_info["status"] == "failed", bug.summary()
+    reports = dict(filled["reports"], **{bug.run_id: bug})
+    at = _app(monkeypatch, db)
+    for rid, fresh in reports.items():
+        back = ParityReport.from_run(rid, store=db)
+        assert (back.passed, back.first_divergence, back.divergences(), back.hazards()) == \
+            (fresh.passed, fresh.first_divergence, fresh.divergences(), fresh.hazards())
+        assert back.target_table() == fresh.target_table() and back.summary() == fresh.summary()
+        assert back.anchor == fresh.anchor and back.anchor_line() == fresh.anchor_line()
+        for by in ("taps", "backends"):
+            for got, want in zip(back.heatmap_matrix(by=by), fresh.heatmap_matrix(by=by)):
+                pd.testing.assert_frame_equal(pd.DataFrame(got), pd.DataFrame(want))
+        # the page: the stored report's verdict, table and summary text
+        at.selectbox(key="sel_parity").set_value(rid).run()
+        _no_exception(at)
+        assert at.metric[0].value == ("PASSED" if fresh.passed else "FAILED")
+        table = [d.value for d in at.dataframe if "first_divergence" in d.value.columns][0]
+        pd.testing.assert_frame_equal(table.reset_index(drop=True), L.target_table(fresh))
+        assert fresh.summary() in [c.value for c in at.code]
+        errs, oks = [e.value for e in at.error], [m.value for m in at.success]
+        if fresh.first_divergence is not None:
+            assert any(L.describe_divergence(fresh.first_divergence) in e for e in errs), errs
+        elif not fresh.passed:
+            assert any("ANCHOR FAILED" in e for e in errs) and not any("No divergence" in m for m in oks), errs
+        else:
+            assert any("No divergence" in m for m in oks) and not any("divergence" in e for e in errs)
+
+
 def test_only_parity_or_only_bench(monkeypatch, tmp_path, filled):
     from workbench import runs
     for keep in ("parity", "bench"):
@@ -234,21 +275,21 @@ def test_logic_filters_and_pivots(filled):
     assert len(L.filter_runs(runs_df, date_from=day, date_to=day)) == 4
     assert len(L.filter_runs(runs_df, date_to=day - pd.Timedelta(days=1))) == 0
 
-    frame = L.parity_frame(store.load(filled["bad"]).rows)
-    vals, passed, tols = L.heatmap_matrix(frame, "rel_max", by="taps", target=filled["fault_target"])
+    rep = L.load_report(store, filled["bad"])[0]
+    vals, passed, tols = rep.heatmap_matrix("rel_max", by="taps", target=filled["fault_target"])
     assert list(vals.index) == list(range(7))
     assert list(vals.columns) == ["hook_attn_out", "hook_mlp_out", "hook_resid_post"]
     assert not passed.loc[3, "hook_mlp_out"] and passed.loc[2, "hook_mlp_out"]
-    vals, passed, tols = L.heatmap_matrix(frame, "1-cosine", by="backends", tap="hook_resid_post")
+    vals, passed, tols = rep.heatmap_matrix("1-cosine", by="backends", tap="hook_resid_post")
     assert set(vals.columns) == {f"{b}:float32" for b in cpu_backends()}
     assert (tols == 1e-4).all()
-    fd = L.first_divergence(frame)
-    assert (fd["target"], fd["tap"], int(fd["layer"]), fd["phase"]) == (filled["fault_target"], "hook_mlp_out", 3,
-                                                                       "prefill")
-    summ = L.target_summary(frame)
+    fd = rep.first_divergence
+    assert (L.target_of(fd), fd["tap"], fd["layer"], fd["phase"]) == (filled["fault_target"], "hook_mlp_out", 3,
+                                                                     "prefill")
+    summ = L.target_table(rep)
     assert set(summ[summ["result"] == "FAILED"]["target"]) == {filled["fault_target"]}
     for metric in L.METRICS:
-        fig = L.heatmap_figure(frame, metric=metric, by="backends", highlight=fd)
+        fig = L.heatmap_figure(rep, metric=metric, by="backends", highlight=fd)
         assert fig.axes
 
 
@@ -290,20 +331,21 @@ def test_logic_small_parsers():
     assert L.db_from_argv(["--other", "1", "--db=/y.sqlite"]) == "/y.sqlite"
 
 
-def test_progress_reader_follows_parity_and_bench_lines():
+def test_progress_reaches_the_bar_through_the_callback(tmp_path, capfd):
+    """start_bench passes wb.bench a progress callback (no stderr scraping, no sys.stderr swap): the bar moves
+    forward, says which target runs and which repeat, ends at 1.0; nothing is printed."""
+    import sys
     L = _logic()
     seen = []
-
-    def fake():
-        import sys
-        for line in ["[1/3] reference torch:cpu:float64 (0.1s)", "[2/3] torch:cpu:float32 (0.2s)"]:
-            print(line, file=sys.stderr)
-        return 42
-    assert L.run_with_progress(fake, {}, 3, lambda f, t: seen.append((f, t)), poll=0.01) == 42
-    assert seen[-1] == (1.0, "done")
-    st = L._Progress(total=2)
-    tap = L._StderrTap(st)
-    tap.write("[bench] torch:cpu float32\n  torch:cpu float32 run 1/2: pp 1 tok/s\n")
-    assert st.done == pytest.approx(0.5)
-    tap.write("[bench] mlx:cpu float32\n")
-    assert st.done == 1
+    bk = cpu_backends()
+    err = sys.stderr
+    res = L.start_bench(str(fixture_dir("gemma3_text")), bk, ["float32"], prompt_len=8, gen_len=4, repeats=2,
+                        db=tmp_path / "p.sqlite", update=lambda f, t: seen.append((f, t)))
+    assert sys.stderr is err and res.run_id
+    fr = [f for f, _ in seen]
+    assert fr == sorted(fr) and seen[-1] == (1.0, "done") and 0 < fr[-2] < 1.0, seen
+    texts = [t for _, t in seen]
+    for b in bk:
+        assert any(f"{b} float32 warm-up" in t for t in texts) and any(f"{b} float32 run 2/2" in t for t in texts)
+        assert any(t.startswith(f"{b} float32: pp ") for t in texts), texts
+    assert "warm-up" not in capfd.readouterr().err

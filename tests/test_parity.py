@@ -97,3 +97,68 @@ def test_cli_exit_codes(tmp_path):
     bad = subprocess.run(base + ["--prompt-ids", ids, "--dtypes", "float16,float32", "--tolerance", "float32=1e-9"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 1 and "FAILED" in bad.stdout
+
+
+# ------------------------------------------------------------------------------------------ stored reports
+def _old_row(tap, layer=None, rel_max=0.0, passed=True, **kw):
+    return dict(backend="torch:cpu", dtype="float32", kind="torch:cpu", phase="prefill", tap=tap, layer=layer,
+                tol=1e-4, max_abs=rel_max, rel_max=rel_max, rel_l2=rel_max, nmse=0.0, cosine=1.0, nan_count=0,
+                inf_count=0, inf_mismatch=0, min_tol=rel_max, ref_scale=1.0, passed=passed, **kw)
+
+
+def test_stored_report_is_the_fresh_report(tmp_db):
+    """ParityReport.from_run gives back the report wb.compare returned (same verdict, divergence, summary), from
+    the exact stored rows and from the DataFrame alone; a run stored before the anchor existed (no anchor status,
+    rows without order/route/margin) reads back UNANCHORED with its first divergence; another kind is refused."""
+    from workbench.parity import ParityReport
+    fx = fixture_dir("gemma3_text")
+    rep = wb.compare(fx, backends=["torch:cpu"], dtypes=["float32"], prompt=IDS[:12], references=(), db=tmp_db,
+                     progress=False, decode_steps=2, fault={"backend": "torch:cpu", "layer": 2, "scale": 1e-2})
+    assert not rep.passed and rep.first_divergence is not None
+    run = wb.runs.load(rep.run_id, db=tmp_db)
+    for back in (ParityReport.from_run(rep.run_id, store=tmp_db), ParityReport.from_run(run)):
+        assert back.run_id == rep.run_id and back.passed == rep.passed
+        assert back.first_divergence == rep.first_divergence and back.summary() == rep.summary()
+        assert back.rows == rep.rows and back.anchor == rep.anchor and back.anchor_info == rep.anchor_info
+    run.records = None                       # a Run made from the DataFrame only
+    back = ParityReport.from_run(run)
+    assert back.summary() == rep.summary() and back.target_table() == rep.target_table()
+    fd = back.first_divergence
+    assert (fd["tap"], fd["layer"], type(fd["layer"])) == (rep.first_divergence["tap"], 2, int)
+
+    old = [_old_row("hook_embed"), _old_row("hook_mlp_out", 1), _old_row("hook_mlp_out", 2, 3e-3, False),
+           _old_row("logits", top1=1.0, top5_overlap=1.0)]
+    with wb.runs.RunStore(tmp_db) as st:
+        rid = st.save("parity", dict(model="old", reference="torch:cpu:float64", n_tokens=8, decode_steps=0,
+                                     passed=False), old)
+        bench_id = st.save("bench", dict(model="old"), [dict(backend="torch:cpu", dtype="float32", status="ok")])
+    back = ParityReport.from_run(rid, store=tmp_db)
+    assert not back.passed and back.anchor == [] and back.summary().splitlines()[1].startswith("UNANCHORED")
+    assert (back.first_divergence["tap"], back.first_divergence["layer"]) == ("hook_mlp_out", 2)
+    assert back.target_table()[0]["first_divergence"] == "hook_mlp_out @ layer 2"
+    assert back.summary().endswith("Overall: FAILED")
+    with pytest.raises(ValueError, match="not 'parity'"):
+        ParityReport.from_run(bench_id, store=tmp_db)
+
+
+def test_progress_is_one_callback_for_compare_bench_and_diverge(capsys):
+    """compare, bench and diverge report through the same progress= callback, fn(done, total, what): forward
+    only, ending at the total, nothing printed; progress=True prints the steps as "[i/N] what (t s)" lines."""
+    import re
+    from workbench.bench import bench
+    from workbench.diverge import diverge
+    fx = fixture_dir("gemma3_text")
+    runs = ((wb.compare, dict(prompt=IDS[:8], references=(), anchor=False, decode_steps=1), "torch:cpu:float32"),
+            (bench, dict(prompt_len=4, gen_len=2, repeats=2), "torch:cpu float32 run 2/2"),
+            (diverge, dict(prompt=IDS[:8], steps=2, dtypes=["float32"]), "torch:cpu:float32: steps compared"))
+    for fn, kw, expect in runs:
+        calls = []
+        fn(fx, backends=["torch:cpu"], store=False, progress=lambda i, n, w: calls.append((i, n, w)), **kw)
+        done, total = [c[0] for c in calls], calls[-1][1]
+        assert done == sorted(done) and done[-1] == total and {c[1] for c in calls} == {total}, calls
+        assert any(w.startswith(expect) for _, _, w in calls), (expect, calls)
+        assert "[1/" not in capsys.readouterr().err
+    wb.compare(fx, backends=["torch:cpu"], prompt=IDS[:8], references=(), anchor=False, store=False, progress=True)
+    err = capsys.readouterr().err
+    assert re.search(r"^\[1/3\] reference torch:cpu:float64 \(\d+\.\ds\)$", err, re.M), err
+    assert re.search(r"^\[3/3\] torch:cpu:float32 \(\d+\.\ds\)$", err, re.M), err

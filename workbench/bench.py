@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import resource
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from .backends import base as _bk
 from .generate import default_compile
+from .progress import Progress, ProgressArg, as_progress
 
 # Peak memory bandwidth of known accelerators (vendor spec sheets), GB/s.
 GPU_BANDWIDTH_GBS = {
@@ -222,22 +222,23 @@ def _one_run(model, ids, gen_len, fast, compile, state: dict):
     return dict(ttft=t1 - t0, prefill=t1 - t0, decode=(t3 - t2), steps=gen_len, tokens=toks)
 
 
-def bench_model(model, prompt_len=128, gen_len=64, repeats=3, fast=True, compile=None, progress=True,
+def bench_model(model, prompt_len=128, gen_len=64, repeats=3, fast=True, compile=None, progress: ProgressArg = True,
                 label="") -> dict:
+    """One model's warm-up and ``repeats`` timed runs; each is reported to ``progress`` as a note (a
+    ``workbench.progress.Progress`` of the caller's run, or True / a callback / False)."""
+    prog = as_progress(progress, 1)
     rng = np.random.default_rng(0)
     V = model.config.vocab_size
     ids = rng.integers(min(100, V - 1), V, size=(1, prompt_len))
-    if progress:
-        print(f"  {label} warm-up{' (compiling)' if compile else ''} ...", file=sys.stderr, flush=True)
+    prog.note(f"{label} warm-up{' (compiling)' if compile else ''} ...")
     state: dict = {}
     _one_run(model, ids, gen_len, fast, compile, state)
     runs = []
     for r in range(repeats):
         runs.append(_one_run(model, ids, gen_len, fast, compile, state))
-        if progress:
-            x = runs[-1]
-            print(f"  {label} run {r + 1}/{repeats}: pp {prompt_len / x['prefill']:.1f} tok/s, "
-                  f"tg {x['steps'] / x['decode']:.1f} tok/s", file=sys.stderr, flush=True)
+        x = runs[-1]
+        prog.note(f"{label} run {r + 1}/{repeats}: pp {prompt_len / x['prefill']:.1f} tok/s, "
+                  f"tg {x['steps'] / x['decode']:.1f} tok/s")
     us = [1e6 * x["decode"] / x["steps"] for x in runs]
     pp = [prompt_len / x["prefill"] for x in runs]
     tt = [x["ttft"] for x in runs]
@@ -251,45 +252,45 @@ def bench_model(model, prompt_len=128, gen_len=64, repeats=3, fast=True, compile
 
 def bench(source="gemma3-270m", backends=None, dtypes=None, prompt_len: int = 128, gen_len: int = 64,
           repeats: int = 3, peers: bool = False, db=None, store: bool = True, baseline: str | None = None,
-          fast: bool = True, compile: bool | None = None, progress: bool = True) -> BenchResult:
+          fast: bool = True, compile: bool | None = None, progress: ProgressArg = True) -> BenchResult:
     """Prefill/decode throughput of every backend x dtype (and, with peers=True, HF transformers, mlx-lm
-    and llama.cpp on the same weights); stored in the results store; compared with ``baseline`` (a run id)."""
+    and llama.cpp on the same weights); stored in the results store; compared with ``baseline`` (a run id).
+    progress: True prints "[i/N] what" lines to stderr; a callable gets (step, total, what) (the same as
+    ``wb.compare``'s and ``wb.diverge``'s); False: silent."""
     from .loader import build_model, read_source, source_hash
-    from .parity import _targets
+    from .parity import _targets, check_target
 
     targets = _targets(backends, dtypes)
     base_run = _load_baseline(baseline, db) if baseline else None   # a bad id fails before anything runs
-    ckpt = read_source(source, dtype="float32", progress=progress)
+    prog = Progress(progress, len(targets) + (1 if peers else 0))
+    prog.note(f"loading {source}")
+    ckpt = read_source(source, dtype="float32", progress=prog.prints)
     cfg, tensors, path, tok = ckpt
     rows: list[dict] = []
     skipped: dict[str, str] = {}
     for b, d in targets:
         base = dict(backend=b, dtype=d, impl="workbench", prompt_len=prompt_len, gen_len=gen_len)
         try:
-            spec = _bk.parse(b)
-            ok, why = _bk.status(b)
-            if not ok:
-                raise _bk.BackendError(why)
-            _bk.check_dtype(d, spec)
+            spec, _, _ = check_target(b, d)
         except _bk.BackendError as e:
             skipped[f"{b}:{d}"] = str(e)
             rows.append(dict(base, status="skipped", reason=str(e)))
+            prog.step(f"{b} {d} skipped: {e}")
             continue
-        if progress:
-            print(f"[bench] {b} {d}", file=sys.stderr, flush=True)
+        prog.note(f"{b} {d}: building the model")
         m = build_model(ckpt, _bk.get_ops(b, d), source)
         use_compile = compile if compile is not None else default_compile(spec)
         note = None
         try:
             res = bench_model(m, prompt_len, gen_len, repeats, fast=fast, compile=use_compile and fast,
-                              progress=progress, label=f"{b} {d}")
+                              progress=prog, label=f"{b} {d}")
         except Exception as e:
             if not (use_compile and fast):
                 raise
             note = f"compiled step failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); eager static path"
-            print(f"[bench] {b} {d}: {note}", file=sys.stderr, flush=True)
+            prog.note(f"{b} {d}: {note}")
             use_compile = False
-            res = bench_model(m, prompt_len, gen_len, repeats, fast=fast, compile=False, progress=progress,
+            res = bench_model(m, prompt_len, gen_len, repeats, fast=fast, compile=False, progress=prog,
                               label=f"{b} {d}")
         dev = device_name(spec)
         bw, bw_src = device_bandwidth(spec, dev)
@@ -304,8 +305,10 @@ def bench(source="gemma3-270m", backends=None, dtypes=None, prompt_len: int = 12
                          route=res.get("route"),
                          kernels=f"{res.get('route')}: {res.get('route_reason')}" if fast else "plain forward"))
         del m
+        prog.step(f"{b} {d}: pp {res['prefill_tok_s']:.1f} tok/s, tg {res['decode_tok_s']:.1f} tok/s")
     if peers:
-        rows += _peer_rows(path, targets, prompt_len, gen_len, repeats, progress)
+        rows += _peer_rows(path, targets, prompt_len, gen_len, repeats, prog)
+        prog.step("peers")
     import platform
     meta = dict(model=str(source), source=str(path), source_hash=source_hash(path),
                 backends=sorted({b for b, _ in targets}), dtypes=sorted({d for _, d in targets}),
@@ -320,10 +323,8 @@ def bench(source="gemma3-270m", backends=None, dtypes=None, prompt_len: int = 12
         meta["machine"] = {}
     if store:
         from . import runs
-        st = runs.RunStore(db)
-        res.run_id = st.save("bench", dict(meta, versions=runs.collect_versions(), git_commit=runs.git_commit(),
-                                           params=dict(prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
-                                                       peers=peers, fast=fast)), rows)
+        res.run_id = runs.save_run("bench", meta, rows, db=db, params=dict(prompt_len=prompt_len, gen_len=gen_len,
+                                                                           repeats=repeats, peers=peers, fast=fast))
     if base_run is not None:
         cmp = _compare_with_baseline(res, base_run, db)
         res.comparison = cmp
@@ -365,15 +366,16 @@ def _compare_with_baseline(res: BenchResult, base_run, db):
 
 
 def _peer_rows(path, targets, prompt_len, gen_len, repeats, progress) -> list[dict]:
-    """HF transformers (same weights and dtype), mlx-lm (same weights), llama.cpp (same GGUF)."""
+    """HF transformers (same weights and dtype), mlx-lm (same weights), llama.cpp (same GGUF); each peer is a
+    note to ``progress`` (the run's Progress, or True / a callback / False)."""
+    progress = as_progress(progress, 1)
     rows = []
     dtypes = sorted({d for _, d in targets if d != "float64"})
     kinds = {_bk.parse(b).framework + ":" + _bk.parse(b).device for b, _ in targets}
 
     def add(impl, backend, dtype, fn):
         base = dict(backend=backend, dtype=dtype, impl=impl, prompt_len=prompt_len, gen_len=gen_len)
-        if progress:
-            print(f"[bench] peer {impl} {backend} {dtype}", file=sys.stderr, flush=True)
+        progress.note(f"peer {impl} {backend} {dtype}")
         try:
             r = fn()
             if "error" in r:

@@ -55,12 +55,12 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from .backends import base as _bk
-from .parity import _make_fault, _targets, metrics
+from .parity import _make_fault, _targets, check_target, metrics
+from .progress import Progress, ProgressArg
 
 NEAR_TIE_FACTOR = 2.0
 # prose, so a greedy continuation has real choices to make (a code/number prompt tends to loop)
@@ -317,24 +317,6 @@ def _fmt(v) -> str:
     return f"{v:.3g}" if math.isfinite(v) else str(v)
 
 
-# ============================================================================================ progress
-class _Progress:
-    def __init__(self, progress, total: int):
-        self.fn = progress if callable(progress) else None
-        self.print = progress is True
-        self.total = total
-        self.i = 0
-        self.t0 = time.perf_counter()
-
-    def __call__(self, what: str):
-        self.i += 1
-        if self.fn is not None:
-            self.fn(self.i, self.total, what)
-        elif self.print:
-            print(f"[{self.i}/{self.total}] {what} ({time.perf_counter() - self.t0:.1f}s)", file=sys.stderr,
-                  flush=True)
-
-
 # ============================================================================================ passes
 def _resid_taps(cfg) -> list[str]:
     return ["blocks.*.hook_resid_post"]
@@ -456,7 +438,7 @@ def _local_rows(m, cfg, seq: np.ndarray, ref_taps: dict, target: str) -> list[di
 def diverge(source="gemma3-270m", backends=None, dtypes=None, prompt: str | list[int] | None = None,
             steps: int = 64, reference: str = "torch:cpu:float64", route: str = "fast", k: int = 5,
             max_tokens: int = 64, fault: dict | None = None, keep_logits: bool = False, db=None,
-            store: bool = True, progress: bool | Callable = True) -> Divergence:
+            store: bool = True, progress: ProgressArg = True) -> Divergence:
     """Each target (backend x dtype) generates ``steps`` tokens greedily; the float64 reference is teacher-forced on
     them and generates its own. See the module docstring for every number. backends: list, comma string or "all";
     dtypes: list or comma string (default bfloat16). route: "fast" (the model's generate), "plain" (a per-token
@@ -474,9 +456,10 @@ def diverge(source="gemma3-270m", backends=None, dtypes=None, prompt: str | list
         raise ValueError(f"k must be at least 1, got {k}")
     targets = _targets(backends, dtypes if dtypes is not None else ["bfloat16"])
     routes = ["fast", "plain"] if route == "both" else [route]
-    prog = _Progress(progress, 2 + 4 * len(targets) * len(routes))
+    prog = Progress(progress, 2 + 4 * len(targets) * len(routes))
 
-    cfg, tensors, path, tok = read_source(source, dtype="float64", progress=progress is True)
+    prog.note(f"loading {source}")
+    cfg, tensors, path, tok = read_source(source, dtype="float64", progress=prog.prints)
     if prompt is None:
         if tok is None:
             raise ValueError(f"{source}: this checkpoint has no tokenizer; pass the prompt as token ids")
@@ -529,11 +512,7 @@ def diverge(source="gemma3-270m", backends=None, dtypes=None, prompt: str | list
     for b, d in targets:
         base = f"{b}:{d}"
         try:
-            spec = _bk.parse(b)
-            ok, why = _bk.status(b)
-            if not ok:
-                raise _bk.BackendError(why)
-            d = _bk.check_dtype(d, spec)
+            spec, why, d = check_target(b, d)
         except _bk.BackendError as e:
             for r in routes:
                 skipped[base + ("" if r == "fast" else "@plain")] = str(e)
@@ -611,11 +590,8 @@ def diverge(source="gemma3-270m", backends=None, dtypes=None, prompt: str | list
     res.meta = meta
     if store:
         from . import runs
-        st = runs.RunStore(db)
-        meta_store = dict(meta, versions=runs.collect_versions(), git_commit=runs.git_commit(),
-                          machine=runs.machine_info(), device=", ".join(sorted(set(devices.values()))) or None,
-                          passed=None, params=dict(steps=steps, route=route, k=k, fault=fault, reference=reference))
-        res.run_id = st.save("diverge", meta_store, res.rows())
+        res.run_id = runs.save_run("diverge", meta, res.rows(), db=db, devices=devices, passed=None,
+                                   params=dict(steps=steps, route=route, k=k, fault=fault, reference=reference))
     prog(f"stored run {res.run_id}" if res.run_id else "done")
     return res
 

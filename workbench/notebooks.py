@@ -283,6 +283,14 @@ def save_json(path, obj) -> Path:
     return p
 
 
+# ============================================================================ progress of a library run
+def progress_bar(title: str = "run"):
+    """A ``progress=`` callback for ``wb.compare`` / ``wb.bench`` / ``wb.diverge`` in a notebook cell
+    (``fn(done, total, what)``, see ``workbench.progress``): a widget bar with the step that just finished, shown
+    in the cell; where there is no notebook frontend (a script), "title [i/N] what" lines on stderr instead."""
+    return StepProgress(1, title).stage(title)
+
+
 # ============================================================================ history across runs
 # TODO(issue 18): bench history belongs to workbench.bench; it stays here until bench.py (owned by the decode
 # work) takes it. dashboards/_logic.py imports it from here.

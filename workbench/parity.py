@@ -12,12 +12,12 @@ import fnmatch
 import math
 import re
 import sys
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .backends import base as _bk
+from .progress import Progress as _Progress  # noqa: F401 - workbench.distributed uses P._Progress
 
 # Relative max error (max|Δ| / max|ref|) allowed per tap, by (backend kind, dtype), against the float64
 # reference. The reasoning is in the README ("Tolerance policy"); the GPU rows are set from what was measured
@@ -197,14 +197,75 @@ class ParityReport:
                 out[key] = r
         return out
 
+    def target_table(self) -> list[dict]:
+        """One row per target and phase (the anchor's rows included; a decode route other than the plain one as
+        its own phase, "decode[fast]"): ``target`` (backend:dtype), ``phase``, ``tol`` and ``margin`` (error /
+        allowed error) of the row nearest its limit, ``worst_rel_max``, ``worst_rel_l2``, ``min_cosine``, ``top1``
+        (agreement on the logits, None without logits), ``first_divergence`` (first tap over its tolerance in
+        forward order, "tap @ layer N", or None), ``result`` (PASSED / FAILED) and ``budget_source`` (where the
+        nearest row's tolerance came from). ``summary()`` prints this table; the dashboard shows it."""
+        groups: dict[tuple, list] = {}
+        for r in self.anchor + self.rows:
+            ph = r["phase"] if not r.get("route") or r["route"] == "plain" else f"{r['phase']}[{r['route']}]"
+            groups.setdefault((r["backend"], r["dtype"], ph), []).append(r)
+        out = []
+        for (b, d, ph), rs in groups.items():
+            lg = [r for r in rs if r["tap"] == "logits" and r.get("top1") is not None]
+            fails = sorted([r for r in rs if not r["passed"]], key=lambda r: r["order"])
+            near = max(rs, key=_margin)      # the row nearest its limit: its tolerance (or budget) and margin
+            out.append(dict(target=f"{b}:{d}", phase=ph, tol=near["tol"], worst_rel_max=max(r["rel_max"] for r in rs),
+                            worst_rel_l2=max(r["rel_l2"] for r in rs), min_cosine=min(r["cosine"] for r in rs),
+                            top1=lg[0]["top1"] if lg else None, margin=_margin(near),
+                            first_divergence=_where(fails[0]) if fails else None,
+                            result="FAILED" if fails else "PASSED", budget_source=near.get("budget_source")))
+        return out
+
+    # ---------------------------------------------------------------- stored runs
+    @classmethod
+    def from_run(cls, run_or_id, store=None) -> "ParityReport":
+        """The report of a stored parity run, the same object ``wb.compare`` returned: its rows (phase "anchor"
+        rows back in ``anchor``), meta, skipped targets, anchor status and failed references, so ``passed``,
+        ``first_divergence``, ``divergences()``, ``summary()``, ``target_table()``, ``heatmap()`` and the
+        tolerance notes come from this class for a fresh and a stored run alike.
+
+        run_or_id: a ``workbench.runs.Run`` (``RunStore.load``) or a run id (or unique prefix) read from
+        ``store`` (a RunStore, a database path, or None: the default store). A run stored before the anchor
+        existed has no anchor status and reads as UNANCHORED (so not passed), as ``anchor_ok`` says."""
+        from . import runs
+        run = run_or_id
+        if isinstance(run_or_id, str):
+            if isinstance(store, runs.RunStore):
+                run = store.load(run_or_id)
+            else:
+                with runs.RunStore(store) as st:
+                    run = st.load(run_or_id)
+        if getattr(run, "kind", "parity") != "parity":
+            raise ValueError(f"run {run.run_id} is a {run.kind!r} run, not 'parity'")
+        recs = run.records if getattr(run, "records", None) is not None else _frame_records(run.rows)
+        recs = [_stored_row(r) for r in recs]
+        meta = dict(run.meta)
+        return cls(rows=[r for r in recs if r["phase"] != "anchor"], meta=meta,
+                   skipped=dict(meta.get("skipped") or {}), run_id=run.run_id,
+                   anchor=[r for r in recs if r["phase"] == "anchor"], anchor_info=meta.get("anchor"),
+                   failed_references=dict(meta.get("failed_references") or {}))
+
     # ---------------------------------------------------------------- views
-    def to_frame(self):
+    def to_frame(self, anchor: bool = False):
+        """The rows as a DataFrame (with ``target`` = backend:dtype); anchor=True puts the anchor's rows first."""
         import pandas as pd
         cols = ["backend", "dtype", "phase", "tap", "layer", "max_abs", "rel_max", "rel_l2", "nmse", "cosine",
                 "nan_count", "inf_count", "inf_mismatch", "min_tol", "tol", "passed", "ref_scale", "top1",
                 "top5_overlap", "target", "order", "budget", "budget_l2", "budget_source", "margin", "route"]
-        df = pd.DataFrame(self.rows)
+        rows = (self.anchor if anchor else []) + self.rows
+        df = pd.DataFrame(rows)
+        if len(df):
+            df["target"] = df["backend"].astype(str) + ":" + df["dtype"].astype(str)
         return df[[c for c in cols if c in df.columns]]
+
+    def heatmap_matrix(self, metric: str = "rel_max", by: str = "taps", target: str | None = None,
+                       tap: str = "hook_resid_post", phase: str = "prefill"):
+        """The numbers behind a heatmap: see :func:`heatmap_matrix`."""
+        return heatmap_matrix(self.to_frame(anchor=True), metric, by, target, tap, phase)
 
     def summary(self) -> str:
         """A Polygraphy-style table: per target the tolerance used, the worst error, the minimum tolerance
@@ -215,27 +276,14 @@ class ParityReport:
         hdr = f"{'target':24s} {'phase':8s} {'tol':>8s} {'max rel':>10s} {'min tol':>10s} {'rel L2':>10s} " \
               f"{'cos min':>9s} {'top1':>6s} {'margin':>6s}  {'first divergence':28s} result"
         lines += [hdr, "-" * len(hdr)]
-        groups: dict[tuple, list] = {}
-        for r in self.anchor + self.rows:
-            ph = r["phase"] if not r.get("route") or r["route"] == "plain" else f"{r['phase']}[{r['route']}]"
-            groups.setdefault((r["backend"], r["dtype"], ph), []).append(r)
-        sources = {}
-        for (b, d, ph), rs in groups.items():
-            worst = max(r["rel_max"] for r in rs)
-            l2 = max(r["rel_l2"] for r in rs)
-            cmin = min(r["cosine"] for r in rs)
-            lg = [r for r in rs if r["tap"] == "logits" and r.get("top1") is not None]
-            top1 = f"{lg[0]['top1']:.2f}" if lg else "  -"
-            fails = sorted([r for r in rs if not r["passed"]], key=lambda r: r["order"])
-            fd = "-" if not fails else (f"{fails[0]['tap']}" + (f" @ layer {fails[0]['layer']}"
-                                                                 if fails[0]["layer"] is not None else ""))
-            ok = "PASSED" if not fails else "FAILED"
-            # the row nearest its limit: its tolerance (a per-tap budget where there is one) and margin
-            near = max(rs, key=lambda r: _margin(r))
-            lines.append(f"{b + ':' + d:24s} {ph:8s} {near['tol']:8.1e} {worst:10.2e} {worst:10.2e} {l2:10.2e} "
-                         f"{cmin:9.6f} {top1:>6s} {_margin(near):6.2f}  {fd:28s} {ok}")
-            if near.get("budget_source"):
-                sources.setdefault(near["budget_source"], []).append(f"{b}:{d}")
+        sources: dict[str, list] = {}
+        for t in self.target_table():
+            top1 = f"{t['top1']:.2f}" if t["top1"] is not None else "  -"
+            lines.append(f"{t['target']:24s} {t['phase']:8s} {t['tol']:8.1e} {t['worst_rel_max']:10.2e} "
+                         f"{t['worst_rel_max']:10.2e} {t['worst_rel_l2']:10.2e} {t['min_cosine']:9.6f} {top1:>6s} "
+                         f"{t['margin']:6.2f}  {t['first_divergence'] or '-':28s} {t['result']}")
+            if t["budget_source"]:
+                sources.setdefault(t["budget_source"], []).append(t["target"])
         for k, why in self.failed_references.items():
             lines.append(f"{k:24s} {'-':8s} {'':>8s} {'':>10s} {'':>10s} {'':>10s} {'':>9s} {'':>6s} {'':>6s}  "
                          f"{'':28s} FAILED (requested reference could not run: {why})")
@@ -271,6 +319,32 @@ class ParityReport:
                        phase=phase, ax=ax)
 
 
+def _frame_records(frame) -> list[dict]:
+    """Rows of a stored run's DataFrame as dicts (a cell pandas filled for a key the row did not have: None)."""
+    if frame is None or len(frame) == 0:
+        return []
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+            for r in frame.to_dict("records")]
+
+
+def _stored_row(r: dict) -> dict:
+    """A stored row as ``compare`` made it: numpy scalars unwrapped, layer an int or None, counts int, passed
+    bool; an old row without ``order`` sorts last."""
+    out = {}
+    for k, v in r.items():
+        if isinstance(v, np.generic):
+            v = v.item()
+        out[k] = v
+    lay = out.get("layer")
+    out["layer"] = None if lay is None or (isinstance(lay, float) and math.isnan(lay)) else int(lay)
+    for k in ("nan_count", "inf_count", "inf_mismatch"):
+        if out.get(k) is not None:
+            out[k] = int(out[k])
+    out["passed"] = bool(out.get("passed"))
+    out.setdefault("order", 10**6)
+    return out
+
+
 def _margin(r: dict) -> float:
     """error / allowed error of a row (rel_max against its tol; rel_l2 against budget_l2 where set)."""
     m = r["rel_max"] / r["tol"] if r["tol"] > 0 else (0.0 if r["rel_max"] == 0 else math.inf)
@@ -279,26 +353,57 @@ def _margin(r: dict) -> float:
     return m
 
 
+def heatmap_matrix(df, metric: str = "rel_max", by: str = "taps", target: str | None = None,
+                   tap: str = "hook_resid_post", phase: str = "prefill"):
+    """(values, passed, tols): pivots of a parity frame (``ParityReport.to_frame``) over its per-layer rows of one
+    phase — layers x taps of one ``target`` (by="taps"; None: the first target), or layers x targets of one
+    ``tap`` (by="backends"). Columns in forward order; ``passed`` per cell (False where a row of the cell
+    failed); ``tols`` the largest tolerance per column. metric "1-cosine" is derived from the cosine. The
+    library's heatmap and the dashboard's draw these numbers."""
+    import pandas as pd
+    d = df[(df["phase"] == phase) & df["layer"].notna()].copy()
+    if "target" not in d:
+        d["target"] = d["backend"].astype(str) + ":" + d["dtype"].astype(str)
+    if metric == "1-cosine" and metric not in d:
+        d[metric] = 1.0 - pd.to_numeric(d["cosine"], errors="coerce")
+    if by == "taps":
+        if target is None and len(d):
+            target = d["target"].iloc[0]
+        d, col = d[d["target"] == target], "tap"
+    elif by == "backends":
+        d, col = d[d["tap"] == tap], "target"
+    else:
+        raise ValueError(f"by={by!r}: use 'taps' or 'backends'")
+    if d.empty:
+        return pd.DataFrame(), pd.DataFrame(), pd.Series(dtype=float)
+    d["layer"] = d["layer"].astype(int)
+    d["passed"] = d["passed"].astype(bool)
+    vals = d.pivot_table(index="layer", columns=col, values=metric, aggfunc="max")
+    passed = d.pivot_table(index="layer", columns=col, values="passed", aggfunc="min")
+    tols = d.groupby(col)["tol"].max()
+    if "order" in d:
+        cols = [c for c in dict.fromkeys(d.sort_values("order", kind="stable")[col]) if c in vals.columns]
+        vals, passed, tols = vals[cols], passed.reindex(columns=cols), tols.reindex(cols)
+    return vals, passed, tols
+
+
 def heatmap(df, metric="rel_max", by="taps", backend=None, dtype=None, tap="hook_resid_post", phase="prefill",
             ax=None):
     import matplotlib
     matplotlib.use("Agg") if "matplotlib.pyplot" not in sys.modules else None
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
-    d = df[(df["phase"] == phase) & df["layer"].notna()].copy()
-    d["target"] = d["backend"] + ":" + d["dtype"]
+    d = df[(df["phase"] == phase) & df["layer"].notna()]
+    tgt = None
+    if by == "taps" and backend is not None and len(d):
+        tgt = f"{backend}:{dtype}" if dtype is not None else \
+            (d[d["backend"] == backend]["backend"] + ":" + d[d["backend"] == backend]["dtype"]).iloc[0]
+    piv, passed, tols = heatmap_matrix(df, metric, by, tgt, tap, phase)
     if by == "taps":
-        tgt = d["target"].iloc[0] if backend is None and len(d) else f"{backend}:{dtype or d['dtype'].iloc[0]}"
-        if backend is not None and dtype is None:
-            tgt = d[d["backend"] == backend]["target"].iloc[0]
-        d = d[d["target"] == tgt]
-        piv = d.pivot_table(index="layer", columns="tap", values=metric, aggfunc="max")
-        passed = d.pivot_table(index="layer", columns="tap", values="passed", aggfunc="min")
-        title = f"{metric} per layer × tap — {tgt} (tol {d['tol'].iloc[0]:.0e})" if len(d) else tgt
+        if tgt is None and len(d):
+            tgt = d["backend"].iloc[0] + ":" + d["dtype"].iloc[0]
+        title = f"{metric} per layer × tap — {tgt} (tol {tols.iloc[0]:.0e})" if len(tols) else str(tgt)
     else:
-        d = d[d["tap"] == tap]
-        piv = d.pivot_table(index="layer", columns="target", values=metric, aggfunc="max")
-        passed = d.pivot_table(index="layer", columns="target", values="passed", aggfunc="min")
         title = f"{metric} per layer × backend — {tap}"
     if ax is None:
         fig, ax = plt.subplots(figsize=(1.6 + 1.3 * max(1, piv.shape[1]), 1.2 + 0.32 * max(1, piv.shape[0])))
@@ -334,26 +439,6 @@ def _targets(backends_arg, dtypes_arg) -> list[tuple[str, str]]:
     dl = ["float32"] if dtypes_arg is None else (
         [d.strip() for d in dtypes_arg.split(",")] if isinstance(dtypes_arg, str) else list(dtypes_arg))
     return [(b, d) for b in bl for d in dl]
-
-
-class _Progress:
-    """``enabled``: True prints "[i/N] what (t s)" lines to stderr (the dashboard reads them); a callable is
-    called as ``fn(step, total, what)`` instead; False is silent."""
-
-    def __init__(self, enabled, total: int):
-        self.callback = enabled if callable(enabled) else None
-        self.enabled = bool(enabled) and self.callback is None
-        self.total = total
-        self.i = 0
-        self.t0 = time.perf_counter()
-
-    def step(self, what: str):
-        self.i += 1
-        if self.callback is not None:
-            self.callback(self.i, self.total, what)
-        elif self.enabled:
-            print(f"[{self.i}/{self.total}] {what} ({time.perf_counter() - self.t0:.1f}s)", file=sys.stderr,
-                  flush=True)
 
 
 def _rows_for(ref_taps: dict, taps: dict, backend: str, dtype: str, kind: str, phase: str, tol: float,
@@ -700,18 +785,9 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
     weight/config/tokenizer hashes match the local model's; world=N: the reference sharded over N torchrun processes
     (workbench.distributed: gloo on CPUs, NCCL for torch:cuda), the targets and the anchor run here.
     Stores the run in the results store (``db`` or the default) unless store=False."""
-    from .loader import Checkpoint, build_model, read_source, source_hash
-    from .model.taps import point_names
+    from .loader import Checkpoint, build_model, read_source
 
-    if decode not in ("plain", "fast"):
-        raise ValueError(f"decode must be 'plain' or 'fast', not {decode!r}")
-    capture_decode = None
-    if decode == "fast":
-        try:
-            from .decode import capture_decode
-        except ImportError as e:
-            raise NotImplementedError(f"decode='fast' needs workbench.decode.capture_decode (the fast decode "
-                                      f"engine), which is not importable here: {e}") from None
+    capture_decode = _decode_route(decode)
     targets = _targets(backends, dtypes)
     art = None
     if against is not None or world > 1:   # a stored (against=) or sharded (world=N) reference: reference_artifact
@@ -719,14 +795,7 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
         art, source, prompt, taps, reference = resolve_against(against, world, source, prompt, taps, decode_steps,
                                                                reference, max_tokens, progress is True)
     cfg, tensors, path, tok = read_source(source, dtype="float64", progress=progress is True)
-    if prompt is None:
-        prompt = DEFAULT_PROMPT
-    if isinstance(prompt, str):
-        if tok is None:
-            raise ValueError(f"{source}: no tokenizer for a text prompt; pass token ids")
-        ids = tok.encode(prompt)[:max_tokens]
-    else:
-        ids = [int(i) for i in np.asarray(prompt).reshape(-1)]
+    ids = _prompt_ids(prompt, tok, max_tokens, source)
     media = bool(images or audio)
     mm = dict(images=images, audio=audio) if media else {}
     ids_arr = np.asarray(ids, dtype=np.int64)[None]
@@ -734,23 +803,8 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
     decode_steps = 0 if media else max(0, min(decode_steps, T - 1))
     if not cfg.causal:   # bidirectional attention: a cached decode cannot see the later tokens the prefill sees
         decode_steps = 0
-    P = T - decode_steps
-    taps = list(taps or DEFAULT_TAPS)
-    names = point_names(cfg)
-    if media:
-        from .multimodal.points import audio_point_names, vision_point_names
-        raw = cfg.raw or {}
-        mnames = (vision_point_names(raw["vision_config"]["num_hidden_layers"]) if raw.get("vision_config") else []) + \
-            (audio_point_names(raw["audio_config"]["num_hidden_layers"]) if raw.get("audio_config") else [])
-        taps += [t for t in MEDIA_TAPS if any(fnmatch.fnmatchcase(n, t) for n in mnames)]
-        names = mnames + names
-    order_of = {n: k for k, n in enumerate(names)}
-    if references == "auto" or references is None:
-        refs, asked = ([] if media else _auto_references(path)), False
-    else:
-        refs = [r.strip() for r in references.split(",") if r.strip()] if isinstance(references, str) \
-            else list(references)
-        asked = True
+    taps, order_of = _compare_taps(cfg, taps, media)
+    refs, asked = _references(references, path, media)
     low = sorted({d for _, d in targets if d in UNIT_ROUNDOFF}) if budgets else []
 
     def build(ops):   # the one loader (the media towers' tensors are kept; built on first use)
@@ -760,52 +814,134 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
     # MoE: the router's choice per token, to tell a near-tie routing flip from a fault (not compared as rows)
     moe_taps = ["blocks.*.moe.hook_expert_ids", "blocks.*.moe.hook_router_probs"] \
         if cfg.arch == "gemma4" and cfg.enable_moe_block and not media else []
-    ref_parts = reference.split(":")
-    ref_backend, ref_dtype = ":".join(ref_parts[:-1]), ref_parts[-1]
-    if art is not None:     # the artifact's taps, once its hashes match these weights, config and tokenizer
-        ref_taps = art.reference_taps(path, cfg)
-    else:
-        ref_model = build(_bk.get_ops(ref_backend, ref_dtype))
-        want = list(dict.fromkeys(taps + (ANCHOR_TAPS if anchor else []) + moe_taps))
-        ref_out = ref_model.forward(ids_arr, taps=want, **mm)
-        ref_taps = dict(ref_out.taps)
-        ref_taps["logits"] = ref_out.logits
-        del ref_model
+    ref_out, ref_taps = _reference_taps(build, art, path, cfg, reference, ids_arr, taps, anchor, moe_taps, mm)
     prog.step(f"reference {reference}")
 
-    # ---- the anchor: the reference itself against HF float64
-    anchor_rows: list[dict] = []
-    if not anchor:
-        anchor_info = dict(status="off", reason="anchor=False: knowingly unanchored")
-    elif ref_dtype != "float64":
-        anchor_info = dict(status="unanchored", reason=f"the anchor checks a float64 reference, not {reference}")
-    elif media:
-        try:
-            if art is not None:
-                raise ValueError("a stored/sharded reference (against=/world=) with media is not supported")
-            m32 = build(_bk.get_ops("torch:cpu", "float32"))
-            media_taps = [t for t in taps if t.startswith(("vision.", "audio.", "embed_vision.", "embed_audio."))]
-            o32 = m32.forward(ids_arr, taps=ANCHOR_TAPS + media_taps, **mm)
-            noise = dict(o32.taps, logits=o32.logits)
-            anchor_rows, anchor_info = _media_anchor(path, m32, images, audio, ref_out, ref_taps, noise, order_of,
-                                                     tolerances, MEDIA_ANCHOR_FLOAT32_PARTS)
-            del m32
-        except Exception as e:  # noqa: BLE001 - the anchor could not run: that fails the report, with why
-            anchor_info = dict(status="unanchored", reason=f"the media anchor failed to run: {type(e).__name__}: "
-                               f"{e}".splitlines()[0][:300])
-    else:
-        try:
-            m32 = build(_bk.get_ops("torch:cpu", "float32"))
-            o32 = m32.forward(ids_arr, taps=ANCHOR_TAPS)
-            del m32
-            noise = dict(o32.taps, logits=o32.logits)
-            anchor_rows, anchor_info = _anchor(path, ids_arr, ref_taps, noise, order_of, tolerances)
-        except Exception as e:  # noqa: BLE001 - the anchor could not run: that fails the report, with why
-            anchor_info = dict(status="unanchored", reason=f"the anchor failed to run: {type(e).__name__}: "
-                               f"{e}".splitlines()[0][:300])
+    anchor_rows, anchor_info = _run_anchor(build, anchor, reference, art, path, ids_arr, ref_out, ref_taps, taps,
+                                           order_of, tolerances, images, audio)
     prog.step("anchor: " + ("off" if not anchor else anchor_info["status"]))
 
-    # ---- same-dtype budgets: HF in bfloat16 / float16
+    same_dtype = _budget_errors(low, media, path, ids_arr, ref_taps, T - decode_steps, T, prog)
+    rows, skipped, devices, routing_flips = target_rows(
+        build, targets, ids_arr, taps, ref_taps, order_of, decode_steps=decode_steps, tolerances=tolerances,
+        fault=fault, prog=prog, forward_kw=mm, extra_taps=moe_taps, capture_decode=capture_decode,
+        budgets=same_dtype)
+    ext_rows, failed_refs = _independent_rows(refs, asked, media, path, cfg, ids_arr, ref_taps, tolerances, order_of,
+                                              skipped, prog)
+    rows += ext_rows
+
+    meta = _report_meta(source, path, reference, targets, T, decode_steps, images, audio, prompt, ids, taps, cfg,
+                        skipped, devices, anchor_info, failed_refs, refs, decode, routing_flips)
+    rep = ParityReport(rows=rows, meta=meta, skipped=skipped, anchor=anchor_rows, anchor_info=anchor_info,
+                       failed_references=failed_refs)
+    meta["passed"] = rep.passed
+    if store:
+        from . import runs
+        rep.run_id = runs.save_run("parity", meta, anchor_rows + rows, db=db, devices=devices,
+                                   params=dict(decode_steps=decode_steps, taps=taps, tolerances=_jsonable(tolerances),
+                                               fault=fault, anchor=anchor, decode=decode, budgets=budgets))
+    return rep
+
+
+# ------------------------------------------------------------------------------------------ compare's steps
+def _decode_route(decode: str):
+    """capture_decode of the fast decode engine for decode="fast", None for "plain"."""
+    if decode not in ("plain", "fast"):
+        raise ValueError(f"decode must be 'plain' or 'fast', not {decode!r}")
+    if decode == "plain":
+        return None
+    try:
+        from .decode import capture_decode
+    except ImportError as e:
+        raise NotImplementedError(f"decode='fast' needs workbench.decode.capture_decode (the fast decode "
+                                  f"engine), which is not importable here: {e}") from None
+    return capture_decode
+
+
+def _prompt_ids(prompt, tok, max_tokens: int, source) -> list[int]:
+    """The prompt's token ids: a text prompt (default DEFAULT_PROMPT) encoded and cut to max_tokens; ids as given."""
+    if prompt is None:
+        prompt = DEFAULT_PROMPT
+    if isinstance(prompt, str):
+        if tok is None:
+            raise ValueError(f"{source}: no tokenizer for a text prompt; pass token ids (--prompt-ids)")
+        return [int(i) for i in tok.encode(prompt)[:max_tokens]]
+    return [int(i) for i in np.asarray(prompt).reshape(-1)]
+
+
+def _compare_taps(cfg, taps, media: bool) -> tuple[list[str], dict[str, int]]:
+    """The taps compared (default DEFAULT_TAPS; with media, the towers' that this checkpoint has) and the forward
+    order of every point name (vision and audio towers first)."""
+    from .model.taps import point_names
+    taps = list(taps or DEFAULT_TAPS)
+    names = point_names(cfg)
+    if media:
+        from .multimodal.points import audio_point_names, vision_point_names
+        raw = cfg.raw or {}
+        mnames = (vision_point_names(raw["vision_config"]["num_hidden_layers"]) if raw.get("vision_config") else []) + \
+            (audio_point_names(raw["audio_config"]["num_hidden_layers"]) if raw.get("audio_config") else [])
+        taps += [t for t in MEDIA_TAPS if any(fnmatch.fnmatchcase(n, t) for n in mnames)]
+        names = mnames + names
+    return taps, {n: k for k, n in enumerate(names)}
+
+
+def _references(references, path, media: bool) -> tuple[list[str], bool]:
+    """(independent references to run, whether the caller named them: then one that cannot run fails)."""
+    if references == "auto" or references is None:
+        return ([] if media else _auto_references(path)), False
+    refs = [r.strip() for r in references.split(",") if r.strip()] if isinstance(references, str) else list(references)
+    return refs, True
+
+
+def _reference_taps(build, art, path, cfg, reference, ids_arr, taps, anchor, extra_taps, mm) -> tuple:
+    """(the reference's forward output or None, its taps + "logits"): the artifact's taps once its hashes match
+    these weights, config and tokenizer, else one forward of the reference model."""
+    if art is not None:
+        return None, art.reference_taps(path, cfg)
+    ref_backend, ref_dtype = _split_reference(reference)
+    ref_model = build(_bk.get_ops(ref_backend, ref_dtype))
+    want = list(dict.fromkeys(taps + (ANCHOR_TAPS if anchor else []) + list(extra_taps)))
+    ref_out = ref_model.forward(ids_arr, taps=want, **mm)
+    ref_taps = dict(ref_out.taps)
+    ref_taps["logits"] = ref_out.logits
+    return ref_out, ref_taps
+
+
+def _split_reference(reference: str) -> tuple[str, str]:
+    parts = reference.split(":")
+    return ":".join(parts[:-1]), parts[-1]
+
+
+def _run_anchor(build, anchor, reference, art, path, ids_arr, ref_out, ref_taps, taps, order_of, tolerances,
+                images, audio) -> tuple[list[dict], dict]:
+    """The anchor: the reference itself against HF float64 (with media: HF's multimodal model on our
+    preprocessed inputs). (anchor rows, anchor status); an anchor that cannot run is "unanchored", with why."""
+    if not anchor:
+        return [], dict(status="off", reason="anchor=False: knowingly unanchored")
+    if _split_reference(reference)[1] != "float64":
+        return [], dict(status="unanchored", reason=f"the anchor checks a float64 reference, not {reference}")
+    media = bool(images or audio)
+    try:
+        if media and art is not None:
+            raise ValueError("a stored/sharded reference (against=/world=) with media is not supported")
+        m32 = build(_bk.get_ops("torch:cpu", "float32"))
+        if media:
+            media_taps = [t for t in taps if t.startswith(("vision.", "audio.", "embed_vision.", "embed_audio."))]
+            o32 = m32.forward(ids_arr, taps=ANCHOR_TAPS + media_taps, images=images, audio=audio)
+            noise = dict(o32.taps, logits=o32.logits)
+            return _media_anchor(path, m32, images, audio, ref_out, ref_taps, noise, order_of, tolerances,
+                                 MEDIA_ANCHOR_FLOAT32_PARTS)
+        o32 = m32.forward(ids_arr, taps=ANCHOR_TAPS)
+        del m32
+        return _anchor(path, ids_arr, ref_taps, dict(o32.taps, logits=o32.logits), order_of, tolerances)
+    except Exception as e:  # noqa: BLE001 - the anchor could not run: that fails the report, with why
+        what = "the media anchor" if media else "the anchor"
+        return [], dict(status="unanchored", reason=f"{what} failed to run: {type(e).__name__}: "
+                        f"{e}".splitlines()[0][:300])
+
+
+def _budget_errors(low, media, path, ids_arr, ref_taps, P, T, prog) -> dict[str, tuple]:
+    """Same-dtype budgets: per low-precision dtype, (HF-in-that-dtype errors, what ran, why not)."""
     same_dtype: dict[str, tuple] = {}
     for d in low:
         if media:
@@ -817,68 +953,14 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
             except Exception as e:  # noqa: BLE001 - no budget: the table applies, and the rows say why
                 same_dtype[d] = (None, "", f"HF in {d} could not run: {type(e).__name__}: {e}".splitlines()[0][:200])
         prog.step(f"budget {d}")
+    return same_dtype
 
-    rows: list[dict] = []
-    skipped: dict[str, str] = {}
-    devices: dict[str, str] = {}
-    routing_flips: dict[str, list] = {}
-    for b, d in targets:
-        key = f"{b}:{d}"
-        try:
-            spec = _bk.parse(b)
-            ok, why = _bk.status(b)
-            if not ok:
-                skipped[key] = why
-                prog.step(f"{key} skipped: {why}")
-                continue
-            _bk.check_dtype(d, spec)
-        except _bk.BackendError as e:
-            skipped[key] = str(e)
-            prog.step(f"{key} skipped")
-            continue
-        ops = _bk.get_ops(b, d)
-        devices[key] = ok and why
-        m = build(ops)
-        if fault and _bk.parse(fault["backend"]).name == spec.name and fault.get("dtype", d) == d:
-            m.perturb = _make_fault(fault)
-        tol = tolerance_for(spec.kind, d, tolerances)
-        out = m.forward(ids_arr, taps=taps + moe_taps, **mm)
-        got = dict(out.taps)
-        got["logits"] = out.logits
-        routing = {n: got.pop(n) for n in list(got) if n.endswith(("moe.hook_expert_ids", "moe.hook_router_probs"))
-                   and not any(fnmatch.fnmatchcase(n, t) for t in taps)}
-        if routing:
-            flips = _routing_flips(ref_taps, routing, d)
-            if flips:
-                routing_flips[key] = flips
-        trows = _rows_for(ref_taps, got, spec.name, d, spec.kind, "prefill", tol, order_of)
-        if decode_steps:
-            if capture_decode is not None:
-                dec, route = capture_decode(m, ids_arr, P, taps)
-            else:
-                cache = m.new_cache(batch=1, max_len=T)
-                m.forward(ids_arr[:, :P], cache=cache)
-                steps = [m.forward(ids_arr[:, t:t + 1], taps=taps, cache=cache) for t in range(P, T)]
-                dec = {n: np.concatenate([s.taps[n] for s in steps], axis=1) for n in steps[0].taps}
-                dec["logits"] = np.concatenate([s.logits for s in steps], axis=1)
-                route = "plain"
-            drows = _rows_for(ref_taps, dec, spec.name, d, spec.kind, "decode", tol, order_of,
-                              positions=slice(P, T))
-            for r in drows:
-                r["route"] = route
-            trows += drows
-        overridden = bool(tolerances) and any(k in tolerances for k in ((spec.kind, d), spec.kind, d))
-        if d in same_dtype and not overridden:
-            err, what, why_not = same_dtype[d]
-            _apply_budgets(trows, err, what, why_not, d)
-        else:
-            for r in trows:
-                r["margin"] = _margin(r)
-        rows += trows
-        del m
-        prog.step(f"{key}")
 
-    failed_refs: dict[str, str] = {}
+def _independent_rows(refs, asked, media, path, cfg, ids_arr, ref_taps, tolerances, order_of, skipped,
+                      prog) -> tuple[list[dict], dict[str, str]]:
+    """Rows of the independent references (HF float32, llama.cpp) against the reference; one that cannot run is
+    skipped (and, when the caller asked for it by name, fails the report: the second value)."""
+    rows, failed = [], {}
     for ext in refs:
         try:
             if media:
@@ -888,27 +970,106 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
             why = f"{type(e).__name__}: {e}".splitlines()[0][:200]
             skipped[ext] = why
             if asked:
-                failed_refs[ext] = why
+                failed[ext] = why
         prog.step(f"reference {ext}")
+    return rows, failed
 
-    meta = dict(model=str(source), source=str(path), source_hash=source_hash(path), reference=reference,
+
+def _report_meta(source, path, reference, targets, T, decode_steps, images, audio, prompt, ids, taps, cfg, skipped,
+                 devices, anchor_info, failed_refs, refs, decode, routing_flips) -> dict:
+    from .loader import source_hash
+    return dict(model=str(source), source=str(path), source_hash=source_hash(path), reference=reference,
                 backends=sorted({b for b, _ in targets}), dtypes=sorted({d for _, d in targets}),
-                n_tokens=T, decode_steps=decode_steps, media=dict(images=len(images or []), audio=len(audio or [])), prompt=prompt if isinstance(prompt, str) else None,
-                token_ids=ids, taps=taps, skipped=skipped, devices=devices, arch=cfg.arch,
-                anchor=anchor_info, failed_references=failed_refs, references=refs, decode=decode,
-                routing_flips=routing_flips)
-    rep = ParityReport(rows=rows, meta=meta, skipped=skipped, anchor=anchor_rows, anchor_info=anchor_info,
-                       failed_references=failed_refs)
-    meta["passed"] = rep.passed
-    if store:
-        from . import runs
-        st = runs.RunStore(db)
-        meta_store = dict(meta, versions=runs.collect_versions(), git_commit=runs.git_commit(),
-                          machine=runs.machine_info(), device=", ".join(sorted(set(devices.values()))) or None,
-                          params=dict(decode_steps=decode_steps, taps=taps, tolerances=_jsonable(tolerances),
-                                      fault=fault, anchor=anchor, decode=decode, budgets=budgets))
-        rep.run_id = st.save("parity", meta_store, anchor_rows + rows)
-    return rep
+                n_tokens=T, decode_steps=decode_steps, media=dict(images=len(images or []), audio=len(audio or [])),
+                prompt=prompt if isinstance(prompt, str) else None, token_ids=ids, taps=taps, skipped=skipped,
+                devices=devices, arch=cfg.arch, anchor=anchor_info, failed_references=failed_refs, references=refs,
+                decode=decode, routing_flips=routing_flips)
+
+
+# ------------------------------------------------------------------------------------------ the target loop
+def check_target(backend: str, dtype: str):
+    """(spec, what the device is, dtype normalised) of a backend x dtype that can run here; raises
+    ``backends.BackendError`` with the reason where it cannot (not installed, no device, no such dtype there)."""
+    spec = _bk.parse(backend)
+    ok, why = _bk.status(backend)
+    if not ok:
+        raise _bk.BackendError(why)
+    return spec, why, _bk.check_dtype(dtype, spec)
+
+
+def target_rows(build, targets, ids_arr, taps, ref_taps, order_of, *, decode_steps: int = 0, tolerances=None,
+                fault=None, prog=None, make_ops=None, forward_kw=None, extra_taps=(), capture_decode=None,
+                budgets=None) -> tuple[list[dict], dict, dict, dict]:
+    """The per-target part of every comparison (``wb.compare``, a stored or sharded reference, the sharded targets
+    of workbench.distributed): per backend x dtype, a model from ``build(ops)`` (``make_ops(backend, dtype)``,
+    default ``backends.get_ops``), its prefill taps and the last ``decode_steps`` tokens through the KV cache
+    (``capture_decode``: the fast route's, else the plain forward), rows against ``ref_taps``, each row's tolerance
+    from the table (``tolerances`` overrides it) or from ``budgets`` ({dtype: (HF errors, what, why not)});
+    ``extra_taps`` (MoE routing) compared as routing flips, not rows. Returns (rows, skipped {target: why},
+    devices {target: device}, routing flips {target: [...]})."""
+    rows: list[dict] = []
+    skipped: dict[str, str] = {}
+    devices: dict[str, str] = {}
+    routing_flips: dict[str, list] = {}
+    for b, d in targets:
+        key = f"{b}:{d}"
+        try:
+            spec, device, _ = check_target(b, d)
+        except _bk.BackendError as e:
+            skipped[key] = str(e)
+            prog and prog.step(f"{key} skipped: {e}")
+            continue
+        devices[key] = device
+        m = build((make_ops or _bk.get_ops)(b, d))
+        if fault and _bk.parse(fault["backend"]).name == spec.name and fault.get("dtype", d) == d:
+            m.perturb = _make_fault(fault)
+        tol = tolerance_for(spec.kind, d, tolerances)
+        trows, flips = _prefill_rows(m, spec, d, tol, ids_arr, taps, ref_taps, order_of, forward_kw, extra_taps)
+        if flips:
+            routing_flips[key] = flips
+        if decode_steps:
+            trows += _decode_rows(m, spec, d, tol, ids_arr, decode_steps, taps, ref_taps, order_of, capture_decode)
+        overridden = bool(tolerances) and any(k in tolerances for k in ((spec.kind, d), spec.kind, d))
+        if budgets and d in budgets and not overridden:
+            _apply_budgets(trows, *budgets[d], d)
+        else:
+            for r in trows:
+                r["margin"] = _margin(r)
+        rows += trows
+        del m
+        prog and prog.step(key)
+    return rows, skipped, devices, routing_flips
+
+
+def _prefill_rows(m, spec, d, tol, ids_arr, taps, ref_taps, order_of, forward_kw=None, extra_taps=()):
+    """A target's prefill rows, and its MoE routing flips against the reference (from ``extra_taps``)."""
+    out = m.forward(ids_arr, taps=list(taps) + list(extra_taps), **(forward_kw or {}))
+    got = dict(out.taps)
+    got["logits"] = out.logits
+    routing = {n: got.pop(n) for n in list(got) if n.endswith(("moe.hook_expert_ids", "moe.hook_router_probs"))
+               and not any(fnmatch.fnmatchcase(n, t) for t in taps)}
+    flips = _routing_flips(ref_taps, routing, d) if routing else []
+    return _rows_for(ref_taps, got, spec.name, d, spec.kind, "prefill", tol, order_of), flips
+
+
+def _decode_rows(m, spec, d, tol, ids_arr, decode_steps, taps, ref_taps, order_of, capture_decode=None):
+    """The last ``decode_steps`` prompt tokens one by one through the KV cache (teacher-forced), rows against the
+    reference at those positions; each row carries its route ("plain", or the fast engine's)."""
+    T = ids_arr.shape[1]
+    P = T - decode_steps
+    if capture_decode is not None:
+        dec, route = capture_decode(m, ids_arr, P, taps)
+    else:
+        cache = m.new_cache(batch=1, max_len=T)
+        m.forward(ids_arr[:, :P], cache=cache)
+        steps = [m.forward(ids_arr[:, t:t + 1], taps=taps, cache=cache) for t in range(P, T)]
+        dec = {n: np.concatenate([s.taps[n] for s in steps], axis=1) for n in steps[0].taps}
+        dec["logits"] = np.concatenate([s.logits for s in steps], axis=1)
+        route = "plain"
+    rows = _rows_for(ref_taps, dec, spec.name, d, spec.kind, "decode", tol, order_of, positions=slice(P, T))
+    for r in rows:
+        r["route"] = route
+    return rows
 
 
 def _jsonable(t):

@@ -206,14 +206,8 @@ def check_matches(art: Artifact, path: Path, cfg) -> dict:
 
 # ------------------------------------------------------------------------------------------------ export
 def _ids_for(prompt, tok, max_tokens: int, source) -> list[int]:
-    from .parity import DEFAULT_PROMPT
-    if prompt is None:
-        prompt = DEFAULT_PROMPT
-    if isinstance(prompt, str):
-        if tok is None:
-            raise ValueError(f"{source}: no tokenizer for a text prompt; pass token ids (--prompt-ids)")
-        return [int(i) for i in tok.encode(prompt)[:max_tokens]]
-    return [int(i) for i in np.asarray(prompt).reshape(-1)]
+    from .parity import _prompt_ids
+    return _prompt_ids(prompt, tok, max_tokens, source)
 
 
 def manifest_for(source, path, cfg, tok, prompt, ids, taps, reference, decode_steps, world, tap_names) -> dict:
@@ -254,58 +248,20 @@ def export(source, out, prompt=None, taps=None, reference: str = "torch:cpu:floa
 
 
 def _split_ref(reference: str) -> tuple[str, str]:
-    parts = reference.split(":")
-    return ":".join(parts[:-1]), parts[-1]
+    from .parity import _split_reference
+    return _split_reference(reference)
 
 
 # ------------------------------------------------------------------------------------------------ compare
 def target_rows(build, targets, ids_arr, taps, ref_taps, decode_steps, tolerances, order_of, fault=None,
                 prog=None, make_ops=None):
-    """The per-target part of a comparison (the same steps as ``wb.compare``): for each backend x dtype
-    a model from ``build(ops)``, its prefill taps and ``decode_steps`` cached decode steps, rows against
-    ``ref_taps``. ``make_ops(backend, dtype)``: the ops to build on (default ``backends.get_ops``).
-    Returns (rows, skipped, devices)."""
-    from . import parity as P
-    from .backends import base as _bk
-    rows: list[dict] = []
-    skipped: dict[str, str] = {}
-    devices: dict[str, str] = {}
-    T = ids_arr.shape[1]
-    for b, d in targets:
-        key = f"{b}:{d}"
-        try:
-            spec = _bk.parse(b)
-            ok, why = _bk.status(b)
-            if not ok:
-                skipped[key] = why
-                prog and prog.step(f"{key} skipped: {why}")
-                continue
-            _bk.check_dtype(d, spec)
-        except _bk.BackendError as e:
-            skipped[key] = str(e)
-            prog and prog.step(f"{key} skipped")
-            continue
-        ops = (make_ops or _bk.get_ops)(b, d)
-        devices[key] = why
-        m = build(ops)
-        if fault and _bk.parse(fault["backend"]).name == spec.name and fault.get("dtype", d) == d:
-            m.perturb = P._make_fault(fault)
-        tol = P.tolerance_for(spec.kind, d, tolerances)
-        out = m.forward(ids_arr, taps=taps)
-        got = dict(out.taps)
-        got["logits"] = out.logits
-        rows += P._rows_for(ref_taps, got, spec.name, d, spec.kind, "prefill", tol, order_of)
-        if decode_steps:
-            Pn = T - decode_steps
-            cache = m.new_cache(batch=1, max_len=T)
-            m.forward(ids_arr[:, :Pn], cache=cache)
-            steps = [m.forward(ids_arr[:, t:t + 1], taps=taps, cache=cache) for t in range(Pn, T)]
-            dec = {n: np.concatenate([s.taps[n] for s in steps], axis=1) for n in steps[0].taps}
-            dec["logits"] = np.concatenate([s.logits for s in steps], axis=1)
-            rows += P._rows_for(ref_taps, dec, spec.name, d, spec.kind, "decode", tol, order_of,
-                                positions=slice(Pn, T))
-        del m
-        prog and prog.step(key)
+    """The per-target part of a comparison: ``wb.compare``'s own loop (``parity.target_rows``: a model from
+    ``build(ops)`` per backend x dtype, its prefill taps and ``decode_steps`` cached decode steps, rows against
+    ``ref_taps``, flat tolerances). ``make_ops(backend, dtype)``: the ops to build on (default
+    ``backends.get_ops``). Returns (rows, skipped, devices)."""
+    from .parity import target_rows as _loop
+    rows, skipped, devices, _ = _loop(build, targets, ids_arr, taps, ref_taps, order_of, decode_steps=decode_steps,
+                                      tolerances=tolerances, fault=fault, prog=prog, make_ops=make_ops)
     return rows, skipped, devices
 
 
@@ -317,13 +273,9 @@ def finish_report(rows, meta, skipped, store: bool, db, tolerances=None, fault=N
     meta["passed"] = rep.passed
     if store:
         from . import runs
-        st = runs.RunStore(db)
-        devices = meta.get("devices", {})
-        meta_store = dict(meta, versions=runs.collect_versions(), git_commit=runs.git_commit(),
-                          machine=runs.machine_info(), device=", ".join(sorted(set(devices.values()))) or None,
-                          params=dict(decode_steps=meta.get("decode_steps"), taps=meta.get("taps"),
-                                      tolerances=_jsonable(tolerances), fault=fault))
-        rep.run_id = st.save("parity", meta_store, rows)
+        rep.run_id = runs.save_run("parity", meta, rows, db=db, devices=meta.get("devices", {}),
+                                   params=dict(decode_steps=meta.get("decode_steps"), taps=meta.get("taps"),
+                                               tolerances=_jsonable(tolerances), fault=fault))
     return rep
 
 

@@ -147,6 +147,8 @@ class Run:
     # for a run merged in by RunStore.import_runs: origin_host, origin_store, exported_at, exported_by,
     # source_file, source_sha256, imported_at, imported_on, via (the stores it passed through); else None
     provenance: dict | None = None
+    # the rows exactly as saved (one dict each, only the keys that row had; types kept), beside the DataFrame
+    records: list | None = field(default=None, repr=False, compare=False)
 
     @property
     def created_at(self) -> str | None:
@@ -301,6 +303,23 @@ def machine_info() -> dict:
         except Exception:
             info[key] = None
     return info
+
+
+def provenance() -> dict:
+    """What a stored run records about where it ran: library versions, the git commit, the machine."""
+    return dict(versions=collect_versions(), git_commit=git_commit(), machine=machine_info())
+
+
+def save_run(kind: str, meta: dict, rows, db=None, devices: dict | None = None, **extra) -> str:
+    """Store a run of ``wb.compare`` / ``wb.bench`` / ``wb.diverge`` with its provenance (``provenance()``: versions,
+    git commit, machine); ``devices`` ({target: device}) become the run's ``device`` ("a, b"); ``extra`` (such as
+    ``params``) is added to the meta. ``meta`` itself is not changed. Returns the run id."""
+    meta_store = dict(meta, **provenance())
+    if devices is not None:
+        meta_store["device"] = ", ".join(sorted(set(devices.values()))) or None
+    meta_store.update(extra)
+    with RunStore(db) as st:
+        return st.save(kind, meta_store, rows)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -868,14 +887,19 @@ class RunStore:
         return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
                             (name,)).fetchone() is not None
 
+    @staticmethod
+    def _record(conn: sqlite3.Connection, table: str, run_id: str) -> sqlite3.Row | None:
+        """The row of ``table`` (runs / run_imports) for ``run_id``, by column name; None when there is none."""
+        conn.row_factory = sqlite3.Row
+        try:
+            return conn.execute(f"SELECT * FROM {table} WHERE run_id = ?", (run_id,)).fetchone()
+        finally:
+            conn.row_factory = None
+
     def _provenance(self, conn: sqlite3.Connection, run_id: str) -> dict | None:
         if not self._has_table(conn, "run_imports"):
             return None
-        conn.row_factory = sqlite3.Row
-        try:
-            rec = conn.execute("SELECT * FROM run_imports WHERE run_id = ?", (run_id,)).fetchone()
-        finally:
-            conn.row_factory = None
+        rec = self._record(conn, "run_imports", run_id)
         if rec is None:
             return None
         out = dict(rec)
@@ -917,11 +941,7 @@ class RunStore:
                     else:
                         wanted = _list(dict.fromkeys(self._resolve(conn, i) for i in ids))
                     for rid in wanted:
-                        conn.row_factory = sqlite3.Row
-                        try:
-                            rec = dict(conn.execute("SELECT * FROM runs WHERE run_id = ?", (rid,)).fetchone())
-                        finally:
-                            conn.row_factory = None
+                        rec = dict(self._record(conn, "runs", rid))
                         rows = [d for _, d in conn.execute(
                             "SELECT idx, data FROM run_rows WHERE run_id = ? ORDER BY idx", (rid,))]
                         try:
@@ -1026,11 +1046,7 @@ class RunStore:
         return header, gen()
 
     def _local_digest(self, conn: sqlite3.Connection, run_id: str) -> str | None:
-        conn.row_factory = sqlite3.Row
-        try:
-            rec = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        finally:
-            conn.row_factory = None
+        rec = self._record(conn, "runs", run_id)
         if rec is None:
             return None
         rows = [d for _, d in conn.execute("SELECT idx, data FROM run_rows WHERE run_id = ? ORDER BY idx",
@@ -1242,9 +1258,7 @@ class RunStore:
             conn.execute("BEGIN")
             try:
                 rid = self._resolve(conn, run_id)
-                conn.row_factory = sqlite3.Row
-                rec = conn.execute("SELECT * FROM runs WHERE run_id = ?", (rid,)).fetchone()
-                conn.row_factory = None
+                rec = self._record(conn, "runs", rid)
                 if rec is None:
                     raise UnknownRunError(f"no run {run_id!r} in {self.path}")
                 raw = conn.execute("SELECT idx, data FROM run_rows WHERE run_id = ? ORDER BY idx",
@@ -1288,7 +1302,7 @@ class RunStore:
         for k in _JSON_KEYS:
             meta[k] = d[k]
         meta.update(d["extra"] or {})
-        return Run(run_id=rid, kind=d["kind"], meta=meta, rows=frame, provenance=provenance)
+        return Run(run_id=rid, kind=d["kind"], meta=meta, rows=frame, provenance=provenance, records=rows)
 
     def __contains__(self, run_id: str) -> bool:
         try:
@@ -1454,11 +1468,8 @@ def _open_text(path: Path, mode: str, gz: bool | None = None):
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from .weights.registry import sha256_file
+    return sha256_file(path)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -27,17 +27,7 @@ st.caption("Each target's greedy tokens against torch:cpu float64 teacher-forced
            "differing token (near-tie or fault), the KV cache by position, and each layer's own error beside the "
            "error it inherits.")
 
-db = L.db_from_argv()
-try:
-    store = L.open_store(db)
-except Exception as e:
-    st.error(f"The results store can't be opened: {e}")
-    st.stop()
-st.caption(f"results store: `{store.path}`")
-
-runs_df, problems = L.list_runs(store)
-if problems:
-    st.warning("Damaged record(s) in the results store were skipped:\n\n" + "\n".join(f"- {p}" for p in problems))
+store, runs_df = L.page_store(st)
 div_runs = runs_df[runs_df["kind"] == "diverge"] if len(runs_df) else runs_df
 last = st.session_state.pop("diverge_last", None)
 if last:
@@ -54,19 +44,13 @@ def new_run_form(model_default: str):
         steps = c3.number_input("steps (greedy tokens)", 1, 1024, 32)
         prompt = st.text_input("prompt (text, or token ids such as 1,2,3; empty: the default prompt)", value="")
         go = st.form_submit_button("Start divergence run", type="primary")
-    if not go:
+    update = L.run_bar(st, go, backends, dtypes)
+    if update is None:
         return
-    if not backends or not dtypes:
-        st.error("pick at least one backend and one dtype")
-        return
-    bar = st.progress(0.0, text="starting")
-
-    def progress(i, n, what):
-        bar.progress(min(1.0, i / max(n, 1)), text=str(what)[:120])
     try:
         import workbench as wb
         res = wb.diverge(model, backends=list(backends), dtypes=list(dtypes), prompt=L.parse_prompt(prompt),
-                         steps=int(steps), db=str(store.path), progress=progress)
+                         steps=int(steps), db=str(store.path), progress=L.progress_callback(update))
     except Exception as e:
         st.error(f"the run failed: {type(e).__name__}: {e}")
         return
@@ -80,11 +64,7 @@ if div_runs.empty:
     new_run_form(L.DEFAULT_MODEL)
     st.stop()
 
-ids = list(div_runs["run_id"])
-labels = {r["run_id"]: L.run_label(r) for _, r in div_runs.iterrows()}
-want = st.session_state.get("diverge_run")
-rid = st.selectbox("divergence run", ids, index=ids.index(want) if want in ids else 0, format_func=labels.get,
-                   key="sel_diverge")
+rid, labels = L.pick_run(st, div_runs, "divergence run", "sel_diverge", "diverge_run")
 div, err = D.load_divergence(store, rid)
 if err:
     st.warning(err)

