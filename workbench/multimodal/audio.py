@@ -20,42 +20,24 @@ and output clamped to bounds stored in the checkpoint. All RMSNorms scale by ``w
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import mmops
-from .common import ClippedLinear, MediaWeights, finite_max, norm_weight
+from .common import ClippedLinear, MediaWeights, TowerConfig, finite_max, norm_weight
 from .points import MediaPoints
 
 
-@dataclass
-class AudioConfig:
-    hidden_size: int = 1024
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 8
-    hidden_act: str = "silu"
-    subsampling_conv_channels: list = field(default_factory=lambda: [128, 32])
-    conv_kernel_size: int = 5
-    residual_weight: float = 0.5
-    attention_chunk_size: int = 12
-    attention_context_left: int = 13
-    attention_context_right: int = 0
-    attention_logit_cap: float = 50.0
-    attention_invalid_logits_value: float = -1.0e9
-    use_clipped_linears: bool = True
-    rms_norm_eps: float = 1e-6
-    gradient_clipping: float = 1e10
-    output_proj_dims: int = 1536
+class AudioConfig(TowerConfig):
+    DEFAULTS = dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=8, hidden_act="silu",
+                    subsampling_conv_channels=[128, 32], conv_kernel_size=5, residual_weight=0.5,
+                    attention_chunk_size=12, attention_context_left=13, attention_context_right=0,
+                    attention_logit_cap=50.0, attention_invalid_logits_value=-1.0e9, use_clipped_linears=True,
+                    rms_norm_eps=1e-6, gradient_clipping=1e10, output_proj_dims=1536)
 
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "audio_config") -> "AudioConfig":
+    def check(self, d: dict, where: str) -> None:
         from ..config import ConfigError
-        c = cls()
-        for k, v in d.items():
-            if k in cls.__dataclass_fields__ and v is not None:
-                cur = getattr(c, k)
-                setattr(c, k, list(v) if isinstance(cur, list) else type(cur)(v))
+        c = self
         if len(c.subsampling_conv_channels) != 2:
             raise ConfigError(f"{where}: subsampling_conv_channels must have 2 entries, got "
                               f"{c.subsampling_conv_channels}")
@@ -64,7 +46,6 @@ class AudioConfig:
                               f"{c.num_attention_heads}")
         if c.hidden_act not in ("silu", "swish"):
             raise ConfigError(f"{where}: unsupported hidden_act {c.hidden_act!r} (Gemma 4 audio uses silu)")
-        return c
 
     @property
     def head_dim(self) -> int:

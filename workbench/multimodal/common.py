@@ -67,6 +67,39 @@ class ClippedLinear:
         return ops.clamp(y, olo, ohi)
 
 
+class TowerConfig:
+    """A media tower's config: the fields of HF's ``vision_config`` / ``audio_config`` with Gemma 4's defaults
+    (``DEFAULTS``: name -> default; a value read from the checkpoint takes its default's type, None keeps the
+    default, other keys are not read). Subclasses derive fields and check constraints in ``check``."""
+    DEFAULTS: dict = {}
+
+    def __init__(self, **values):
+        unknown = sorted(set(values) - set(self.DEFAULTS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown field(s) {unknown}; known: {sorted(self.DEFAULTS)}")
+        for k, v in {**self.DEFAULTS, **values}.items():
+            setattr(self, k, list(v) if isinstance(v, list) else v)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.DEFAULTS) + ")"
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config"):
+        c = cls()
+        for k, v in d.items():
+            if k in cls.DEFAULTS and v is not None:
+                cur = cls.DEFAULTS[k]
+                setattr(c, k, list(v) if isinstance(cur, list) else type(cur)(v))
+        c.check(d, where)
+        return c
+
+    def check(self, d: dict, where: str) -> None:
+        """Derived fields and constraints, from the raw dict ``d`` (a ConfigError names ``where``)."""
+
+
 def norm_weight(ops, wts: MediaWeights, name: str, dim: int):
     """RMSNorm / LayerNorm weight, stored in the accumulation dtype like the text model's norms."""
     acc = "float64" if ops.dtype == "float64" else "float32"

@@ -216,26 +216,19 @@ def split_prompt(model, prompt) -> tuple[list, int, int]:
     if not prompt:
         raise InputError("empty prompt")
     parts = re.split(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(AUDIO_PLACEHOLDER)})", prompt)
+    marker = {IMAGE_PLACEHOLDER: "image", AUDIO_PLACEHOLDER: "audio"}
     pieces: list = []
     first = True
-    n_img = n_aud = 0
     for p in parts:
-        if p == IMAGE_PLACEHOLDER:
-            if first:
+        if p in marker:
+            if first:              # the tokenizer's prefix (e.g. <bos>) before a leading placeholder
                 pieces.append(_encode_text(tok, "", True))
                 first = False
-            pieces.append("image")
-            n_img += 1
-        elif p == AUDIO_PLACEHOLDER:
-            if first:
-                pieces.append(_encode_text(tok, "", True))
-                first = False
-            pieces.append("audio")
-            n_aud += 1
+            pieces.append(marker[p])
         elif p or first:
             pieces.append(_encode_text(tok, p, first))
             first = False
-    return pieces, n_img, n_aud
+    return pieces, pieces.count("image"), pieces.count("audio")
 
 
 def split_ids(ids, tokens: MediaTokens) -> tuple[list, int, int]:

@@ -15,47 +15,27 @@ output to bounds stored in the checkpoint.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
 from . import mmops
-from .common import ClippedLinear, MediaWeights, norm_weight
+from .common import ClippedLinear, MediaWeights, TowerConfig, norm_weight
 from .points import MediaPoints
 
 _BTHD = (0, 2, 1, 3)
 
 
-@dataclass
-class VisionConfig:
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 16
-    num_attention_heads: int = 12
-    num_key_value_heads: int = 12
-    head_dim: int = 64
-    hidden_activation: str = "gelu_pytorch_tanh"
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 100.0
-    pooling_kernel_size: int = 3
-    patch_size: int = 16
-    position_embedding_size: int = 10240
-    use_clipped_linears: bool = False
-    standardize: bool = False
+class VisionConfig(TowerConfig):
+    DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=16, num_attention_heads=12,
+                    num_key_value_heads=12, head_dim=64, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
+                    rope_theta=100.0, pooling_kernel_size=3, patch_size=16, position_embedding_size=10240,
+                    use_clipped_linears=False, standardize=False)
 
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "vision_config") -> "VisionConfig":
+    def check(self, d: dict, where: str) -> None:
         from ..config import ConfigError
-        c = cls()
-        for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "pooling_kernel_size", "patch_size", "position_embedding_size"):
-            if d.get(k) is not None:
-                setattr(c, k, int(d[k]))
+        c = self
         if d.get("head_dim") is None:
             c.head_dim = c.hidden_size // c.num_attention_heads
-        for k in ("hidden_activation", "rms_norm_eps", "use_clipped_linears", "standardize"):
-            if d.get(k) is not None:
-                setattr(c, k, type(getattr(c, k))(d[k]))
         rp = d.get("rope_parameters") or {}
         if rp.get("rope_type", "axial") != "axial":
             raise ConfigError(f"{where}: the Gemma 4 vision tower supports only axial RoPE, not "
@@ -68,7 +48,6 @@ class VisionConfig:
                               f"num_key_value_heads {c.num_key_value_heads}")
         if c.hidden_activation not in ("gelu_pytorch_tanh", "gelu", "gelu_new", "gelu_fast"):
             raise ConfigError(f"{where}: unsupported hidden_activation {c.hidden_activation!r}")
-        return c
 
 
 class VisionTower:
