@@ -68,18 +68,18 @@ class BenchResult:
         lines = [f"Throughput of {self.meta.get('model')}: pp{self.meta.get('prompt_len')} / "
                  f"tg{self.meta.get('gen_len')}, batch 1, {self.meta.get('repeats')} repeats after warm-up "
                  f"({self.meta.get('machine', {}).get('cpu', '')})"]
-        hdr = (f"{'impl':10s} {'backend':12s} {'dtype':9s} {'ttft ms':>8s} {'pp tok/s':>9s} {'tg tok/s':>9s} "
+        hdr = (f"{'impl':16s} {'backend':12s} {'dtype':9s} {'ttft ms':>8s} {'pp tok/s':>9s} {'tg tok/s':>9s} "
                f"{'µs/step (p10-p90)':>22s} {'GB/s':>7s} {'of limit':>8s} {'peak MiB':>9s}")
         lines += [hdr, "-" * len(hdr)]
         for r in self.rows:
             if r["status"] != "ok":
-                lines.append(f"{r['impl']:10s} {r['backend']:12s} {r['dtype']:9s} skipped: {r.get('reason')}")
+                lines.append(f"{r['impl']:16s} {r['backend']:12s} {r['dtype']:9s} skipped: {r.get('reason')}")
                 continue
             spread = f"{r['decode_us_median']:.0f} ({r['decode_us_p10']:.0f}-{r['decode_us_p90']:.0f})"
             frac = f"{100 * r['bw_fraction']:.0f}%" if r.get("bw_fraction") else "-"
             gbs = f"{r['gbps']:.1f}" if r.get("gbps") else "-"
             pm = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") else "-"
-            lines.append(f"{r['impl']:10s} {r['backend']:12s} {r['dtype']:9s} {1000 * r['ttft_s']:8.1f} "
+            lines.append(f"{r['impl']:16s} {r['backend']:12s} {r['dtype']:9s} {1000 * r['ttft_s']:8.1f} "
                          f"{r['prefill_tok_s']:9.1f} {r['decode_tok_s']:9.1f} {spread:>22s} {gbs:>7s} {frac:>8s} {pm:>9s}")
         bw = {r["backend"]: (r.get("bw_limit_gbps"), r.get("bw_source")) for r in self.rows if r.get("bw_limit_gbps")}
         for b, (v, src) in bw.items():
@@ -88,11 +88,14 @@ class BenchResult:
                 if r.get("kernels") and r["impl"] == "workbench"}
         for (b, d), k in kern.items():
             lines.append(f"decode kernels {b} {d}: {k}")
+        for r in self.rows:
+            if r["status"] == "ok" and r["impl"] != "workbench" and (r.get("reason") or r.get("route")):
+                lines.append(f"peer {r['impl']} {r['backend']} {r['dtype']}: {r.get('reason') or r.get('route')}")
         rt = self.ratios()
         if not rt.empty:
             lines.append("workbench / peer:")
             for _, r in rt.iterrows():
-                lines.append(f"  {r['backend']:12s} {r['dtype']:9s} vs {r['peer']:10s} ({r['peer_dtype']}): decode "
+                lines.append(f"  {r['backend']:12s} {r['dtype']:9s} vs {r['peer']:16s} ({r['peer_dtype']}): decode "
                              f"{r['decode_ratio']:.2f}x, prefill {r['prefill_ratio']:.2f}x")
         if self.regressions is not None and len(self.regressions):
             lines.append("REGRESSIONS against the baseline:")
@@ -366,59 +369,10 @@ def _compare_with_baseline(res: BenchResult, base_run, db):
 
 
 def _peer_rows(path, targets, prompt_len, gen_len, repeats, progress) -> list[dict]:
-    """HF transformers (same weights and dtype), mlx-lm (same weights), llama.cpp (same GGUF); each peer is a
-    note to ``progress`` (the run's Progress, or True / a callback / False)."""
+    """Every peer of ``targets`` on the same weights (``workbench.references.peers``: HF transformers eager, HF
+    with a StaticCache in CUDA graphs, transformers' own compiled static generate, mlx-lm, llama.cpp): a row each,
+    measured or skipped with its reason; each peer is a note to ``progress`` (the run's Progress, or True / a
+    callback / False)."""
+    from .references.peers import peer_rows
     progress = as_progress(progress, 1)
-    rows = []
-    dtypes = sorted({d for _, d in targets if d != "float64"})
-    kinds = {_bk.parse(b).framework + ":" + _bk.parse(b).device for b, _ in targets}
-
-    def add(impl, backend, dtype, fn):
-        base = dict(backend=backend, dtype=dtype, impl=impl, prompt_len=prompt_len, gen_len=gen_len)
-        progress.note(f"peer {impl} {backend} {dtype}")
-        try:
-            r = fn()
-            if "error" in r:
-                raise RuntimeError(r["error"])
-            sc = r.pop("static_compile", None)
-            if isinstance(sc, dict):      # HF's static cache + torch.compile variant, as its own row
-                if "error" in sc:
-                    rows.append(dict(base, impl=impl + "+static", status="skipped", reason=sc["error"][:200]))
-                else:
-                    rows.append(dict(base, impl=impl + "+static", status="ok", reason=None,
-                                     ttft_s=float("nan"), prefill_tok_s=sc["prefill_tok_s"],
-                                     decode_tok_s=sc["decode_tok_s"], decode_us_median=1e6 / sc["decode_tok_s"],
-                                     decode_us_p10=1e6 / sc["decode_tok_s"], decode_us_p90=1e6 / sc["decode_tok_s"],
-                                     peak_mem_bytes=None, device=r.get("device")))
-            rows.append(dict(base, status="ok", reason=r.pop("note", None), ttft_s=r.get("ttft_s", float("nan")),
-                             prefill_tok_s=r["prefill_tok_s"], decode_tok_s=r["decode_tok_s"],
-                             decode_us_median=1e6 / r["decode_tok_s"],
-                             decode_us_p10=r.get("decode_us_p10", 1e6 / r["decode_tok_s"]),
-                             decode_us_p90=r.get("decode_us_p90", 1e6 / r["decode_tok_s"]),
-                             peak_mem_bytes=r.get("peak_mem_bytes"), device=r.get("device")))
-        except Exception as e:
-            rows.append(dict(base, status="skipped", reason=f"{type(e).__name__}: {e}".splitlines()[0][:200]))
-
-    for kind in sorted(kinds):
-        fw, dev = kind.split(":")
-        for d in dtypes:
-            if fw == "torch":
-                def hf(d=d, dev=dev):
-                    from .references.hf import HFReference
-                    ref = HFReference(str(path), dtype=d, device=dev, gguf_cache=str(path).endswith(".gguf") or None)
-                    return ref.bench_decode(prompt_len, gen_len, repeats, static_cache_compile=(dev == "cuda"))
-                add("hf", kind, d, hf)
-            if fw == "mlx":
-                def ml(d=d):
-                    from .references import mlxlm
-                    return mlxlm.bench(str(path), prompt_len, gen_len, repeats, dtype=d)
-                add("mlx-lm", kind, d, ml)
-    if str(path).endswith(".gguf"):
-        gpu = any(k in kinds for k in ("torch:cuda", "mlx:gpu"))
-
-        def lc():
-            from .references.llamacpp import LlamaCppReference
-            ref = LlamaCppReference(str(path), n_ctx=prompt_len + gen_len + 16, n_gpu_layers=-1 if gpu else 0)
-            return ref.bench(prompt_len, gen_len, repeats)
-        add("llama.cpp", "llamacpp:" + ("gpu" if gpu else "cpu"), "gguf", lc)
-    return rows
+    return peer_rows(path, targets, prompt_len, gen_len, repeats, note=progress.note)

@@ -2,7 +2,7 @@
 
 ``HFReference(source)`` loads either an HF checkpoint directory (``config.json`` + safetensors; model types
 ``gemma``, ``gemma2``, ``gemma3_text``, ``gemma3`` (nested), ``gemma4_text``, ``gemma4`` (nested)) or a single
-``.gguf`` file (transformers dequantises GGUF tensors to the requested dtype on load). Always
+``.gguf`` file (transformers dequantises GGUF tensors to the requested dtype on load). By default
 ``attn_implementation="eager"``, eval mode, no grad.
 
 Loading a GGUF through transformers is slow (its GGUF reader parses the 262k-entry vocabulary field by field,
@@ -16,7 +16,6 @@ references see identical weights.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import time
@@ -188,9 +187,11 @@ class HFReference:
     ``source``: an HF checkpoint directory or a ``.gguf`` file. ``gguf_cache``: for a GGUF source, ``None`` (load
     the GGUF directly), ``True`` (export once, in float32, to ``DEFAULT_GGUF_CACHE/<stem>-float32`` and load from
     there, cast to ``dtype``) or a cache directory to use instead of ``DEFAULT_GGUF_CACHE``.
+    ``attn_implementation``: ``"eager"`` (the reference: every path in the model's own Python) or ``"sdpa"``
+    (the throughput peers: torch's fused attention).
     """
 
-    def __init__(self, source, dtype="float32", device="cpu", *, gguf_cache=None):
+    def __init__(self, source, dtype="float32", device="cpu", *, gguf_cache=None, attn_implementation="eager"):
         transformers = _import_transformers()
         import torch
 
@@ -212,7 +213,7 @@ class HFReference:
         self._load_dir, self._gguf_file = load_dir, gguf_file
         kw = {"gguf_file": gguf_file} if gguf_file else {}
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(load_dir), dtype=self.dtype, attn_implementation="eager", **kw
+            str(load_dir), dtype=self.dtype, attn_implementation=attn_implementation, **kw
         )
         if hasattr(model, "set_experts_implementation"):
             # grouped_mm (the default for Gemma 4 MoE) has no float64 kernel; eager is the reference anyway
@@ -487,9 +488,9 @@ class HFReference:
         """Prefill and decode throughput of ``generate`` (greedy, EOS ignored, batch 1), medians after a warm-up.
 
         ``prefill_tok_s`` = prompt_len / (time to the first new token); ``decode_tok_s`` = 1 / mean time per
-        further token. With ``static_cache_compile`` also measures HF's static KV cache with ``torch.compile``
-        (``cache_implementation="static"`` + a ``CompileConfig``); a failure lands in ``result["static_compile"]
-        ["error"]`` instead of raising.
+        further token. With ``static_cache_compile`` also measures generate with a static KV cache compiled by
+        transformers itself (:func:`workbench.references.hf_static.bench_generate_static`); a failure lands in
+        ``result["static_compile"]["error"]`` instead of raising.
         """
         import torch
 
@@ -507,34 +508,9 @@ class HFReference:
         }
         res.update(self._bench(x, int(gen_len), repeats, {}))
         if static_cache_compile:
+            from .hf_static import bench_generate_static
             try:
-                from transformers import CompileConfig
-
-                cc = CompileConfig(fullgraph=False, dynamic=False, mode="default")
-                cc._compile_all_devices = True  # generate only auto-compiles on CUDA-like devices otherwise
-                extra = {"cache_implementation": "static", "compile_config": cc}
-                notes: list[str] = []
-
-                class _Catch(logging.Handler):
-                    def emit(self, record):
-                        msg = record.getMessage()
-                        if "recompile_limit" in msg or "cache_size_limit" in msg:
-                            notes.append(msg.splitlines()[0][:300])
-
-                handler = _Catch(logging.WARNING)
-                dynamo_log = logging.getLogger("torch._dynamo")
-                dynamo_log.addHandler(handler)
-                try:
-                    t0 = time.perf_counter()
-                    sc = self._bench(x, int(gen_len), repeats, extra)
-                    sc["wall_s_incl_compile"] = time.perf_counter() - t0
-                finally:
-                    dynamo_log.removeHandler(handler)
-                if notes:
-                    # e.g. Gemma 3's static sliding-window cache guards on a Python int that changes every step
-                    # (transformers 5.24), so dynamo recompiles per token, hits the limit and runs eager.
-                    sc["warning"] = "torch._dynamo hit its recompile limit; decode fell back to eager: " + notes[0]
-                res["static_compile"] = sc
+                res["static_compile"] = bench_generate_static(self, int(prompt_len), int(gen_len), repeats)
             except Exception as e:  # noqa: BLE001 - report, don't crash
                 res["static_compile"] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
         return res
