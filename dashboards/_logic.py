@@ -1,8 +1,10 @@
 """Data logic of the parity dashboard, importable and testable without Streamlit or a browser.
 
-Run selection and filtering, parity frames and their per-layer pivots, the heatmap picture (tolerance marked,
-failing cells outlined, first divergence boxed), throughput bars and history, and running a new parity or
-benchmark in-process with progress reports. ``dashboards/parity.py`` only lays these out.
+Run selection and filtering, the heatmap picture (tolerance marked, failing cells outlined, first divergence boxed),
+throughput bars and history, and running a new parity or benchmark in-process with a progress callback. Verdicts
+are not computed here: a stored parity run is read back as the library's report (``ParityReport.from_run``), whose
+``passed``, ``first_divergence``, ``target_table()`` and ``heatmap_matrix()`` the page shows; a divergence run as
+``Divergence.from_run``. ``dashboards/parity.py`` only lays these out.
 """
 from __future__ import annotations
 
