@@ -74,6 +74,11 @@ TOL: dict[str, tuple[float, float, float, float]] = {
     "attention[softcap]": (4e-6, 2.4e-2, 3e-3, 1e-13),
     "attention[probs]": (4e-6, 2.4e-2, 3e-3, 1e-13),
     "attention[probs].p": (2e-6, 8e-3, 1e-3, 1e-13),
+    "attention[CausalMask]": (4e-6, 2.4e-2, 3e-3, 1e-13),
+    "attention[CausalMask, window]": (4e-6, 2.4e-2, 3e-3, 1e-13),
+    "attention[CausalMask, band]": (4e-6, 2.4e-2, 3e-3, 1e-13),
+    "attention[CausalMask, square]": (4e-6, 2.4e-2, 3e-3, 1e-13),
+    "attention[CausalMask, softcap]": (4e-6, 2.4e-2, 3e-3, 1e-13),
     "decode_mask": _EXACT,
     "decode_mask[window]": _EXACT,
     "decode_attention": (4e-6, 2.4e-2, 3e-3, 1e-13),
@@ -236,6 +241,12 @@ def _causal(T, S, start):
     return k <= q
 
 
+def _window(T, S, start, W):
+    q = np.arange(start, start + T)[:, None]
+    k = np.arange(S)[None, :]
+    return (k <= q) & (q - k < W)
+
+
 def _data(ops, dtype, r):
     A, N, acc = ops.asarray, ops.numpy, r.acc()
     x = r.x((2, 9, D))
@@ -353,6 +364,25 @@ def _attention(ops, dtype, r):
     o_ref, p_ref = ref_attention(q, k, v, mask, scale, None)
     yield "attention[probs]", N(out), o_ref
     yield "attention[probs].p", N(p), p_ref
+    # the same masks described (CausalMask: keys are consecutive positions ending at the last query's), built here
+    # independently from positions; the band case (T >= 3 windows) runs the blocked pass
+    win = _window(T, S, start, 12)
+    yield "attention[CausalMask]", N(ops.attention(A(q), A(k), A(v), _proto.CausalMask(), scale, None, False)[0]), \
+        ref_attention(q, k, v, mask, scale, None)[0]
+    yield "attention[CausalMask, window]", \
+        N(ops.attention(A(q), A(k), A(v), _proto.CausalMask(12), scale, None, False)[0]), \
+        ref_attention(q, k, v, win, scale, None)[0]
+    yield "attention[CausalMask, softcap]", \
+        N(ops.attention(A(q), A(k), A(v), _proto.CausalMask(12), scale, 50.0, False)[0]), \
+        ref_attention(q, k, v, win, scale, 50.0)[0]
+    Tb, Sb = 40, 45
+    qb, kb, vb = r.x((2, H, Tb, HD)), r.x((2, HKV, Sb, HD)), r.x((2, HKV, Sb, HD))
+    yield "attention[CausalMask, band]", \
+        N(ops.attention(A(qb), A(kb), A(vb), _proto.CausalMask(8), scale, None, False)[0]), \
+        ref_attention(qb, kb, vb, _window(Tb, Sb, Sb - Tb, 8), scale, None)[0]
+    yield "attention[CausalMask, square]", \
+        N(ops.attention(A(qb), A(kb[:, :, :Tb]), A(vb[:, :, :Tb]), _proto.CausalMask(), scale, None, False)[0]), \
+        ref_attention(qb, kb[:, :, :Tb], vb[:, :, :Tb], _causal(Tb, Tb, 0), scale, None)[0]
     slots = 32
     kpos = np.where(np.arange(slots) < 27, np.arange(slots), -1)
     kpos[[3, 11]] = -1                                    # empty slots inside the ring
@@ -523,7 +553,8 @@ def run(backend: str, dtype: str, compiled: bool = False) -> dict:
         except KeyError:
             raise
         except Exception as e:      # an op that raises (or breaks a type contract) fails its group; the rest run
-            out[f"{g.__name__} raised"] = (math.inf, 0.0, False, f"{type(e).__name__}: {e}")
+            # (named without the group's leading underscore: failures() skips "_" keys, which hid these)
+            out[f"{g.__name__.lstrip('_')} raised"] = (math.inf, 0.0, False, f"{type(e).__name__}: {e}")
     out["_seconds"] = time.perf_counter() - t0
     _RESULTS[key] = out
     return out
@@ -772,7 +803,9 @@ def test_planted_faults_are_caught():
                 failed[op] = (err, note)
     assert set(failed) == {"rope", "rope[partial]", "gelu[tanh]", "attention", "attention[softcap]",
                            "attention[probs]", "attention[probs].p", "argmax_last", "argmax_last[262k]",
-                           "softcap"}, failed
+                           "softcap", "attention[CausalMask]", "attention[CausalMask, window]",
+                           "attention[CausalMask, softcap]", "attention[CausalMask, band]",
+                           "attention[CausalMask, square]"}, failed
     assert math.isinf(failed["softcap"][0]) and "1 NaN" in failed["softcap"][1]
 
 

@@ -135,7 +135,7 @@ def decode_tokens(model, cache_engine, last_logits, n_prompt: int, max_new_token
 
 def generate_iter(model, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                   top_p: float | None = None, seed: int | None = 0, stop=None, chat: bool = False,
-                  ignore_eos: bool = False, prefill_chunk: int = 512, max_len: int | None = None,
+                  ignore_eos: bool = False, prefill_chunk: int = 4096, max_len: int | None = None,
                   stats: dict | None = None, compile: bool | None = None) -> Iterator[int]:
     """Yield generated token ids one by one; fills ``stats`` (timings, route) as it goes."""
     from .decode import engine as _engine
@@ -318,7 +318,7 @@ class FastDecoder:
         return self.eng.run(first_token, n)
 
 
-def greedy_fast(model, prompt, max_new_tokens: int, compile: bool | None = None, prefill_chunk: int = 512,
+def greedy_fast(model, prompt, max_new_tokens: int, compile: bool | None = None, prefill_chunk: int = 4096,
                 graph: bool | None = None):
     """Greedy continuation through the engine (EOS ignored). Returns (token_ids, stats)."""
     st: dict = {}

@@ -8,8 +8,9 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from . import cpu_gemv
+from . import attn_plan, cpu_gemv
 from .base import BackendSpec, Ops
+from .protocol import CausalMask
 from .composed import ComposedOps
 from .mlx_media import MLXMediaOps
 
@@ -17,7 +18,7 @@ _MD = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _GEMV_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16"}
 
 
-class MLXOps(MLXMediaOps, ComposedOps, Ops):
+class MLXOps(MLXMediaOps, ComposedOps, attn_plan.PlannedAttention, Ops):
     framework = "mlx"
 
     def __init__(self, spec: BackendSpec, dtype: str):
@@ -163,10 +164,20 @@ class MLXOps(MLXMediaOps, ComposedOps, Ops):
     def argmax_last(self, logits):
         return mx.argmax(logits, axis=-1, keepdims=True)
 
+    def _sdpa(self, q, k, v, mask, scale, causal=False):
+        """mx.fast SDPA; its "causal" mask is lower-right aligned, as a CausalMask's."""
+        if causal and q.shape[2] > 1:
+            mask = "causal"
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
     def attention(self, q, k, v, mask, scale, softcap, want_probs):
         H, Hkv = q.shape[1], k.shape[1]
+        if isinstance(mask, CausalMask):    # attn_plan: causal kernel, banded windows, or one dense mask
+            out, mask = self._causal_attention(q, k, v, mask, scale, softcap, want_probs)
+            if out is not None:
+                return out, None
         if softcap is None and not want_probs:
-            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask), None
+            return self._sdpa(q, k, v, mask, scale), None
         if H != Hkv:
             k = mx.repeat(k, H // Hkv, axis=1)
             v = mx.repeat(v, H // Hkv, axis=1)

@@ -17,11 +17,28 @@ the model's dtype.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 A = Any     # a backend array
+
+
+@dataclass(frozen=True)
+class CausalMask:
+    """A causal attention mask described instead of materialised, for ``Ops.attention``: the S keys are consecutive
+    positions ending at the last query's, so query t of T sits at key index t + S - T ("lower-right" alignment); it
+    attends keys s <= t + S - T and, with a ``window``, only those with (t + S - T) - s < window (HF's sliding
+    window: W keys including the query itself). Backends run it on their fastest exact kernel (flash / is_causal,
+    a banded pass for windows much shorter than T) and build a dense mask only where they must, on the device."""
+    window: int | None = None
+
+    def dense(self, T: int, S: int) -> np.ndarray:
+        """The same mask as a numpy bool [T, S] (True = attend)."""
+        d = (np.arange(T)[:, None] + (S - T)) - np.arange(S)[None, :]
+        ok = d >= 0
+        return ok & (d < self.window) if self.window is not None else ok
 
 
 @runtime_checkable
@@ -123,8 +140,9 @@ class Ops(Protocol):
     def attention(self, q: A, k: A, v: A, mask: A | None, scale: float, softcap: float | None,
                   want_probs: bool) -> tuple[A, A | None]:
         """softmax(softcap(q @ k.T * scale) masked) @ v. q [B, H, T, hd]; k, v [B, Hkv, S, hd]; mask bool
-        [T, S] (or broadcastable to [B, H, T, S]; True = attend) or None (all). Returns (out [B, H, T, hd] in q's
-        dtype, probabilities [B, H, T, S] when ``want_probs`` else None). Softmax in acc."""
+        [T, S] (or broadcastable to [B, H, T, S]; True = attend), a :class:`CausalMask` (S >= T), or None (all).
+        Returns (out [B, H, T, hd] in q's dtype, probabilities [B, H, T, S] when ``want_probs`` else None). Softmax in
+        acc."""
 
     def decode_mask(self, kpos: A, pos: A, window: int | None) -> A:
         """The one-query mask of the static decode step: slot positions ``kpos`` [S] (-1 = empty), the query's

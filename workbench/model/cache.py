@@ -17,6 +17,21 @@ class ContextOverflow(ValueError):
     pass
 
 
+def _runs(idx) -> list[tuple[int, int, int]] | None:
+    """Slot indices as at most two runs of consecutive slots: [(first slot, offset in idx, length)], or None."""
+    n = len(idx)
+    if n == 0:
+        return None
+    idx = np.asarray(idx)
+    br = np.nonzero(np.diff(idx) != 1)[0]
+    if len(br) > 1:
+        return None
+    if not len(br):
+        return [(int(idx[0]), 0, n)]
+    c = int(br[0]) + 1
+    return [(int(idx[0]), 0, c), (int(idx[c]), c, n - c)]
+
+
 class LayerCache:
     def __init__(self, ops, batch: int, kv_heads: int, head_dim: int, slots: int, ring: bool, one_tensor: bool):
         self.ops = ops
@@ -30,18 +45,35 @@ class LayerCache:
 
     def _write(self, buf, new, slots_idx):
         ops = self.ops
+        runs = _runs(slots_idx)
         if ops.framework == "torch":
+            if runs is not None:        # slices: no index array to copy to the device (no host sync)
+                for a, j, n in runs:
+                    buf[:, :, a:a + n].copy_(new[:, :, j:j + n])
+                return buf
             import torch
             idx = torch.as_tensor(slots_idx, device=buf.device)
             buf.index_copy_(2, idx, new)
             return buf
         import mlx.core as mx
-        if len(slots_idx) and np.all(np.diff(slots_idx) == 1):
-            a = int(slots_idx[0])
-            buf[:, :, a:a + len(slots_idx), :] = new
+        if runs is not None:
+            for a, j, n in runs:
+                buf[:, :, a:a + n, :] = new[:, :, j:j + n] if len(runs) > 1 else new
         else:
             buf[:, :, mx.array(slots_idx.astype(np.int32)), :] = new
         return buf
+
+    def _read(self, buf, slots_idx):
+        """buf[:, :, slots_idx] — slices joined where the slots are one or two consecutive runs (a ring)."""
+        runs = _runs(slots_idx)
+        if runs is not None:
+            parts = [buf[:, :, a:a + n] for a, _, n in runs]
+            return parts[0] if len(parts) == 1 else self.ops.concat(parts, 2)
+        if self.ops.framework == "torch":
+            import torch
+            return buf.index_select(2, torch.as_tensor(slots_idx, device=buf.device))
+        import mlx.core as mx
+        return buf[:, :, mx.array(slots_idx.astype(np.int32))]
 
     def enable_static(self):
         """Mirror the slot positions on the device for the fast decode step (in place when a captured
@@ -103,16 +135,8 @@ class LayerCache:
         order = valid[np.argsort(self.pos[valid])]
         kpos = np.concatenate([self.pos[order], positions])
         if len(order):
-            if ops.framework == "torch":
-                import torch
-                ti = torch.as_tensor(order, device=self.v.device)
-                oldv = self.v.index_select(2, ti)
-                oldk = None if self.k is None else self.k.index_select(2, ti)
-            else:
-                import mlx.core as mx
-                mi = mx.array(order.astype(np.int32))
-                oldv = self.v[:, :, mi]
-                oldk = None if self.k is None else self.k[:, :, mi]
+            oldv = self._read(self.v, order)
+            oldk = None if self.k is None else self._read(self.k, order)
             V = ops.concat([oldv, v], 2)
             K = None if self.k is None else ops.concat([oldk, k], 2)
         else:

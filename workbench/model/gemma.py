@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import GemmaConfig
+from ..backends.protocol import CausalMask
 from ..weights.names import MEDIA_PREFIXES
 from .cache import ContextOverflow, KVCache
 from .taps import Points, point_names
@@ -585,9 +586,16 @@ class Gemma:
         ``extra`` [T, T] (this call's positions): pairs also allowed on sliding layers — Gemma 4's
         use_bidirectional_attention="vision" (HF create_masks_for_vision_model: full layers stay causal)."""
         cfg = self.config
+        win = cfg.sliding_window(i)
+        T, S = len(qpos), len(kpos)
+        if cfg.causal and (extra is None or not cfg.is_sliding(i)) and S >= T and kpos[0] >= 0 and \
+                kpos[-1] == qpos[-1] and kpos[-1] - kpos[0] == S - 1 and (S < 3 or np.all(np.diff(kpos) == 1)):
+            # consecutive keys ending at the last query: described, not built (flash / is_causal, banded windows)
+            if T == 1 and (win is None or S <= win):
+                return None
+            return CausalMask(win)
         d = qpos[:, None] - kpos[None, :]
         ok = kpos[None, :] >= 0
-        win = cfg.sliding_window(i)
         if cfg.causal:
             allow = d >= 0
             if extra is not None and cfg.is_sliding(i):
