@@ -131,9 +131,10 @@ def test_peer_rows_name_every_peer_that_could_not_run(monkeypatch):
     assert lc["status"] == "skipped" and lc["reason"].startswith("not applicable:") and "GGUF" in lc["reason"]
     import torch
     if not torch.cuda.is_available():
-        for impl in ("hf", "hf-static-graphs", "hf+static"):
-            r = rows[(impl, "torch:cuda", "bfloat16")]
-            assert r["status"] == "skipped" and r["reason"].startswith("target unavailable:")
+        for impl, backend, dtype in (("hf", "torch:cuda", "bfloat16"), ("hf-static-graphs", "torch:cuda", "bfloat16"),
+                                     ("hf+static", "torch:cuda", "bfloat16"), ("llama.cpp", "llamacpp:gpu", "gguf")):
+            r = rows[(impl, backend, dtype)]
+            assert r["status"] == "skipped" and r["reason"].startswith("target unavailable:"), r
     assert any("planted failure" in n for n in notes)      # the progress lines say it too
 
 
@@ -184,3 +185,13 @@ def test_bench_stores_and_prints_the_skipped_peers(monkeypatch, tmp_path):
     peers = stored[stored["impl"] != "workbench"]
     assert set(peers["impl"]) == {"hf", "hf-static-graphs", "hf+static", "llama.cpp"}
     assert (peers["status"] == "skipped").all() and peers["reason"].str.len().min() > 10
+
+
+def test_workbench_peers_selects_and_says_what_it_left_out(monkeypatch):
+    from workbench.references.peers import plan
+    monkeypatch.setenv("WORKBENCH_PEERS", "hf")
+    entries, _ = plan(str(FX), [("torch:cpu", "float32")])
+    got = {e[0]: e for e in entries}
+    assert got["hf"][3] is not None and got["hf"][4] is None
+    for impl in ("hf-static-graphs", "hf+static", "llama.cpp"):
+        assert got[impl][3] is None and got[impl][4] == "not selected: WORKBENCH_PEERS=hf"

@@ -6,16 +6,17 @@ fullgraph=True)`` (inductor kernels replayed as a CUDA graph) — that runs the 
 greedy argmax on the device; nothing leaves the device until the timed region ends. Warm-up (compilation, graph
 capture) runs outside the timed region; the device is synchronised around it.
 
-Why not ``generate(cache_implementation="static", compile_config=...)``: transformers' static *sliding-window*
-cache layer (``StaticSlidingWindowLayer``, Gemma 2/3's local layers) keeps its length in a Python int
-(``cumulative_length_int``) and the mask code reads it (``get_mask_sizes`` / ``get_query_offset``). Dynamo
-specialises on that int, so every decode step is a new graph: it recompiles per token until
-``torch._dynamo.config.recompile_limit`` (8) and then runs the step eagerly — HF eager speed with compile cost on
-top. Here the sliding layers get a full-length ``StaticLayer`` instead (position kept in a device tensor, no
-Python int anywhere in the step) and the sliding window is applied by HF's own sliding-window mask
-(``kv_idx > q_idx - sliding_window``), so each layer attends to exactly the keys HF's sliding cache would give it:
-same numbers, one graph. The price is attention over the whole context on the local layers (≤ prompt + generated
-tokens), which gpt-fast pays for every layer too.
+Why not transformers' own static cache as is: its sliding-window layer (``StaticSlidingWindowLayer``, Gemma 2/3's
+local layers) keeps its length in a Python int (``cumulative_length_int``) that the model reads for the positions
+and the mask (``get_seq_length``, ``get_mask_sizes``). Dynamo guards on that int: the step recompiles on the next
+token (guard ``self.cache.layers[0].cumulative_length_int == 12``, seen on torch 2.13 / transformers 5.24, CPU),
+then treats it as a symbolic int; a CUDA graph is recorded per distinct value of a symbolic int, so under
+``mode="reduce-overhead"`` every token is a new value (tests/tools/gpu/peers_bench.py's ``diag`` part measures what
+that costs on the card). Here the sliding layers get a full-length ``StaticLayer`` instead (position kept in a
+device tensor, no Python int anywhere in the step) and the sliding window is applied by HF's own sliding-window
+mask (``kv_idx > q_idx - sliding_window``), so each layer attends to exactly the keys HF's sliding cache would give
+it: the same numbers (tests/test_peers.py checks them past the window), one graph. The price is attention over the
+whole context on the local layers (≤ prompt + generated tokens), which gpt-fast pays for every layer too.
 
 ``StaticGraphDecoder`` works on CPU as well (compiled by inductor, no CUDA graphs: ``mode="reduce-overhead"`` skips
 graphs off CUDA) and with ``compile=False`` (the same static-cache loop, eager), which is how it is tested here.
@@ -71,19 +72,25 @@ class StaticGraphDecoder:
 
     ``max_len``: prompt + new tokens the cache must hold. ``suppress``: token ids never chosen (EOS, so runs
     have a fixed length, like llama.cpp's ``--ignore-eos``). ``compile``: torch.compile the step
-    (``mode``, ``fullgraph``); False runs the same loop eagerly. The cache and the compiled step are reused by
+    (``mode``, ``fullgraph``, ``backend``: "eager" traces with dynamo only, which shows recompiles and graph
+    breaks cheaply); False runs the same loop eagerly. ``full_length=False`` keeps transformers' own
+    ``StaticCache`` layers (diagnosis: the sliding ones recompile the step per token). The cache and the compiled step are reused by
     every :meth:`run` (reset in place: static addresses, so the captured graph stays valid).
     """
 
-    def __init__(self, model, max_len: int, *, suppress=(), compile: bool = True, mode: str = "reduce-overhead",
-                 fullgraph: bool = True):
+    def __init__(self, model, max_len: int, *, suppress=(), compile: bool = True, mode: str | None = "reduce-overhead",
+                 fullgraph: bool = True, backend: str = "inductor", full_length: bool = True):
         import torch
 
         self.model = model
         self.torch = torch
         self.device = next(model.parameters()).device
         self.max_len = int(max_len)
-        self.cache, self.swapped = full_length_static_cache(model, self.max_len)
+        if full_length:
+            self.cache, self.swapped = full_length_static_cache(model, self.max_len)
+        else:       # transformers' own layers (the sliding ones keep a Python-int length): for diagnosis
+            from transformers import StaticCache
+            self.cache, self.swapped = StaticCache(config=model.config, max_cache_len=self.max_len), 0
         params = inspect.signature(model.forward).parameters
         # transformers >= 5.2x names the argument ``cache`` (``past_key_values`` deprecated); 5.1x ``past_key_values``
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -91,7 +98,9 @@ class StaticGraphDecoder:
                           if suppress else None)
         self.compiled = bool(compile)
         self.mode, self.fullgraph = mode, bool(fullgraph)
-        self._step = torch.compile(self._decode_one, mode=mode, fullgraph=fullgraph) if compile else self._decode_one
+        kw = {"mode": mode} if backend == "inductor" else {}
+        self._step = torch.compile(self._decode_one, fullgraph=fullgraph, backend=backend, **kw) \
+            if compile else self._decode_one
 
     # ------------------------------------------------------------------ the two phases
     def _pick(self, logits):

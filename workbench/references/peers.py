@@ -14,10 +14,12 @@ Peers per target kind (backend without its index) and dtype, on the same weights
 
 A peer that cannot run is a row with ``status="skipped"`` and a ``reason`` that starts with its kind —
 ``not installed:``, ``needs CUDA:``, ``not applicable:``, ``no GPU build:``, ``target unavailable:``,
-``failed:`` — so a table never silently drops one.
+``failed:``, ``not selected:`` — so a table never silently drops one. ``$WORKBENCH_PEERS`` (a comma list of the
+names above) limits which peers run; the others are rows saying so.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -79,6 +81,7 @@ def plan(path, targets):
         by_kind.setdefault(f"{fw}:{dev}", {}).setdefault(d, _target_status(b, d))
     out: list = []
     refs: dict = {}
+    only = {x.strip() for x in os.environ.get("WORKBENCH_PEERS", "").split(",") if x.strip()}
 
     def hf_ref(kind, d):
         """One HF model per (kind, dtype), shared by the HF peers; a load failure is re-raised for each."""
@@ -99,7 +102,9 @@ def plan(path, targets):
         for d, (ok, why) in sorted(by_kind[kind].items()):
             names = ["hf", "hf-static-graphs", "hf+static"] if fw == "torch" else ["mlx-lm"] if fw == "mlx" else []
             for impl in names:
-                if not ok:
+                if only and impl not in only:
+                    out.append((impl, kind, d, None, f"not selected: WORKBENCH_PEERS={','.join(sorted(only))}"))
+                elif not ok:
                     out.append((impl, kind, d, None, f"target unavailable: {why}"))
                 elif impl in ("hf-static-graphs", "hf+static") and dev != "cuda":
                     out.append((impl, kind, d, None, "needs CUDA: " + (
@@ -110,10 +115,20 @@ def plan(path, targets):
                     out.append((impl, kind, d, None, "not applicable: MLX has no float64"))
                 else:
                     out.append((impl, kind, d, (impl, kind, d), None))
-    devices = sorted({"cpu" if k.endswith(":cpu") else "gpu" for k, v in by_kind.items()
-                      if any(ok for ok, _ in v.values())})
-    for dc in devices:
-        if not gguf:
+    devices: dict[str, list[str]] = {}     # device class -> "" per target that ran, else why it could not
+    for k, v in by_kind.items():
+        dc = devices.setdefault("cpu" if k.endswith(":cpu") else "gpu", [])
+        if any(ok for ok, _ in v.values()):
+            dc.append("")
+        else:
+            dc.extend(f"{k}: {w}" for _, w in v.values())
+    for dc, whys in sorted(devices.items()):
+        if "" not in whys:
+            out.append(("llama.cpp", f"llamacpp:{dc}", "gguf", None, f"target unavailable: {whys[0]}"))
+        elif only and "llama.cpp" not in only:
+            out.append(("llama.cpp", f"llamacpp:{dc}", "gguf", None,
+                        f"not selected: WORKBENCH_PEERS={','.join(sorted(only))}"))
+        elif not gguf:
             out.append(("llama.cpp", f"llamacpp:{dc}", "gguf", None,
                         f"not applicable: llama.cpp runs GGUF files and {path.name} is an HF checkpoint (make one: "
                         "python convert_hf_to_gguf.py DIR --outtype f16, from llama.cpp; then bench the .gguf)"))

@@ -1,0 +1,223 @@
+#!/usr/bin/env python3
+"""``workbench bench --peers`` on the card, and why HF's bfloat16 decode could be slower than its float32.
+
+    python3 tests/tools/gpu/peers_bench.py [--out DIR] [--parts bench,diag] [--prompt-len 512] [--gen-len 256]
+
+* bench: a random checkpoint of the Gemma 3 270M config (``workbench make-random``, bfloat16 weights), then
+  ``wb.bench(..., backends=["torch:cuda"], dtypes=["float32", "bfloat16"], peers=True)`` — the workbench rows and
+  every peer in the same call: ``hf`` (transformers generate, sdpa, no compile), ``hf-static-graphs`` (StaticCache +
+  torch.compile(reduce-overhead, fullgraph) step in CUDA graphs), ``hf+static`` (transformers' own generate with
+  that cache and a CompileConfig), and the rows of the peers that could not run (llama.cpp: an HF checkpoint is
+  not a GGUF; its CUDA numbers come from tests/tools/gpu/llamacpp_cuda.sh). Prints the table, the ratios, each
+  peer's route note (graphs compiled, recompiles, graph breaks, CUDA-graph skips). ``$WORKBENCH_PEERS`` limits it.
+* diag: per dtype, in a child process with ``TORCH_LOGS=recompiles,graph_breaks,perf_hints``: the graphed decoder
+  (short run: tok/s, dynamo counters, the log lines, the 12 CUDA kernels that take the most time in 16 profiled
+  steps — an sdpa math fallback or a cast shows there), and transformers' own StaticCache layers traced by dynamo
+  alone (backend="eager", cheap) for 13 steps to count the recompiles its sliding layers cause (their length is a
+  Python int), then the same stock layers under inductor + CUDA graphs (24 tokens): the cost of that route per
+  token. Run bench and diag as two device commands if one would pass 10 minutes (bench ~5 min, diag ~4 min).
+
+Writes DIR/peers.md (default $OUT or ./out) as it goes; every number printed with the card's name.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import subprocess
+import sys
+import time
+import traceback
+
+ROOT = pathlib.Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+
+LINES: list[str] = []
+OUTFILE = None
+T0 = time.perf_counter()
+
+
+def say(s=""):
+    print(s, flush=True)
+    LINES.append(s)
+    if OUTFILE is not None:
+        OUTFILE.write_text("\n".join(LINES) + "\n")
+
+
+def elapsed() -> str:
+    return f"[{time.perf_counter() - T0:.0f} s]"
+
+
+def card() -> str:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    return "no CUDA device"
+
+
+def make(out: pathlib.Path) -> pathlib.Path:
+    if (out / "config.json").exists():
+        return out
+    t = time.perf_counter()
+    from workbench import make_random
+    make_random.make_random("gemma3-270m", out, seed=0, dtype="bfloat16", progress=False)
+    say(f"made the random Gemma 3 270M checkpoint in {time.perf_counter() - t:.0f} s -> {out}")
+    return out
+
+
+def part_bench(ckpt, args, outdir):
+    import workbench as wb
+    say(f"\n## wb.bench(peers=True) on {card()}: pp{args.prompt_len} / tg{args.gen_len}, {args.repeats} repeats "
+        f"{elapsed()}\n")
+    import torch
+    import transformers
+    say(f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"WORKBENCH_PEERS={os.environ.get('WORKBENCH_PEERS', '(all)')}")
+    res = wb.bench(str(ckpt), backends=["torch:cuda"], dtypes=["float32", "bfloat16"], prompt_len=args.prompt_len,
+                   gen_len=args.gen_len, repeats=args.repeats, peers=True, db=str(outdir / "runs.sqlite"))
+    say("```")
+    say(res.table())
+    say("```")
+    say(f"run id {res.run_id} (store {outdir / 'runs.sqlite'}) {elapsed()}")
+    for r in res.rows:
+        if r["impl"] != "workbench":
+            say(f"- {r['impl']} {r['dtype']}: {r['status']}"
+                + (f", tg {r['decode_tok_s']:.1f} tok/s, pp {r['prefill_tok_s']:.0f} tok/s" if r["status"] == "ok" else "")
+                + f" — {r.get('reason') or r.get('route') or ''}")
+
+
+DIAG_CHILD = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+from workbench.references.hf import HFReference
+from workbench.references.hf_static import StaticGraphDecoder, _counters, _delta
+ckpt, dtype, P, N = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+out = {"dtype": dtype}
+dev = "cuda" if torch.cuda.is_available() else "cpu"   # cpu: a smoke test of this script only
+sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+ref = HFReference(ckpt, dtype=dtype, device=dev, attn_implementation="sdpa")
+x = ref._bench_prompt(P)
+out["weights_dtype"] = str(next(ref.model.parameters()).dtype)
+c0 = _counters()
+dec = StaticGraphDecoder(ref.model, P + N, suppress=ref.eos_ids())
+t = time.perf_counter(); dec.run(x, N); out["warmup_s"] = time.perf_counter() - t
+c1 = _counters()
+r = dec.run(x, N)
+c2 = _counters()
+out["decode_tok_s"] = (N - 1) / r["decode_s"]
+out["prefill_tok_s"] = P / r["prefill_s"]
+out["warm"], out["timed"] = _delta(c0, c1), _delta(c1, c2)
+out["cache_dtypes"] = sorted({str(l.keys.dtype) for l in dec.cache.layers if getattr(l, "keys", None) is not None})
+# the kernels of 16 decode steps
+from torch.profiler import profile, ProfilerActivity
+tok = torch.tensor([[int(x[-1])]], device=dev)
+with torch.no_grad():
+    dec.cache.reset(); dec._prefill(torch.as_tensor(x[None], device=dev)); sync()
+    with profile(activities=[ProfilerActivity.CUDA if dev == "cuda" else ProfilerActivity.CPU]) as prof:
+        for _ in range(16):
+            torch.compiler.cudagraph_mark_step_begin()
+            tok = dec._step(tok).clone()
+        sync()
+ka = prof.key_averages()
+tt = (lambda e: getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0))) if dev == "cuda" else \
+    (lambda e: e.self_cpu_time_total)
+rows = sorted(ka, key=lambda e: -tt(e))[:12]
+out["kernels"] = [(e.key[:90], round(tt(e) / 16, 1), e.count // 16) for e in rows]
+# transformers' own StaticCache layers, dynamo only (backend="eager"): recompiles per token?
+torch._dynamo.reset()
+c3 = _counters()
+try:
+    dec2 = StaticGraphDecoder(ref.model, P + 13, suppress=ref.eos_ids(), backend="eager", full_length=False)
+    t = time.perf_counter(); r2 = dec2.run(x, 13); out["stock_s"] = time.perf_counter() - t
+    out["stock"] = _delta(c3, _counters())
+except Exception as e:
+    out["stock_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+# ... and the same stock layers under inductor + CUDA graphs (reduce-overhead): what a token costs there
+c4 = _counters()
+try:
+    dec3 = StaticGraphDecoder(ref.model, P + 25, suppress=ref.eos_ids(), full_length=False)
+    t = time.perf_counter(); dec3.run(x, 25); out["stock_graphs_warm_s"] = time.perf_counter() - t
+    r3 = dec3.run(x, 25)
+    out["stock_graphs_tok_s"] = 24 / r3["decode_s"]
+    out["stock_graphs"] = _delta(c4, _counters())
+except Exception as e:
+    out["stock_graphs_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+print("DIAG-JSON " + json.dumps(out))
+"""
+
+
+def part_diag(ckpt, args):
+    say(f"\n## Why bfloat16 vs float32 (HF graphed decoder, pp{args.prompt_len}, 64 tokens) {elapsed()}\n")
+    for dt in ("float32", "bfloat16"):
+        env = dict(os.environ, TORCH_LOGS="recompiles,graph_breaks,perf_hints", PYTHONUNBUFFERED="1")
+        try:
+            p = subprocess.run([sys.executable, "-c", DIAG_CHILD, str(ROOT), str(ckpt), dt, str(args.prompt_len), "64"],
+                               env=env, capture_output=True, text=True, timeout=args.diag_timeout)
+        except subprocess.TimeoutExpired:
+            say(f"### {dt}: timed out after {args.diag_timeout} s")
+            continue
+        import json
+        got = [ln for ln in p.stdout.splitlines() if ln.startswith("DIAG-JSON ")]
+        say(f"### {dt} (exit {p.returncode}) {elapsed()}")
+        if not got:
+            say("```")
+            say((p.stdout + p.stderr)[-3000:])
+            say("```")
+            continue
+        d = json.loads(got[-1][len("DIAG-JSON "):])
+        say(f"- decode {d['decode_tok_s']:.1f} tok/s, prefill {d['prefill_tok_s']:.0f} tok/s, warm-up {d['warmup_s']:.1f} s; "
+            f"weights {d['weights_dtype']}, KV cache {d['cache_dtypes']}")
+        say(f"- dynamo: warm-up {d['warm']}, timed {d['timed']}")
+        if "stock" in d:
+            say(f"- transformers' own StaticCache layers (dynamo only, 13 tokens, {d['stock_s']:.1f} s): {d['stock']}")
+        else:
+            say(f"- transformers' own StaticCache layers: {d.get('stock_error')}")
+        if "stock_graphs" in d:
+            say(f"- transformers' own StaticCache layers under inductor + CUDA graphs (24 tokens, 2nd run): "
+                f"{d['stock_graphs_tok_s']:.1f} tok/s, first run {d['stock_graphs_warm_s']:.1f} s, {d['stock_graphs']}")
+        else:
+            say(f"- transformers' own StaticCache layers under CUDA graphs: {d.get('stock_graphs_error')}")
+        say("- top CUDA kernels per decode step (µs, launches):")
+        for k, us, n in d["kernels"]:
+            say(f"    {us:8.1f} µs  x{n:<3d} {k}")
+        keys = ("Recompiling", "- 0/", "Graph break", "graph break", "skipping cudagraphs", "distinct", "CUDAGraph",
+                "cudagraph", "FallbackKernel")
+        logs = [ln.split("] ", 1)[-1] for ln in p.stderr.splitlines() if any(w in ln for w in keys)]
+        say(f"- TORCH_LOGS lines ({len(logs)}):")
+        for ln in logs[:30]:
+            say("    " + ln.strip()[:300])
+
+
+def main():
+    global OUTFILE
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--parts", default="bench,diag")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--gen-len", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ckpt", default="/tmp/wb-peers-r270")
+    ap.add_argument("--diag-timeout", type=int, default=280)
+    args = ap.parse_args()
+    outdir = pathlib.Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    OUTFILE = outdir / "peers.md"
+    say(f"# Peers on {card()} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})")
+    ckpt = make(pathlib.Path(args.ckpt))
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    for name, fn in (("bench", lambda: part_bench(ckpt, args, outdir)), ("diag", lambda: part_diag(ckpt, args))):
+        if name in parts:
+            try:
+                fn()
+            except Exception:
+                say(f"part {name} failed:\n```\n{traceback.format_exc()[-4000:]}\n```")
+    say(f"\ndone {elapsed()}")
+
+
+if __name__ == "__main__":
+    main()
