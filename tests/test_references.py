@@ -257,9 +257,14 @@ def hf_gguf():
     return ref
 
 
-@pytest.mark.slow
-@pytest.mark.reference
-@pytest.mark.llamacpp
+def _hf_vs_llama(f):
+    """Marks of the HF-vs-llama.cpp tests: slow (the first run exports the GGUF through transformers), both engines."""
+    for mark in (pytest.mark.llamacpp, pytest.mark.reference, pytest.mark.slow):
+        f = mark(f)
+    return f
+
+
+@_hf_vs_llama
 def test_tokenizers_agree(hf_gguf, llama, capsys):
     diffs = []
     for p in TOKENIZER_PROMPTS:
@@ -289,9 +294,7 @@ def _compare(a: np.ndarray, b: np.ndarray) -> dict:
     }
 
 
-@pytest.mark.slow
-@pytest.mark.reference
-@pytest.mark.llamacpp
+@_hf_vs_llama
 def test_hf_vs_llamacpp_logits(hf_gguf, llama, capsys):
     rows = []
     for prompt in PROMPTS:
@@ -311,9 +314,7 @@ def test_hf_vs_llamacpp_logits(hf_gguf, llama, capsys):
         assert c["top1_all"] >= 0.8 and c["rel"] < 0.25 and c["kl_last"] < 0.1, (prompt, c)
 
 
-@pytest.mark.slow
-@pytest.mark.reference
-@pytest.mark.llamacpp
+@_hf_vs_llama
 def test_hf_vs_llamacpp_greedy(hf_gguf, llama, capsys):
     import torch
 

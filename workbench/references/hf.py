@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ._timing import median_timings
+from ._timing import median_timings, require
 
 INSTALL_HINT = "pip install gemma-workbench[reference]"
 DEFAULT_GGUF_CACHE = Path(os.environ.get("WORKBENCH_HF_GGUF_CACHE", Path.home() / ".cache" / "gemma-workbench" / "hf-from-gguf"))
@@ -32,14 +32,7 @@ _EXPORT_MARKER = "workbench_export.json"
 
 
 def _import_transformers():
-    try:
-        import torch  # noqa: F401
-        import transformers
-    except ImportError as e:  # pragma: no cover - exercised only without the extra
-        raise ImportError(
-            f"HFReference needs torch and transformers ({e}); install them with `{INSTALL_HINT}`"
-        ) from e
-    return transformers
+    return require("HFReference", INSTALL_HINT, "torch", "transformers")[1]
 
 
 def _torch_dtype(dtype: Any):
@@ -166,6 +159,21 @@ def export_hf_dir_from_gguf(gguf_path, out_dir, dtype="float32", *, overwrite: b
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _run_hooked(run, handles, got: dict, n_layers: int) -> dict:
+    """``run()`` (a forward) with the hooks ``handles`` in place, removed afterwards even on error; checks that the
+    embedding's and every decoder layer's hook filled ``got`` and adds the forward's logits to it."""
+    try:
+        out = run()
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [i for i in range(n_layers) if f"blocks.{i}.hook_resid_post" not in got]
+    if missing or "hook_embed" not in got:
+        raise RuntimeError(f"decoder hooks did not fire for layers {missing}")
+    got["logits"] = out.logits.detach().cpu()
+    return got
 
 
 class _Timer:
@@ -363,15 +371,7 @@ class HFReference:
         2-4's post_attention_layernorm / post_feedforward_layernorm outputs), ``ln_final.hook_normalized``
         (the final norm) and ``logits`` (after the final softcap)."""
         got, handles, _ = self._hooked(sublayers)
-        try:
-            out = self._forward(ids)
-        finally:
-            for h in handles:
-                h.remove()
-        missing = [i for i in range(len(self.layers)) if f"blocks.{i}.hook_resid_post" not in got]
-        if missing or "hook_embed" not in got:
-            raise RuntimeError(f"decoder hooks did not fire for layers {missing}")
-        got["logits"] = out.logits.detach().cpu()
+        _run_hooked(lambda: self._forward(ids), handles, got, len(self.layers))
         return {k: self._np(v) for k, v in got.items()}
 
     def _final_norm(self):
@@ -673,16 +673,10 @@ class HFMultimodalReference:
         norm = getattr(inner.language_model, "norm", None)
         if norm is not None:
             handles.append(norm.register_forward_hook(keep("ln_final.hook_normalized")))
-        try:
+        def run():
             with torch.inference_mode():
-                out = self.model(**inputs)
-        finally:
-            for h in handles:
-                h.remove()
-        missing = [i for i in range(len(self.layers)) if f"blocks.{i}.hook_resid_post" not in got]
-        if missing or "hook_embed" not in got:
-            raise RuntimeError(f"decoder hooks did not fire for layers {missing}")
-        got["logits"] = out.logits.detach().cpu()
+                return self.model(**inputs)
+        _run_hooked(run, handles, got, len(self.layers))
         return {k: (v.numpy() if v.dtype == torch.bool else _np_out(v)) for k, v in got.items()}
 
 

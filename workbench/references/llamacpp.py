@@ -16,20 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from ._timing import median_timings
+from ._timing import median_timings, rates, require
 
 INSTALL_HINT = "pip install gemma-workbench[reference]"
 
 
 def _import_llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError as e:  # pragma: no cover - exercised only without the extra
-        raise ImportError(
-            f"LlamaCppReference needs llama-cpp-python ({e}); install it with `{INSTALL_HINT}` "
-            "(or a prebuilt wheel: .ci/build-llama-wheel.sh)"
-        ) from e
-    return llama_cpp
+    return require("LlamaCppReference", INSTALL_HINT, "llama_cpp",
+                   also=" (or a prebuilt wheel: .ci/build-llama-wheel.sh)")[0]
 
 
 @contextlib.contextmanager
@@ -229,13 +223,7 @@ class LlamaCppReference:
             "engine": "llama.cpp",
             "gguf": self.path.name,
             "threads": self.n_threads,
-            "prompt_len": int(prompt_len),
-            "gen_len": int(gen_len),
-            "repeats": int(repeats),
-            "prefill_tok_s": prompt_len / p_med if p_med > 0 else float("inf"),
-            "decode_tok_s": 1.0 / d_med if d_med > 0 else float("inf"),
-            "prefill_s": p_med,
-            "decode_s_per_tok": d_med,
+            **rates(prompt_len, gen_len, repeats, p_med, d_med),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
             "loadavg_1m": _loadavg(),
         }

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ._timing import median_timings
+from ._timing import median_timings, rates, require
 
 from .hf import DEFAULT_GGUF_CACHE, export_hf_dir_from_gguf
 
@@ -24,12 +24,7 @@ __all__ = ["MlxLmReference", "export_hf_dir_from_gguf", "hf_dir_for_gguf"]
 
 
 def _import_mlx_lm():
-    try:
-        import mlx.core as mx
-        import mlx_lm
-    except ImportError as e:  # pragma: no cover - exercised only without mlx-lm
-        raise ImportError(f"MlxLmReference needs mlx and mlx-lm ({e}); install them with `{INSTALL_HINT}`") from e
-    return mx, mlx_lm
+    return require("MlxLmReference", INSTALL_HINT, "mlx.core", "mlx_lm")
 
 
 def hf_dir_for_gguf(gguf_path, cache_dir=None) -> Path:
@@ -157,13 +152,7 @@ class MlxLmReference:
             "engine": "mlx-lm",
             "dtype": self.dtype,
             "device": str(mx.default_device()),
-            "prompt_len": int(prompt_len),
-            "gen_len": int(gen_len),
-            "repeats": int(repeats),
-            "prefill_tok_s": prompt_len / p_med if p_med > 0 else float("inf"),
-            "decode_tok_s": 1.0 / d_med if d_med > 0 else float("inf"),
-            "prefill_s": p_med,
-            "decode_s_per_tok": d_med,
+            **rates(prompt_len, gen_len, repeats, p_med, d_med),
         }
 
 

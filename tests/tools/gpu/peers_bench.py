@@ -22,6 +22,7 @@ Writes DIR/peers.md (default $OUT or ./out) as it goes; every number printed wit
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import subprocess
@@ -29,20 +30,28 @@ import sys
 import time
 import traceback
 
-ROOT = pathlib.Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-
-LINES: list[str] = []
-OUTFILE = None
+ROOT = pathlib.Path(__file__).resolve().parents[3]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 T0 = time.perf_counter()
 
 
-def say(s=""):
-    print(s, flush=True)
-    LINES.append(s)
-    if OUTFILE is not None:
-        OUTFILE.write_text("\n".join(LINES) + "\n")
+class Report:
+    """Markdown lines printed as they come and rewritten to one file after each (a killed run keeps its lines)."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.path: pathlib.Path | None = None
+
+    def __call__(self, s: str = "") -> None:
+        print(s, flush=True)
+        self.lines.append(s)
+        if self.path is not None:
+            self.path.write_text("\n".join(self.lines) + "\n")
+
+
+say = Report()
 
 
 def elapsed() -> str:
@@ -50,13 +59,12 @@ def elapsed() -> str:
 
 
 def card() -> str:
-    try:
-        import torch
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except Exception:
-        pass
-    return "no CUDA device"
+    """The GPU's name (the numbers below are this card's), or why there is none."""
+    import importlib.util
+    if importlib.util.find_spec("torch") is None:
+        return "no torch"
+    import torch
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
 
 
 def make(out: pathlib.Path) -> pathlib.Path:
@@ -161,7 +169,6 @@ def part_diag(ckpt, args):
         except subprocess.TimeoutExpired:
             say(f"### {dt}: timed out after {args.diag_timeout} s")
             continue
-        import json
         got = [ln for ln in p.stdout.splitlines() if ln.startswith("DIAG-JSON ")]
         say(f"### {dt} (exit {p.returncode}) {elapsed()}")
         if not got:
@@ -194,7 +201,6 @@ def part_diag(ckpt, args):
 
 
 def main():
-    global OUTFILE
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--parts", default="bench,diag")
@@ -206,7 +212,7 @@ def main():
     args = ap.parse_args()
     outdir = pathlib.Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
-    OUTFILE = outdir / "peers.md"
+    say.path = outdir / "peers.md"
     say(f"# Peers on {card()} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})")
     ckpt = make(pathlib.Path(args.ckpt))
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
