@@ -68,6 +68,15 @@ adv = []
 for _ in range(4):
     step.advance(tok, pos); adv.append(int(tok))
 out["advance"] = adv == out["plain_tokens"][1:5] and int(pos) == len(prompt) + 4
+# sampled in the step's own kernels (head epilogue + selection; 16 head blocks of 16, top_k=8 searches 8 of them)
+os.environ["WORKBENCH_TRITON_TUNE"] = "head=16,256,8"
+skw = dict(max_new_tokens=3, ignore_eos=True, temperature=1.5, top_k=8, top_p=0.9, seed=2)
+g = m.generate(prompt, **skw)
+out["sampled_route"] = [g.stats["route"], g.stats.get("sampler")]
+out["sampled_fast"] = g.token_ids
+os.environ["WORKBENCH_DECODE"] = "plain"
+out["sampled_plain"] = m.generate(prompt, **skw).token_ids
+del os.environ["WORKBENCH_DECODE"], os.environ["WORKBENCH_TRITON_TUNE"]
 g4 = wb.load(f"{fx}/gemma4_kv", backend="torch:cpu", progress=False)
 out["gemma4_kv"] = td.unsupported(g4.config, g4.ops)
 m64 = wb.load(f"{fx}/gemma2", backend="torch:cpu", dtype="float64", progress=False)
@@ -116,6 +125,11 @@ def test_fast_decoder_uses_triton_step_and_keeps_tokens(interp):
     assert interp["advance"] is True
     assert interp["route"].startswith("triton")
     assert interp["fast_tokens"] == interp["plain_tokens"]
+
+
+def test_triton_step_samples_as_the_plain_route(interp):
+    assert interp["sampled_route"][0] == "triton step" and interp["sampled_route"][1].startswith("triton"), interp
+    assert interp["sampled_fast"] == interp["sampled_plain"]
 
 
 def test_triton_step_declines_what_it_does_not_implement(interp):

@@ -120,16 +120,60 @@ if triton is not None:
         return r
 
     @triton.jit
-    def _norm_gemv(R, Y, PW, NW, W, OUT, ROUT, PMAX, PIDX, TOK,
+    def _mix(x):
+        """The sampler's 32-bit hash (workbench.decode.sampler._mix_np) in int64 lanes, low 32 bits kept."""
+        x = x & 0xFFFFFFFF
+        x = x ^ (x >> 16)
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x = x ^ (x >> 15)
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        x = x ^ (x >> 16)
+        return x
+
+    @triton.jit
+    def _gumbel(SEED, p1, ids):
+        """Gumbel noise of token ids (int64) for the token at position p1 (as sampler.gumbel_np)."""
+        key = _mix(_mix(tl.load(SEED)) ^ p1)
+        h = _mix(key + ids * 0x9E3779B9)
+        u = ((h >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+        return -tl.log(-tl.log(u))
+
+    @triton.jit
+    def _epilogue(yv, rows, rmask, blk, bok, PMAX, PIDX, PSUM, SEED, INVT, POS, BN: tl.constexpr,
+                  EPI: tl.constexpr):
+        """What blocks of logits yv [G, BN] (float32, as stored; -inf outside rmask; rows: their token ids) leave
+        for the token's pick, block blk [G] (where bok) at PMAX[blk] ... EPI 1 (greedy): its max and row (first
+        on ties). 2 (sampling the whole vocabulary): the max of z + gumbel (z = yv * 1/T) and its row. 3 (sampling
+        candidates): its max and sum(exp(z - max z)), the partial softmax normaliser (so the whole-vocabulary
+        logsumexp of top-p needs no pass of its own)."""
+        if EPI == 1:
+            tl.store(PMAX + blk, tl.max(yv, 1), mask=bok)
+            tl.store(PIDX + blk, blk * BN + tl.argmax(yv, 1, tie_break_left=True), mask=bok)
+        if EPI == 2:
+            sc = tl.where(rmask, yv * tl.load(INVT) + _gumbel(SEED, tl.load(POS) + 1, rows.to(tl.int64)),
+                          float("-inf"))
+            tl.store(PMAX + blk, tl.max(sc, 1), mask=bok)
+            tl.store(PIDX + blk, blk * BN + tl.argmax(sc, 1, tie_break_left=True), mask=bok)
+        if EPI == 3:
+            inv_t = tl.load(INVT)
+            mx = tl.max(yv, 1)
+            tl.store(PMAX + blk, mx, mask=bok)
+            ms = tl.where(bok, mx, 0.0)[:, None] * inv_t
+            tl.store(PSUM + blk, tl.sum(tl.where(rmask, tl.exp(tl.where(rmask, yv, 0.0) * inv_t - ms), 0.0), 1),
+                     mask=bok)
+
+    @triton.jit
+    def _norm_gemv(R, Y, PW, NW, W, OUT, ROUT, PMAX, PIDX, TOK, PSUM, SEED, INVT, POS,
                    N, K, eps, cap, esc,
                    HAS_NORM: tl.constexpr, HAS_Y: tl.constexpr, POST_NORM: tl.constexpr,
                    WRITE_R: tl.constexpr, PAIR: tl.constexpr, CAP: tl.constexpr, SINGLE: tl.constexpr,
-                   ARGMAX: tl.constexpr, EMB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   EPI: tl.constexpr, EMB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    DT: tl.constexpr, PDL: tl.constexpr):
         """OUT[n] = sum_k W[n, k] x[k] for this program's BLOCK_N rows, x being R or (HAS_NORM)
         rms_norm(resid) * NW with resid = R (+ post_norm(Y) * PW) — ROUT gets resid (program 0).
-        PAIR: rows n and N + n (gate, up) give GELU(gate) * up. CAP: cap * tanh(y / cap). ARGMAX: the
-        program's largest (stored) output and its row go to PMAX/PIDX (first row on ties, as torch.argmax).
+        PAIR: rows n and N + n (gate, up) give GELU(gate) * up. CAP: cap * tanh(y / cap). EPI (the head): the
+        program's share of the token's pick from its (stored) outputs, see :func:`_epilogue` (EPI 1: greedy, its
+        largest output and row to PMAX/PIDX, first row on ties as torch.argmax; 2, 3: sampling).
         SINGLE (K <= BLOCK_K): straight-line code, every load issued at once — these products are latency-bound.
         PDL: launched early (programmatic dependent launch); the weights load before waiting on the previous
         kernel, everything it wrote after."""
@@ -205,10 +249,11 @@ if triton is not None:
         if CAP:
             y = _tanh(_rnd(y, DT) / cap) * cap
         tl.store(OUT + rows, y.to(DT), mask=rmask)
-        if ARGMAX:
+        if EPI > 0:
             yv = tl.where(rmask, y.to(DT).to(tl.float32), float("-inf"))
-            tl.store(PMAX + pid, tl.max(yv, 0))
-            tl.store(PIDX + pid, pid * BLOCK_N + tl.argmax(yv, 0, tie_break_left=True))
+            bk1 = pid + tl.arange(0, 1)
+            _epilogue(yv[None, :], rows[None, :], rmask[None, :], bk1, bk1 >= 0,
+                      PMAX, PIDX, PSUM, SEED, INVT, POS, BLOCK_N, EPI)
 
     @triton.jit
     def _argmax_final(PMAX, PIDX, TOK, POS, n, BLOCK: tl.constexpr, ADVANCE: tl.constexpr, PDL: tl.constexpr):
@@ -223,6 +268,114 @@ if triton is not None:
         tl.store(TOK, tl.load(PIDX + j).to(tl.int64))
         if ADVANCE:
             tl.store(POS, tl.load(POS) + 1)
+
+    @triton.jit
+    def _block_stats(LOGITS, PMAX, PIDX, PSUM, SEED, INVT, POS, V, NB, G: tl.constexpr, BLOCK_N: tl.constexpr,
+                     EPI: tl.constexpr):
+        """:func:`_epilogue` of logits [V] already in memory, G blocks a program (the sampler on its own)."""
+        blk = tl.program_id(0) * G + tl.arange(0, G)
+        rows = blk[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        rmask = (rows < V) & (blk < NB)[:, None]
+        yv = tl.load(LOGITS + rows, mask=rmask, other=float("-inf")).to(tl.float32)
+        _epilogue(yv, rows, rmask, blk, blk < NB, PMAX, PIDX, PSUM, SEED, INVT, POS, BLOCK_N, EPI)
+
+    @triton.jit
+    def _okey(x):
+        """float32 -> int32 in the same order (-0 just below +0)."""
+        b = x.to(tl.int32, bitcast=True)
+        return tl.where(b < 0, b ^ 0x7FFFFFFF, b)
+
+    @triton.jit
+    def _kth_key(key, valid, k, RB: tl.constexpr):
+        """The k-th largest of the int32 keys where valid (1 <= k <= their count), exactly: a radix search from
+        the top bits, RB bits a round (2**RB - 1 counts per round, 32 / RB rounds), in unsigned space."""
+        thr = tl.sum(tl.zeros([2], tl.int64), 0)
+        d = tl.arange(0, 1 << RB).to(tl.int64)
+        for it in tl.static_range(32 // RB):
+            shift = 32 - RB * (it + 1)
+            cand = (thr + (d << shift) - 2147483648).to(tl.int32)
+            ge = (key[None, :] >= cand[:, None]) & valid[None, :]
+            cnt = tl.sum(ge.to(tl.int32), 1)
+            thr = thr + (tl.sum(((cnt >= k) & (d > 0)).to(tl.int64), 0) << shift)
+        return (thr - 2147483648).to(tl.int32)
+
+    @triton.jit
+    def _top_first(key, valid, k, RB: tl.constexpr):
+        """Exactly k of the valid entries with the largest keys (ties: the first ones), as a mask."""
+        t = _kth_key(key, valid, k, RB)
+        gt = (key > t) & valid
+        tie = (key == t) & valid
+        need = k - tl.sum(gt.to(tl.int32), 0)
+        return gt | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need))
+
+    @triton.jit
+    def _sample_cand(PMAX, PSUM, LOGITS, BLK, CV, CI, NKEEP, SEED, INVT, TOPP, TOK, POS, V, NB, C, SB,
+                     NBP: tl.constexpr, BN: tl.constexpr, SBP: tl.constexpr, CP: tl.constexpr, CJ: tl.constexpr,
+                     ALLB: tl.constexpr, TOP_P: tl.constexpr, ADVANCE: tl.constexpr, RB: tl.constexpr,
+                     PDL: tl.constexpr):
+        """One program: the sampled token from the NB blocks of BN logits and their partials (PMAX: each block's
+        max, PSUM: its sum(exp(z - max z))), with the semantics of ``workbench.decode.sampler.sample_np``:
+
+        1. the SB blocks with the largest maxima (ALLB: all NB) — the C largest logits lie in them (the C-th
+           largest is at least the SB-th largest block max, SB = min(C, NB));
+        2. their C largest z = logit * 1/T (exactly C; ties: the first) -> CV, CI (compacted);
+        3. TOP_P: each candidate's mass before it (ranked by z, then place), normalised over the whole
+           vocabulary (the logsumexp from the partials), kept while below top_p (NKEEP: how many);
+        4. Gumbel-max over the kept ones -> TOK (ADVANCE: POS moves on by one).
+        Selections are exact radix searches (:func:`_kth_key`); no sort."""
+        if PDL:
+            _gdc_go()
+            _gdc_wait()
+        inv_t = tl.load(INVT)
+        pos = tl.load(POS)
+        o = tl.arange(0, NBP)
+        bm = o < NB
+        pm = tl.load(PMAX + o, mask=bm, other=float("-inf"))
+        if TOP_P:
+            zm = pm * inv_t
+            gm = tl.max(zm, 0)
+            ps = tl.load(PSUM + o, mask=bm, other=0.0)
+            lse = gm + tl.log(tl.sum(tl.where(bm, ps * tl.exp(zm - gm), 0.0), 0))
+        if not ALLB:
+            sel = _top_first(_okey(pm), bm, SB, RB)
+            tl.store(BLK + tl.cumsum(sel.to(tl.int32), 0) - 1, o, mask=sel)
+            tl.debug_barrier()                                  # the block list stored before it is read
+        f = tl.arange(0, SBP * BN)
+        fb = f // BN
+        fm = fb < SB
+        if ALLB:
+            b = fb
+        else:
+            b = tl.load(BLK + fb, mask=fm, other=0, cache_modifier=".cg")
+        row = b * BN + f % BN
+        vm = fm & (row < V)
+        z = tl.load(LOGITS + row, mask=vm, other=float("-inf")).to(tl.float32) * inv_t
+        sel2 = _top_first(_okey(z), vm, C, RB)
+        at = tl.cumsum(sel2.to(tl.int32), 0) - 1
+        tl.store(CV + at, z, mask=sel2)
+        tl.store(CI + at, row, mask=sel2)
+        tl.debug_barrier()
+        c = tl.arange(0, CP)
+        cm = c < C
+        cv = tl.load(CV + c, mask=cm, other=float("-inf"), cache_modifier=".cg")
+        ci = tl.load(CI + c, mask=cm, other=0, cache_modifier=".cg")
+        if TOP_P:
+            before = tl.zeros([CP], tl.float32)
+            for j0 in tl.static_range(0, CP, CJ):
+                j = j0 + tl.arange(0, CJ)
+                jm = j < C
+                vj = tl.load(CV + j, mask=jm, other=float("-inf"), cache_modifier=".cg")
+                pj = tl.where(jm, tl.exp(vj - lse), 0.0)
+                ahead = (vj[None, :] > cv[:, None]) | ((vj[None, :] == cv[:, None]) & (j[None, :] < c[:, None]))
+                before += tl.sum(tl.where(ahead, pj[None, :], 0.0), 1)
+            keep = cm & (before < tl.load(TOPP))
+            cv = tl.where(keep, cv, float("-inf"))
+            tl.store(NKEEP, tl.sum(keep.to(tl.int32), 0))
+        sc = tl.where(cm, cv + _gumbel(SEED, pos + 1, ci.to(tl.int64)), float("-inf"))
+        jb = tl.argmax(sc, 0, tie_break_left=True)
+        tl.store(TOK, tl.sum(tl.where(c == jb, ci, 0), 0).to(tl.int64))
+        if ADVANCE:
+            tl.store(POS, pos + 1)
 
     @triton.jit
     def _norm_vec(R, Y, PW, NW, X, ROUT, K, eps, POST_NORM: tl.constexpr, WRITE_R: tl.constexpr,
@@ -387,7 +540,7 @@ if triton is not None:
 # Picked by a sweep of whole-step CUDA-graph replays on an H100 (see README "Throughput"); WORKBENCH_TRITON_TUNE
 # ("kind=BN,BK,W;...") overrides them for tuning runs.
 TUNE = {"qkv": (8, 256, 4), "o": (4, 256, 4), "gu": (2, 256, 4), "down": (2, 256, 4), "head": (16, 256, 8),
-        "attn": (16, 2, 64)}
+        "attn": (16, 2, 64), "sample": (2, 16, 64)}     # sample: (radix bits a round, num_warps, pairwise chunk)
 
 
 def _single_max() -> int:
@@ -401,7 +554,7 @@ def _tune(kind: str) -> tuple:
         k, v = part.split("=")
         if k.strip() == kind:
             return tuple(int(x) for x in v.split(","))
-    if os.environ.get("TRITON_INTERPRET", "0") == "1" and kind != "attn":
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" and kind not in ("attn", "sample"):
         return (64,) + TUNE[kind][1:]          # the interpreter's cost is per program
     return TUNE[kind]
 
@@ -459,6 +612,7 @@ class TritonDecodeStep:
         nh = triton.cdiv(self.head.shape[0], _tune("head")[0])           # head programs: argmax partials
         self.b_pmax = torch.empty(nh, dtype=f32, device=dev)
         self.b_pidx = torch.empty(nh, dtype=torch.int32, device=dev)
+        self.sampler = None             # greedy; use_sampler(TritonSampler) samples
         self.token = torch.zeros((1, 1), dtype=torch.long, device=dev)
         self.b_cnt = torch.zeros(self.H, dtype=torch.int32, device=dev)  # finished chunks per head
         self._dummy = torch.zeros(1, dtype=f32, device=dev)
@@ -469,19 +623,28 @@ class TritonDecodeStep:
         self.b_x0 = torch.empty(D, dtype=td, device=dev)
 
     def _gemv(self, kind, N, K, W, OUT, R, Y=None, PW=None, NW=None, ROUT=None, pair=False, cap=None,
-              argmax=False, tok=None):
-        """A launch of ``_norm_gemv`` (returned, not run). tok: R is the embedding table, x its row tok[0]."""
+              pick=None, tok=None):
+        """A launch of ``_norm_gemv`` (returned, not run). tok: R is the embedding table, x its row tok[0].
+        pick (the head): (EPI, PMAX, PIDX, PSUM, SEED, INVT, POS) of :func:`_epilogue`."""
         bn, bk, nw = _tune(kind)
         single = _pow2(K) <= _single_max()
         bk = _pow2(K) if single else min(bk, _pow2(K))
         z = self._dummy
+        epi, *pk = pick or (0, z, z, z, z, z, z)
         return lambda: _norm_gemv[(triton.cdiv(N, bn),)](
             R, z if Y is None else Y, z if PW is None else PW, z if NW is None else NW,
-            W, OUT, z if ROUT is None else ROUT, self.b_pmax if argmax else z, self.b_pidx if argmax else z,
-            z if tok is None else tok, N, K, self.eps, float(cap or 1.0), self.esc,
+            W, OUT, z if ROUT is None else ROUT, pk[0], pk[1], z if tok is None else tok, *pk[2:],
+            N, K, self.eps, float(cap or 1.0), self.esc,
             HAS_NORM=NW is not None, HAS_Y=Y is not None, POST_NORM=PW is not None, WRITE_R=ROUT is not None,
-            PAIR=pair, CAP=cap is not None, SINGLE=single, ARGMAX=argmax, EMB=tok is not None, BLOCK_N=bn,
+            PAIR=pair, CAP=cap is not None, SINGLE=single, EPI=epi, EMB=tok is not None, BLOCK_N=bn,
             BLOCK_K=bk, DT=self.dt, PDL=self.pdl, num_warps=nw, **self.launch)
+
+    def use_sampler(self, sampler):
+        """Sample instead of taking the argmax: ``sampler`` (a :class:`TritonSampler` over this head's blocks)
+        gets its partials from the head's epilogue and picks the token in one more kernel; None: greedy."""
+        if sampler is not None and sampler.bn != _tune("head")[0]:
+            raise ValueError(f"the sampler's blocks ({sampler.bn}) are not the head's ({_tune('head')[0]})")
+        self.sampler = sampler
 
     def plan(self, tok, pos, advance: bool = False, capture=None) -> list:
         """The step's kernel launches in order, as (name, launch) pairs, for the token ``tok`` [1, 1] at the
@@ -536,15 +699,25 @@ class TritonDecodeStep:
                 POST_NORM=PW is not None, WRITE_R=last is not None,
                 BLOCK_K=_pow2(D), DT=self.dt, PDL=self.pdl, num_warps=8, **self.launch)))
             out.append(("head", self._gemv("head", V, D, self.head, self.logits, self.b_x,
-                                           cap=plan.final_softcap, argmax=True)))
+                                           cap=plan.final_softcap, pick=self._pick(pos))))
         else:
             out.append(("head", self._gemv("head", V, D, self.head, self.logits, R, Y, PW, nw, ROUT=last,
-                                           cap=plan.final_softcap, argmax=True)))
+                                           cap=plan.final_softcap, pick=self._pick(pos))))
+        into = tok if advance else self.token
+        if self.sampler is not None:
+            out.append(("sample", self.sampler.finish(self.logits, into, pos, advance, self.pdl)))
+            return out
         nh = self.b_pmax.shape[0]
         out.append(("argmax", lambda: _argmax_final[(1,)](
-            self.b_pmax, self.b_pidx, tok if advance else self.token, pos, nh, BLOCK=_pow2(nh), ADVANCE=advance,
+            self.b_pmax, self.b_pidx, into, pos, nh, BLOCK=_pow2(nh), ADVANCE=advance,
             PDL=self.pdl, num_warps=16, **self.launch)))
         return out
+
+    def _pick(self, pos):
+        if self.sampler is None:
+            z = self._dummy
+            return (1, self.b_pmax, self.b_pidx, z, z, z, z)
+        return self.sampler.partials(pos)
 
     def __call__(self, tok, pos, capture=None):
         """Logits [1, V] of the token after ``tok`` at position ``pos``; its greedy choice lands in
@@ -554,12 +727,12 @@ class TritonDecodeStep:
         return self.logits
 
     def greedy(self, tok, pos):
-        """The step's argmax token [1, 1] (int64; the first on ties, as torch.argmax)."""
+        """The step's token [1, 1] (int64): the argmax (the first on ties, as torch.argmax), or the sampler's."""
         self(tok, pos)
         return self.token
 
     def advance(self, tok, pos):
-        """One step that writes its argmax into ``tok`` and adds one to ``pos`` (both [1], on the device)."""
+        """One step that writes its token into ``tok`` and adds one to ``pos`` (both [1], on the device)."""
         for _, launch in self._plan(tok, pos, True):
             launch()
         return tok
@@ -570,3 +743,85 @@ class TritonDecodeStep:
         if tok.dtype != torch.long or pos.dtype != torch.long:
             raise TypeError(f"token and position must be int64 tensors, got {tok.dtype} and {pos.dtype}")
         return self.plan(tok, pos, advance, capture)
+
+
+class TritonSampler:
+    """The next token sampled on the device in Triton kernels, with the semantics of
+    :mod:`workbench.decode.sampler` (``sample_np``): per-block partials of the logits — left by the Triton step's
+    head in its epilogue (:meth:`partials`), or by :func:`_block_stats` over logits in memory (:meth:`__call__`)
+    — and one more kernel (:meth:`finish`): :func:`_argmax_final` over each block's max(z + gumbel) when the
+    whole vocabulary is sampled, :func:`_sample_cand` when there are candidates (top-k / top-p). Seed, 1/T and
+    top_p are the device tensors of ``params`` (``sampler.TorchParams``): a CUDA graph holding the kernels is not
+    re-captured when they change (:meth:`set`)."""
+
+    CMAX = 1024          # candidates (top_k) the selection kernel takes; more: the torch sampler
+
+    @classmethod
+    def unsupported(cls, s, vocab: int) -> str | None:
+        C = s.candidates(vocab)
+        if triton is None:
+            return "triton is not installed"
+        if C is not None and C > cls.CMAX:
+            return f"top_k={C} (more than {cls.CMAX} candidates)"
+        return None
+
+    def __init__(self, s, vocab: int, device, params, block_n: int | None = None):
+        why = self.unsupported(s, vocab)
+        if why:
+            raise ValueError(f"TritonSampler: {why}")
+        self.bn = int(block_n or _tune("head")[0])
+        self.V, self.C, self.top_p, self.params = int(vocab), s.candidates(vocab), s.use_top_p, params
+        self.nb = triton.cdiv(self.V, self.bn)
+        f32, i32 = torch.float32, torch.int32
+        self.pmax = torch.empty(self.nb, dtype=f32, device=device)
+        self.pidx = torch.empty(self.nb, dtype=i32, device=device)
+        self.psum = torch.empty(self.nb, dtype=f32, device=device)
+        self.epi = 2 if self.C is None else 3
+        if self.C is not None:
+            self.sb = min(self.C, self.nb)
+            self.blk = torch.zeros(self.sb, dtype=i32, device=device)      # the blocks searched
+            self.cv = torch.zeros(self.C, dtype=f32, device=device)        # the candidates' z (in no order)
+            self.ci = torch.zeros(self.C, dtype=i32, device=device)        # ... and their token ids
+            self.nkeep = torch.zeros(1, dtype=i32, device=device)          # top-p: how many were kept
+        self.token = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.note = ("triton (whole vocabulary: Gumbel-max in the head's epilogue)" if self.C is None else
+                     f"triton (top {self.C} from the head's block maxima{', top-p' if self.top_p else ''})")
+
+    def set(self, sp):
+        self.params.set(sp)
+
+    def partials(self, pos):
+        """The head epilogue's arguments (EPI, PMAX, PIDX, PSUM, SEED, INVT, POS)."""
+        p = self.params
+        return (self.epi, self.pmax, self.pidx, self.psum, p.seed, p.inv_t, pos)
+
+    def finish(self, logits, into, pos, advance: bool = False, pdl: bool = False):
+        """The launch (returned, not run) that picks the token from the partials into ``into`` [1, 1] (advance:
+        ``pos`` moves on by one); ``logits`` [V] or [1, V]: the candidates are read from it."""
+        launch = {"launch_pdl": True} if pdl else {}
+        p, nb = self.params, self.nb
+        if self.C is None:
+            return lambda: _argmax_final[(1,)](self.pmax, self.pidx, into, pos, nb, BLOCK=_pow2(nb),
+                                               ADVANCE=advance, PDL=pdl, num_warps=16, **launch)
+        rb, nw, cj = _tune("sample")
+        C, sb = self.C, self.sb
+        return lambda: _sample_cand[(1,)](
+            self.pmax, self.psum, logits, self.blk, self.cv, self.ci, self.nkeep, p.seed, p.inv_t, p.top_p,
+            into, pos, self.V, nb, C, sb, NBP=_pow2(nb), BN=self.bn, SBP=_pow2(sb), CP=_pow2(C),
+            CJ=min(cj, _pow2(C)), ALLB=sb == nb, TOP_P=self.top_p, ADVANCE=advance, RB=rb, PDL=pdl,
+            num_warps=nw, **launch)
+
+    def stats(self, logits, pos):
+        """The launch (returned, not run) of the partials of logits already in memory."""
+        p = self.params
+        g = max(1, min(_pow2(self.nb), 4096 // self.bn))           # 4096 logits a program
+        return lambda: _block_stats[(triton.cdiv(self.nb, g),)](
+            logits, self.pmax, self.pidx, self.psum, p.seed, p.inv_t, pos, self.V, self.nb, G=g, BLOCK_N=self.bn,
+            EPI=self.epi, num_warps=4)
+
+    def __call__(self, logits, pos):
+        """``logits`` [1, V] (any float dtype, contiguous), ``pos`` [1] int64 (the input token's position) ->
+        the token [1, 1] int64 (this sampler's buffer), as ``sampler.torch_sampler``'s function."""
+        self.stats(logits, pos)()
+        self.finish(logits, self.token, pos)()
+        return self.token

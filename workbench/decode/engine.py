@@ -73,22 +73,33 @@ class DecodeEngine:
         if hasattr(ops, "fused_reductions"):
             ops.fused_reductions = sw.gpu_decode != "cublas"
         greedy = self.sampling.greedy
-        self._sample = None if greedy else _sampler.torch_sampler(self.sampling, self.vocab, ops.device,
-                                                                  dtype=ops.tdtype)
-        self.sampler_note = None if greedy else self._sample.note
+        self._sample = None
         self._advance = None
         if self.route.kind == "triton":
             from ..backends import triton_decode
             self.plan = model.decode_plan(cache)
             self.kernel = triton_decode.TritonDecodeStep(self.plan)
-            if greedy:
+            why = None if greedy else ("WORKBENCH_TRITON_SAMPLER=0" if not sw.triton_sampler else
+                                       triton_decode.TritonSampler.unsupported(self.sampling, self.vocab))
+            if not greedy and why is None:      # sampled in the step's own kernels (head epilogue + selection)
+                self._sample = triton_decode.TritonSampler(self.sampling, self.vocab, ops.device,
+                                                           _sampler.TorchParams(ops.device, self.sampling))
+                self.kernel.use_sampler(self._sample)
+            if self._sample is not None or greedy:
                 self._fn = self.kernel.greedy
                 self._advance = self.kernel.advance         # the graph's step feeds itself (token and position)
-            else:
-                def sstep(tok, pos):
-                    return self._sample(self.kernel(tok, pos), pos)
-                self._fn = sstep
+                self.sampler_note = None if greedy else self._sample.note
+                return
+            self._sample = _sampler.torch_sampler(self.sampling, self.vocab, ops.device, dtype=ops.tdtype)
+            self.sampler_note = f"torch, {self._sample.note} (no Triton sampler: {why})"
+
+            def tstep(tok, pos):
+                return self._sample(self.kernel(tok, pos), pos)
+            self._fn = tstep
             return
+        if not greedy:
+            self._sample = _sampler.torch_sampler(self.sampling, self.vocab, ops.device, dtype=ops.tdtype)
+        self.sampler_note = None if greedy else self._sample.note
 
         def step(tok, pos):
             lg = model.decode_step(tok, pos, cache)

@@ -4,6 +4,8 @@ module that reads them:
 * ``WORKBENCH_DECODE``      ``fast`` (default) | ``plain`` (one ``model.forward`` per token, the reference path);
 * ``WORKBENCH_GPU_DECODE``  torch: ``triton`` (default on CUDA; on the CPU only with TRITON_INTERPRET=1, tests),
                             ``fused`` (inductor step with fused reductions), ``cublas`` (inductor, cuBLAS products);
+* ``WORKBENCH_TRITON_SAMPLER`` ``1`` (default): the Triton step samples in its own kernels (head epilogue + one
+                            selection kernel), ``0``: the torch sampler (torch.topk, compiled) on its logits;
 * ``WORKBENCH_MLX_COMPILE`` ``1`` (default on the GPU) compiles the MLX step with mx.compile, ``0`` queues plain steps;
 * ``WORKBENCH_MLX_KERNELS`` ``1`` (default) the custom CUDA kernels where MLX runs on CUDA, ``0`` the generic step;
 * ``WORKBENCH_CPU_GEMV``    ``auto`` | ``kernel`` | ``blas`` | ``off``: the products behind the CPU ops
@@ -41,6 +43,7 @@ class Switches:
     mlx_kernels: bool
     cpu_gemv: str
     triton_interpret: bool
+    triton_sampler: bool = True
 
 
 def switches() -> Switches:
@@ -55,7 +58,8 @@ def switches() -> Switches:
     from ..backends import cpu_gemv
     return Switches(decode=dec, gpu_decode=gd, mlx_compile=env.get("WORKBENCH_MLX_COMPILE", "1") != "0",
                     mlx_kernels=env.get("WORKBENCH_MLX_KERNELS", "1") != "0", cpu_gemv=cpu_gemv.mode(),
-                    triton_interpret=env.get("TRITON_INTERPRET", "0") == "1")
+                    triton_interpret=env.get("TRITON_INTERPRET", "0") == "1",
+                    triton_sampler=env.get("WORKBENCH_TRITON_SAMPLER", "1") != "0")
 
 
 def pick(model, cache=None, compile: bool | None = None, sw: Switches | None = None) -> Route:

@@ -128,15 +128,33 @@ def _topk_t(z, C: int):
     return torch.topk(z, C, dim=-1, sorted=True)
 
 
+class TorchParams:
+    """The runtime sampling values in device tensors [1, 1] — seed (int64, the uint32 seed), 1/temperature and
+    top_p (float32) — read by the torch and Triton samplers; :meth:`set` changes them in place (no re-capture)."""
+
+    def __init__(self, device, s: Sampling | None = None):
+        import torch
+        self.seed = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.inv_t = torch.ones((1, 1), dtype=torch.float32, device=device)
+        self.top_p = torch.ones((1, 1), dtype=torch.float32, device=device)
+        if s is not None and not s.greedy:
+            self.set(s)
+
+    def set(self, sp: Sampling):
+        self.seed.fill_(int(sp.seed))
+        self.inv_t.fill_(1.0 / float(sp.temperature))
+        self.top_p.fill_(float(sp.top_p if sp.top_p is not None else 1.0))
+
+
 def torch_sampler(s: Sampling, vocab: int, device, compile: bool | None = None, dtype=None):
     """``fn(logits [1, V], pos [1] int64 (the input token's position)) -> token [1, 1] int64`` on the device,
     with seed, temperature and top_p in device tensors (``fn.set(sampling)`` changes them without re-capture).
-    On CUDA (``compile`` None) the elementwise work is compiled by inductor (a handful of kernels, not ~30)."""
+    On CUDA (``compile`` None) the elementwise work is compiled by inductor (a handful of kernels, not ~30).
+    (The Triton decode step samples in its own kernels instead: ``backends.triton_decode.TritonSampler``.)"""
     import torch
     C = s.candidates(vocab)
-    st = dict(seed=torch.zeros((1, 1), dtype=torch.long, device=device),
-              inv_t=torch.ones((1, 1), dtype=torch.float32, device=device),
-              top_p=torch.ones((1, 1), dtype=torch.float32, device=device))
+    prm = TorchParams(device)
+    st = dict(seed=prm.seed, inv_t=prm.inv_t, top_p=prm.top_p)
     use_top_p = s.use_top_p
 
     def gumbel(seed, pos, ids):
@@ -178,13 +196,9 @@ def torch_sampler(s: Sampling, vocab: int, device, compile: bool | None = None, 
     def fn(logits, pos):
         return body(logits, pos, st["seed"], st["inv_t"], st["top_p"])
 
-    def set_(sp: Sampling):
-        st["seed"].fill_(int(sp.seed))
-        st["inv_t"].fill_(1.0 / float(sp.temperature))
-        st["top_p"].fill_(float(sp.top_p if sp.top_p is not None else 1.0))
-    fn.set = set_
+    fn.set = prm.set
     fn.note = note
-    set_(s)
+    prm.set(s)
     return fn
 
 
