@@ -785,7 +785,7 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
     weight/config/tokenizer hashes match the local model's; world=N: the reference sharded over N torchrun processes
     (workbench.distributed: gloo on CPUs, NCCL for torch:cuda), the targets and the anchor run here.
     Stores the run in the results store (``db`` or the default) unless store=False."""
-    from .loader import Checkpoint, build_model, read_source
+    from .loader import Checkpoint, build_model, read_source, resolve_source
 
     capture_decode = _decode_route(decode)
     targets = _targets(backends, dtypes)
@@ -794,9 +794,13 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
         from .reference_artifact import resolve_against
         art, source, prompt, taps, reference = resolve_against(against, world, source, prompt, taps, decode_steps,
                                                                reference, max_tokens, progress is True)
-    cfg, tensors, path, tok = read_source(source, dtype="float64", progress=progress is True)
-    ids = _prompt_ids(prompt, tok, max_tokens, source)
     media = bool(images or audio)
+    refs, asked = _references(references, resolve_source(source), media)
+    low = sorted({d for _, d in targets if d in UNIT_ROUNDOFF}) if budgets else []
+    prog = _Progress(progress, 2 + len(low) + len(targets) + len(refs))
+    prog.note(f"loading {source}")
+    cfg, tensors, path, tok = read_source(source, dtype="float64", progress=prog.prints)
+    ids = _prompt_ids(prompt, tok, max_tokens, source)
     mm = dict(images=images, audio=audio) if media else {}
     ids_arr = np.asarray(ids, dtype=np.int64)[None]
     T = ids_arr.shape[1]
@@ -804,12 +808,9 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
     if not cfg.causal:   # bidirectional attention: a cached decode cannot see the later tokens the prefill sees
         decode_steps = 0
     taps, order_of = _compare_taps(cfg, taps, media)
-    refs, asked = _references(references, path, media)
-    low = sorted({d for _, d in targets if d in UNIT_ROUNDOFF}) if budgets else []
 
     def build(ops):   # the one loader (the media towers' tensors are kept; built on first use)
         return build_model(Checkpoint(cfg, tensors, path, tok), ops, source)
-    prog = _Progress(progress, 2 + len(low) + len(targets) + len(refs))
 
     # MoE: the router's choice per token, to tell a near-tie routing flip from a fault (not compared as rows)
     moe_taps = ["blocks.*.moe.hook_expert_ids", "blocks.*.moe.hook_router_probs"] \
