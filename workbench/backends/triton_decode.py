@@ -286,23 +286,24 @@ if triton is not None:
         return tl.where(b < 0, b ^ 0x7FFFFFFF, b)
 
     @triton.jit
-    def _kth_key(key, valid, k, RB: tl.constexpr):
-        """The k-th largest of the int32 keys where valid (1 <= k <= their count), exactly: a radix search from
-        the top bits, RB bits a round (2**RB - 1 counts per round, 32 / RB rounds), in unsigned space."""
+    def _kth_key(key, valid, k, RB: tl.constexpr, BITS: tl.constexpr):
+        """The k-th largest of the int32 keys (in [-2**(BITS-1), 2**(BITS-1))) where valid (1 <= k <= their
+        count), exactly: a radix search from the top bits, RB bits a round (2**RB - 1 counts per round, BITS / RB
+        rounds), in unsigned space."""
         thr = tl.sum(tl.zeros([2], tl.int64), 0)
         d = tl.arange(0, 1 << RB).to(tl.int64)
-        for it in tl.static_range(32 // RB):
-            shift = 32 - RB * (it + 1)
-            cand = (thr + (d << shift) - 2147483648).to(tl.int32)
+        for it in tl.static_range(BITS // RB):
+            shift = BITS - RB * (it + 1)
+            cand = (thr + (d << shift) - (1 << (BITS - 1))).to(tl.int32)
             ge = (key[None, :] >= cand[:, None]) & valid[None, :]
             cnt = tl.sum(ge.to(tl.int32), 1)
             thr = thr + (tl.sum(((cnt >= k) & (d > 0)).to(tl.int64), 0) << shift)
-        return (thr - 2147483648).to(tl.int32)
+        return (thr - (1 << (BITS - 1))).to(tl.int32)
 
     @triton.jit
-    def _top_first(key, valid, k, RB: tl.constexpr):
+    def _top_first(key, valid, k, RB: tl.constexpr, BITS: tl.constexpr):
         """Exactly k of the valid entries with the largest keys (ties: the first ones), as a mask."""
-        t = _kth_key(key, valid, k, RB)
+        t = _kth_key(key, valid, k, RB, BITS)
         gt = (key > t) & valid
         tie = (key == t) & valid
         need = k - tl.sum(gt.to(tl.int32), 0)
@@ -312,7 +313,7 @@ if triton is not None:
     def _sample_cand(PMAX, PSUM, LOGITS, BLK, CV, CI, NKEEP, SEED, INVT, TOPP, TOK, POS, V, NB, C, SB,
                      NBP: tl.constexpr, BN: tl.constexpr, SBP: tl.constexpr, CP: tl.constexpr, CJ: tl.constexpr,
                      ALLB: tl.constexpr, TOP_P: tl.constexpr, ADVANCE: tl.constexpr, RB: tl.constexpr,
-                     PDL: tl.constexpr):
+                     BF16: tl.constexpr, PDL: tl.constexpr):
         """One program: the sampled token from the NB blocks of BN logits and their partials (PMAX: each block's
         max, PSUM: its sum(exp(z - max z))), with the semantics of ``workbench.decode.sampler.sample_np``:
 
@@ -322,7 +323,8 @@ if triton is not None:
         3. TOP_P: each candidate's mass before it (ranked by z, then place), normalised over the whole
            vocabulary (the logsumexp from the partials), kept while below top_p (NKEEP: how many);
         4. Gumbel-max over the kept ones -> TOK (ADVANCE: POS moves on by one).
-        Selections are exact radix searches (:func:`_kth_key`); no sort."""
+        Selections are exact radix searches (:func:`_kth_key`); no sort. BF16: the block maxima are bfloat16
+        values, whose order keys fit 16 bits (half the rounds)."""
         if PDL:
             _gdc_go()
             _gdc_wait()
@@ -337,7 +339,10 @@ if triton is not None:
             ps = tl.load(PSUM + o, mask=bm, other=0.0)
             lse = gm + tl.log(tl.sum(tl.where(bm, ps * tl.exp(zm - gm), 0.0), 0))
         if not ALLB:
-            sel = _top_first(_okey(pm), bm, SB, RB)
+            if BF16:
+                sel = _top_first(_okey(pm) >> 16, bm, SB, RB, 16)
+            else:
+                sel = _top_first(_okey(pm), bm, SB, RB, 32)
             tl.store(BLK + tl.cumsum(sel.to(tl.int32), 0) - 1, o, mask=sel)
             tl.debug_barrier()                                  # the block list stored before it is read
         f = tl.arange(0, SBP * BN)
@@ -350,7 +355,7 @@ if triton is not None:
         row = b * BN + f % BN
         vm = fm & (row < V)
         z = tl.load(LOGITS + row, mask=vm, other=float("-inf")).to(tl.float32) * inv_t
-        sel2 = _top_first(_okey(z), vm, C, RB)
+        sel2 = _top_first(_okey(z), vm, C, RB, 32)
         at = tl.cumsum(sel2.to(tl.int32), 0) - 1
         tl.store(CV + at, z, mask=sel2)
         tl.store(CI + at, row, mask=sel2)
@@ -808,8 +813,8 @@ class TritonSampler:
         return lambda: _sample_cand[(1,)](
             self.pmax, self.psum, logits, self.blk, self.cv, self.ci, self.nkeep, p.seed, p.inv_t, p.top_p,
             into, pos, self.V, nb, C, sb, NBP=_pow2(nb), BN=self.bn, SBP=_pow2(sb), CP=_pow2(C),
-            CJ=min(cj, _pow2(C)), ALLB=sb == nb, TOP_P=self.top_p, ADVANCE=advance, RB=rb, PDL=pdl,
-            num_warps=nw, **launch)
+            CJ=min(cj, _pow2(C)), ALLB=sb == nb, TOP_P=self.top_p, ADVANCE=advance, RB=rb,
+            BF16=logits.dtype == torch.bfloat16, PDL=pdl, num_warps=nw, **launch)
 
     def stats(self, logits, pos):
         """The launch (returned, not run) of the partials of logits already in memory."""
