@@ -644,12 +644,27 @@ class TritonDecodeStep:
             PAIR=pair, CAP=cap is not None, SINGLE=single, EPI=epi, EMB=tok is not None, BLOCK_N=bn,
             BLOCK_K=bk, DT=self.dt, PDL=self.pdl, num_warps=nw, **self.launch)
 
-    def use_sampler(self, sampler):
+    def use_sampler(self, sampler, check: bool = False) -> str | None:
         """Sample instead of taking the argmax: ``sampler`` (a :class:`TritonSampler` over this head's blocks)
-        gets its partials from the head's epilogue and picks the token in one more kernel; None: greedy."""
+        gets its partials from the head's epilogue and picks the token in one more kernel; None: greedy.
+        check: compile (and run, on scratch buffers) the head and the pick now; if that fails the step stays
+        greedy and the reason is returned (the caller samples some other way)."""
         if sampler is not None and sampler.bn != _tune("head")[0]:
             raise ValueError(f"the sampler's blocks ({sampler.bn}) are not the head's ({_tune('head')[0]})")
         self.sampler = sampler
+        if sampler is None or not check:
+            return None
+        try:
+            tok = torch.zeros((1, 1), dtype=torch.long, device=self.ops.device)
+            pos = torch.zeros(1, dtype=torch.long, device=self.ops.device)
+            for name, launch in self.plan(tok, pos):
+                if name in ("head", "sample"):        # they write only the logits, the partials and tok
+                    launch()
+            self.ops.synchronize()
+        except Exception as e:  # noqa: BLE001
+            self.sampler = None
+            return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+        return None
 
     def plan(self, tok, pos, advance: bool = False, capture=None) -> list:
         """The step's kernel launches in order, as (name, launch) pairs, for the token ``tok`` [1, 1] at the

@@ -84,7 +84,9 @@ class DecodeEngine:
             if not greedy and why is None:      # sampled in the step's own kernels (head epilogue + selection)
                 self._sample = triton_decode.TritonSampler(self.sampling, self.vocab, ops.device,
                                                            _sampler.TorchParams(ops.device, self.sampling))
-                self.kernel.use_sampler(self._sample)
+                err = self.kernel.use_sampler(self._sample, check=ops.device.type == "cuda")
+                if err:
+                    self._sample, why = None, f"it failed here: {err}"
             if self._sample is not None or greedy:
                 self._fn = self.kernel.greedy
                 self._advance = self.kernel.advance         # the graph's step feeds itself (token and position)
