@@ -163,6 +163,8 @@ def bench_static_graphs(ref, prompt_len: int = 128, gen_len: int = 64, repeats: 
 
     x = ref._bench_prompt(int(prompt_len))
     n = int(gen_len) + 1          # the first token comes from the prefill, then gen_len decode steps
+    if ref.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ref.device)    # the peak of this peer, not of the process so far
     c0 = _counters()
     note = None
     try:

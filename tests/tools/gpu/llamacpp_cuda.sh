@@ -210,7 +210,7 @@ bench() {
   say ""
   say "## llama-bench (pp512, tg256, all layers on the GPU, flash attention off/on, 5 repeats)"
   say ""
-  "$BIN/llama-bench" "${ms[@]}" -p 512 -n 256 -ngl 99 -fa 0,1 -r 5 -o md > "$W/llama-bench.md" 2> "$W/llama-bench.err"
+  "$BIN/llama-bench" "${ms[@]}" -p 512 -n 256 -ngl 99 -fa off,on -r 5 -o md > "$W/llama-bench.md" 2> "$W/llama-bench.err"
   local rc=$?
   cat "$W/llama-bench.md" | tee -a "$MD" >/dev/null; cat "$W/llama-bench.md"
   (( rc == 0 )) || { tail -20 "$W/llama-bench.err"; say "llama-bench exited $rc (stderr tail above)"; }
@@ -220,9 +220,10 @@ bench() {
   say "## The workbench's llama.cpp peer harness (LlamaCppReference.bench: one eval per token, pp512/tg256, 3 repeats)"
   say ""
   mkdir -p "$W/py"
-  if ls "$CARRY"/diskcache-*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --target "$W/py" "$CARRY"/diskcache-*.whl >/dev/null 2>&1 || true
-  fi
+  local whl
+  for whl in "$CARRY"/diskcache-*.whl; do     # a pure-Python wheel is a zip: unpacked, no pip needed
+    [[ -f "$whl" ]] && "$PY" -m zipfile -e "$whl" "$W/py"
+  done
   ln -sfn "$BIN" "$LLAMA_PY_DIR/llama_cpp/lib"     # the bindings look for their libraries there (_ggml.py always)
   LLAMA_CPP_LIB_PATH="$BIN" PYTHONPATH="$ROOT:$LLAMA_PY_DIR:$W/py:${PYTHONPATH:-}" "$PY" - "${ms[@]}" <<'PYEOF' 2>&1 | tee -a "$MD"
 import sys
@@ -246,6 +247,22 @@ for p in paths:
     except Exception as e:
         print(f"| {p.rsplit('/', 1)[-1]} | failed: {type(e).__name__}: {str(e)[:150]} | |")
 PYEOF
+
+  # bench --peers on the Q4_K_M file: the workbench (torch:cuda, dequantised to bfloat16) and llama.cpp on the GPU
+  # in the same call, through the same CUDA libllama.so
+  local q="$MODELS/r270-q4km.gguf"
+  if [[ -f "$q" ]]; then
+    say ""
+    say "## wb.bench(peers=True) on the Q4_K_M GGUF, torch:cuda bfloat16 vs llama.cpp:gpu (WORKBENCH_PEERS=llama.cpp)"
+    say ""
+    WORKBENCH_PEERS=llama.cpp LLAMA_CPP_LIB_PATH="$BIN" PYTHONPATH="$ROOT:$LLAMA_PY_DIR:$W/py:${PYTHONPATH:-}" \
+      timeout "${PEERS_TIMEOUT_S:-240}" "$PY" -c "
+import workbench as wb
+r = wb.bench('$q', backends=['torch:cuda'], dtypes=['bfloat16'], prompt_len=512, gen_len=256, repeats=3, peers=True,
+             db='$W/runs.sqlite', progress=False)
+print('\`\`\`'); print(r.table()); print('\`\`\`')
+" 2>&1 | tail -40 | tee -a "$MD" || say "wb.bench on the GGUF did not finish (exit $?)"
+  fi
   return 0
 }
 

@@ -146,6 +146,7 @@ try:
 except Exception as e:
     out["stock_error"] = f"{type(e).__name__}: {str(e)[:300]}"
 # ... and the same stock layers under inductor + CUDA graphs (reduce-overhead): what a token costs there
+torch._dynamo.reset()
 c4 = _counters()
 try:
     dec3 = StaticGraphDecoder(ref.model, P + 25, suppress=ref.eos_ids(), full_length=False)
