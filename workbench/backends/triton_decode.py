@@ -16,7 +16,9 @@ and ramp-up for 1-5 MB of weights. Here one layer is five kernels, each latency-
 * ``_norm_gemv`` (down).
 
 The last residual update and the final norm run once (``_norm_vec``); the head is ``_norm_gemv`` with the final
-softcap (Gemma 2) and each program's argmax in its epilogue, ``_argmax_final`` picks the token. Apart from the
+softcap (Gemma 2) and each program's argmax in its epilogue, ``_argmax_final`` picks the token. Sampled decoding
+(:class:`TritonSampler`) keeps that shape: the head's epilogue leaves each program's max and partial softmax sum
+(or its max of z + gumbel), and ``_sample_cand`` (or ``_argmax_final``) picks the token — no torch op in the step. Apart from the
 attention's counter, every kernel reads one buffer and writes another; on Hopper each is launched early
 (programmatic dependent launch) and loads its weights while the previous kernel finishes. Products and sums in
 float32, rounded to the model dtype where the plain path rounds (after each norm, projection, residual add,
