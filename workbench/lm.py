@@ -26,7 +26,6 @@ DECODER_NAMES = {
     "n_params": "text-decoder parameter count (bench rows)",
     "weight_bytes": "text-decoder weight bytes (bench rows)",
     "new_cache": "a KV cache for this decoder (prefill/decode loops in tests, parity, diverge)",
-    "check_ids": "validate token ids against the vocabulary",
     "tap_names": "the decoder's tap/hook points (the media towers' are multimodal.tap_names(m))",
     "decode_plan": "the decode kernels' input (the decode engine and parity's fast-route capture take a model)",
     "decode_step": "one static decode step (same)",
@@ -79,8 +78,8 @@ class LanguageModel:
                              f"m.decoder; read through here: {', '.join(sorted(DECODER_NAMES))})")
 
     # ------------------------------------------------------------------ tokens
-    def ids(self, prompt) -> np.ndarray:
-        """A text prompt (through the tokenizer) or token ids -> checked ids [B, T]."""
+    def check_ids(self, prompt) -> np.ndarray:
+        """A text prompt (through the tokenizer) or token ids [T] / [B, T] -> checked int64 ids [B, T]."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InputError("a text prompt needs a tokenizer; this model has none — pass token ids")
@@ -111,7 +110,7 @@ class LanguageModel:
             from .multimodal.runner import multimodal_forward
             return multimodal_forward(self, ids, images=images, audio=audio, taps=taps, hooks=hooks, cache=cache,
                                       last_only=last_only, max_soft_tokens=max_soft_tokens)
-        return self.decoder.forward(self.ids(ids), taps=taps, hooks=hooks, cache=cache, last_only=last_only)
+        return self.decoder.forward(self.check_ids(ids), taps=taps, hooks=hooks, cache=cache, last_only=last_only)
 
     __call__ = forward
 

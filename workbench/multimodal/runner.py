@@ -487,7 +487,8 @@ def multimodal_generate_iter(model, prompt, images=None, audio=None, max_new_tok
     st.update(prompt_tokens=T, prefill_s=t1 - t0, ttft_s=t1 - t0, prompt_tok_s=T / max(t1 - t0, 1e-9),
               image_tokens=prep.n_image_tokens, audio_tokens=prep.n_audio_tokens)
     stops = set() if ignore_eos else _stop_ids(model, stop)
-    yield from decode_tokens(model.decoder, eng, logits[0, -1], T, min(max_new_tokens, max_len - T), sampling, stops, st)
+    yield from decode_tokens(model.decoder, eng, logits[0, -1], T, min(max_new_tokens, max_len - T), sampling, stops,
+                             st)
     if max_len - T < max_new_tokens and st.get("stopped_by") == "length":
         st["stopped_by"] = "context"
 
