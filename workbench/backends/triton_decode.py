@@ -293,13 +293,20 @@ if triton is not None:
         count), exactly: a radix search from the top bits, RB bits a round (2**RB - 1 counts per round, BITS / RB
         rounds), in unsigned space."""
         thr = tl.sum(tl.zeros([2], tl.int64), 0)
-        d = tl.arange(0, 1 << RB).to(tl.int64)
-        for it in tl.static_range(BITS // RB):
-            shift = BITS - RB * (it + 1)
-            cand = (thr + (d << shift) - (1 << (BITS - 1))).to(tl.int32)
-            ge = (key[None, :] >= cand[:, None]) & valid[None, :]
-            cnt = tl.sum(ge.to(tl.int32), 1)
-            thr = thr + (tl.sum(((cnt >= k) & (d > 0)).to(tl.int64), 0) << shift)
+        if RB == 1:                                   # one count a round: the bit is set if enough are above
+            for it in tl.static_range(BITS):
+                shift = BITS - 1 - it
+                cand = (thr + (1 << shift) - (1 << (BITS - 1))).to(tl.int32)
+                cnt = tl.sum(((key >= cand) & valid).to(tl.int32), 0)
+                thr = thr + ((cnt >= k).to(tl.int64) << shift)
+        else:
+            d = tl.arange(0, 1 << RB).to(tl.int64)
+            for it in tl.static_range(BITS // RB):
+                shift = BITS - RB * (it + 1)
+                cand = (thr + (d << shift) - (1 << (BITS - 1))).to(tl.int32)
+                ge = (key[None, :] >= cand[:, None]) & valid[None, :]
+                cnt = tl.sum(ge.to(tl.int32), 1)
+                thr = thr + (tl.sum(((cnt >= k) & (d > 0)).to(tl.int64), 0) << shift)
         return (thr - (1 << (BITS - 1))).to(tl.int32)
 
     @triton.jit
@@ -826,6 +833,8 @@ class TritonSampler:
             return lambda: _argmax_final[(1,)](self.pmax, self.pidx, into, pos, nb, BLOCK=_pow2(nb),
                                                ADVANCE=advance, PDL=pdl, num_warps=16, **launch)
         rb, nw, cj = _tune("sample")
+        if rb not in (1, 2, 4, 8, 16):
+            raise ValueError(f"sample tune: {rb} radix bits a round (1, 2, 4, 8 or 16: it must divide 16)")
         C, sb = self.C, self.sb
         return lambda: _sample_cand[(1,)](
             self.pmax, self.psum, logits, self.blk, self.cv, self.ci, self.nkeep, p.seed, p.inv_t, p.top_p,
