@@ -3,6 +3,7 @@ mx.fast.scaled_dot_product_attention."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import mlx.core as mx
@@ -18,6 +19,12 @@ _MD = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _GEMV_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16"}
 
 
+@functools.partial(mx.compile, shapeless=True)
+def _gelu_tanh(x):
+    """The tanh GELU as one fused kernel (mlx.nn.gelu_approx's formula and compilation)."""
+    return 0.5 * x * (1 + mx.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
 class MLXOps(MLXMediaOps, ComposedOps, attn_plan.PlannedAttention, Ops):
     framework = "mlx"
 
@@ -28,6 +35,7 @@ class MLXOps(MLXMediaOps, ComposedOps, attn_plan.PlannedAttention, Ops):
         self.device = mx.gpu if spec.device == "gpu" else mx.cpu
         mx.set_default_device(self.device)
         self._freqs_cache: dict = {}
+        self._wcast: dict = {}      # id(norm weight) -> (weight, weight in the dtype): one cast per weight, not per call
         self._cpu_gemv = spec.device == "cpu" and cpu_gemv.mode() != "off"
 
     @contextlib.contextmanager
@@ -116,11 +124,16 @@ class MLXOps(MLXMediaOps, ComposedOps, attn_plan.PlannedAttention, Ops):
     def rms_norm(self, x, w, eps):
         if w is None:
             return mx.fast.rms_norm(x, None, eps)
-        return mx.fast.rms_norm(x, w.astype(x.dtype), eps)
+        if w.dtype != x.dtype:
+            hit = self._wcast.get(id(w))
+            if hit is None or hit[0] is not w or hit[1].dtype != x.dtype:
+                hit = self._wcast[id(w)] = (w, w.astype(x.dtype))
+            w = hit[1]
+        return mx.fast.rms_norm(x, w, eps)
 
     def gelu(self, x, approximate=True):
         if approximate:
-            return 0.5 * x * (1 + mx.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+            return _gelu_tanh(x)
         return x * (1 + mx.erf(x / math.sqrt(2))) / 2
 
     def softcap(self, x, cap):

@@ -92,6 +92,7 @@ class TorchOps(TorchMediaOps, ComposedOps, attn_plan.PlannedAttention, Ops):
         # kept-quantised GGUF weights (quant.py): 8-bit activations in one-row products (quant="keep") or
         # float32 (quant="keep-exact"); set by the loader
         self.quant_act8 = True
+        self.quant = None
 
     # ------------------------------------------------------------ data movement
     def asarray(self, a, dtype=None):
@@ -198,7 +199,10 @@ class TorchOps(TorchMediaOps, ComposedOps, attn_plan.PlannedAttention, Ops):
         inv = torch.as_tensor(inv_freq, dtype=self.acc, device=self.device)
         ang = pos[:, None] * inv[None, :]
         emb = torch.cat([ang, ang], dim=-1)
-        cs = (emb.cos().to(self.tdtype), emb.sin().to(self.tdtype))
+        h = ang.shape[-1]
+        sin = emb.sin().to(self.tdtype)
+        sin[:, :h] = -sin[:, :h]     # rotate_half's minus folded into the table (exact: a sign)
+        cs = (emb.cos().to(self.tdtype), sin)
         if len(self._rope_cache) > 64:
             self._rope_cache.clear()
         self._rope_cache[key] = cs
@@ -207,9 +211,9 @@ class TorchOps(TorchMediaOps, ComposedOps, attn_plan.PlannedAttention, Ops):
     def rope(self, x, inv_freq, start):
         # x: [B, H, T, D]; NeoX rotate_half pairing (i, i + D/2) as HF's apply_rotary_pos_emb
         T = x.shape[2]
-        cos, sin = self._cos_sin(inv_freq, start, T)
+        cos, sin = self._cos_sin(inv_freq, start, T)    # sin's first half negated
         h = x.shape[-1] // 2
-        rot = torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+        rot = torch.cat([x[..., h:], x[..., :h]], dim=-1)
         return x * cos + rot * sin
 
     def rope_table(self, inv_freq, n: int):
@@ -272,10 +276,10 @@ class TorchOps(TorchMediaOps, ComposedOps, attn_plan.PlannedAttention, Ops):
         H, Hkv = q.shape[1], k.shape[1]
         if causal and q.shape[2] != k.shape[2]:
             mask, causal = self._causal_mask(q.shape[2], k.shape[2], None), False
-        if H != Hkv and mask is not None and self.device.type == "cuda" and \
+        if H != Hkv and (mask is not None or q.dtype == torch.float32) and self.device.type == "cuda" and \
                 os.environ.get("WORKBENCH_SDPA_GQA", "expand") != "native":
-            # a mask rules out flash; the memory-efficient kernel takes grouped K/V only in recent torch builds
-            # (else SDPA falls back to its math path): repeat the few K/V heads, as HF's sdpa attention does
+            # a mask (or float32) rules out flash; the memory-efficient kernel takes grouped K/V only in recent
+            # torch builds (else SDPA falls back to its math path): repeat the few K/V heads, as HF's sdpa does
             k = k.repeat_interleave(H // Hkv, dim=1)
             v = v.repeat_interleave(H // Hkv, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
