@@ -195,3 +195,21 @@ def test_workbench_peers_selects_and_says_what_it_left_out(monkeypatch):
     assert got["hf"][3] is not None and got["hf"][4] is None
     for impl in ("hf-static-graphs", "hf+static", "llama.cpp"):
         assert got[impl][3] is None and got[impl][4] == "not selected: WORKBENCH_PEERS=hf"
+
+
+@pytest.mark.slow
+def test_generate_route_one_graph_with_the_full_length_cache_recompiles_without():
+    """transformers' own generate + CompileConfig (dynamo only, backend='eager'): with the full-length cache one graph
+    serves every token and run; with its own sliding layers every token is a new graph until the recompile limit."""
+    import torch
+
+    from workbench.references.hf_static import bench_generate_static
+    ref = _ref()
+    r = bench_generate_static(ref, 6, 12, 1, full_length=True, backend="eager", mode=None)
+    assert r["graphs_warmup"] == 1 and r["graphs_timed"] == 0 and r["graph_breaks"] == {}, r["note"]
+    torch._dynamo.reset()
+    try:
+        r = bench_generate_static(ref, 6, 12, 1, full_length=False, backend="eager", mode=None, fullgraph=False)
+        assert r["graphs_warmup"] >= 4, r["note"]          # one per token (up to the limit), not one
+    finally:
+        torch._dynamo.reset()

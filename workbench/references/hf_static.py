@@ -8,11 +8,15 @@ capture) runs outside the timed region; the device is synchronised around it.
 
 Why not transformers' own static cache as is: its sliding-window layer (``StaticSlidingWindowLayer``, Gemma 2/3's
 local layers) keeps its length in a Python int (``cumulative_length_int``) that the model reads for the positions
-and the mask (``get_seq_length``, ``get_mask_sizes``). Dynamo guards on that int: the step recompiles on the next
-token (guard ``self.cache.layers[0].cumulative_length_int == 12``, seen on torch 2.13 / transformers 5.24, CPU),
-then treats it as a symbolic int; a CUDA graph is recorded per distinct value of a symbolic int, so under
-``mode="reduce-overhead"`` every token is a new value (tests/tools/gpu/peers_bench.py's ``diag`` part measures what
-that costs on the card). Here the sliding layers get a full-length ``StaticLayer`` instead (position kept in a
+and the mask (``get_seq_length``, ``get_mask_sizes``) and the layer's ``update`` branches on. Dynamo guards on that
+int. Under ``generate``'s own compile (``CompileConfig(dynamic=False)``) the forward is recompiled for every token
+(guards ``cumulative_length_int == 6``, ``== 7``, ... seen on transformers 5.17 and 5.24, torch 2.13) until
+``torch._dynamo`` hits its recompile limit (8): with ``fullgraph=True`` that is a hard error
+(``FailOnRecompileLimitHit``), with ``fullgraph=False`` the rest of the run is eager — HF eager speed plus the
+compile time. Under a plain ``torch.compile`` (``dynamic=None``) the step recompiles once and then takes the int
+as a symbolic size; CUDA graphs are recorded per distinct value of such a size, so ``mode="reduce-overhead"``
+would record a new graph per token (tests/tools/gpu/peers_bench.py's ``diag`` part measures that on the card).
+Here the sliding layers get a full-length ``StaticLayer`` instead (position kept in a
 device tensor, no Python int anywhere in the step) and the sliding window is applied by HF's own sliding-window
 mask (``kv_idx > q_idx - sliding_window``), so each layer attends to exactly the keys HF's sliding cache would give
 it: the same numbers (tests/test_peers.py checks them past the window), one graph. The price is attention over the
@@ -244,7 +248,8 @@ def bench_generate_static(ref, prompt_len: int = 128, gen_len: int = 64, repeats
 
     def timed(n):
         if cache is not None:
-            cache.reset()
+            with torch.inference_mode():    # generate ran under inference_mode: its cache tensors are inference tensors
+                cache.reset()
         if ref.device.type == "cuda":
             torch.cuda.synchronize(ref.device)
         return ref._timed_generate(x, n, extra)
