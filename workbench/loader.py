@@ -112,5 +112,5 @@ def load(source, backend: str = "torch:cpu", dtype: str = "float32", progress: b
     quant = _quant.check_mode(quant)
     if quant is not None:
         _quant.check_ops(ops)
-        ops.quant_act8 = _quant.MODES[quant]
+        ops.quant, ops.quant_act8 = quant, _quant.MODES[quant]
     return build_model(read_source(source, dtype=ops.dtype, progress=progress, quant=quant), ops, source)

@@ -269,17 +269,6 @@ static inline void deq_block(int t, const uint8_t *b, float *y) {
 }
 
 /* rows [R] of a quantised matrix (row_bytes each, K elements) -> float32 out [R, K] */
-int wb_q_dequant(int t, const uint8_t *restrict W, int64_t row_bytes, float *restrict out, int64_t R, int64_t K,
-                 int nthreads) {
-    int qk, bs = qblock(t, &qk);
-    if (!bs || K % qk || row_bytes != (K / qk) * bs) return -1;
-    int64_t nb = K / qk;
-    #pragma omp parallel for if(nthreads > 1 && R * K >= 65536) num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < R; r++)
-        for (int64_t i = 0; i < nb; i++) deq_block(t, W + r * row_bytes + i * bs, out + r * K + i * qk);
-    return 0;
-}
-
 /* ---- exact products: float32 x, each weight block dequantised into a buffer, float32 dot ---- */
 static float dot_exact(int t, const uint8_t *w, int bs, int qk, int64_t nb, const float *x) {
     float buf[256] __attribute__((aligned(32)));
@@ -289,6 +278,91 @@ static float dot_exact(int t, const uint8_t *w, int bs, int qk, int64_t nb, cons
         acc += dot_f32(buf, x + i * qk, qk);
     }
     return acc;
+}
+
+/* ---- a small thread pool for the quantised products (pthreads, not OpenMP). OpenMP's barrier waits for every
+   thread of the team, so on a shared, busy CPU a descheduled thread stalls each product by a scheduler slice
+   (measured here: 5x slower decode at load 6 on 2 cores). Here chunks of rows are claimed with a CAS on
+   (generation, next chunk): whichever thread runs does the work, and the caller waits only for chunks a helper
+   has actually claimed. Helpers spin ~100 us for the next product (decode issues them back to back), then sleep. */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <time.h>
+
+typedef void (*wq_chunk_fn)(const void *job, int64_t c);
+static struct {
+    pthread_mutex_t mu; pthread_cond_t cv;
+    _Atomic uint64_t ctr;                 /* generation << 32 | next chunk */
+    _Atomic int64_t done; _Atomic int sleeping;
+    wq_chunk_fn fn; const void *job; int64_t nchunks;
+    int nhelpers; int started;
+} wq = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER };
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+static double now_us(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1e6 + t.tv_nsec / 1e3; }
+
+/* claim and run chunks of generation g until none is left */
+static void wq_drain(uint32_t g) {
+    for (;;) {
+        uint64_t v = atomic_load_explicit(&wq.ctr, memory_order_acquire);
+        if ((uint32_t)(v >> 32) != g || (int64_t)(uint32_t)v >= wq.nchunks) return;
+        if (!atomic_compare_exchange_weak_explicit(&wq.ctr, &v, v + 1, memory_order_acq_rel, memory_order_relaxed))
+            continue;
+        wq.fn(wq.job, (int64_t)(uint32_t)v);          /* params stable: the caller waits for this chunk */
+        atomic_fetch_add_explicit(&wq.done, 1, memory_order_release);
+    }
+}
+static void *wq_helper(void *arg) {
+    (void)arg;
+    uint32_t seen = (uint32_t)(atomic_load(&wq.ctr) >> 32);
+    for (;;) {
+        double t0 = now_us(); int k = 0;
+        uint32_t g;
+        while ((g = (uint32_t)(atomic_load_explicit(&wq.ctr, memory_order_acquire) >> 32)) == seen) {
+            cpu_relax();
+            if (++k % 256 == 0 && now_us() - t0 > 100.0) {
+                pthread_mutex_lock(&wq.mu);
+                atomic_fetch_add(&wq.sleeping, 1);
+                while ((uint32_t)(atomic_load(&wq.ctr) >> 32) == seen) pthread_cond_wait(&wq.cv, &wq.mu);
+                atomic_fetch_sub(&wq.sleeping, 1);
+                pthread_mutex_unlock(&wq.mu);
+                t0 = now_us();
+            }
+        }
+        seen = g;
+        wq_drain(g);
+    }
+    return NULL;
+}
+/* run fn(job, c) for c in [0, nchunks) on the caller and nthreads - 1 helpers */
+static pthread_mutex_t wq_caller = PTHREAD_MUTEX_INITIALIZER;   /* one product at a time uses the helpers */
+static void wq_run(wq_chunk_fn fn, const void *job, int64_t nchunks, int nthreads) {
+    if (nthreads <= 1 || nchunks <= 1 || pthread_mutex_trylock(&wq_caller) != 0) {
+        for (int64_t c = 0; c < nchunks; c++) fn(job, c);
+        return;
+    }
+    if (!wq.started) {
+        int n = nthreads - 1;
+        for (int i = 0; i < n; i++) {
+            pthread_t t;
+            if (pthread_create(&t, NULL, wq_helper, NULL) == 0) { pthread_detach(t); wq.nhelpers++; }
+        }
+        wq.started = 1;
+    }
+    uint32_t g = (uint32_t)(atomic_load(&wq.ctr) >> 32);
+    atomic_store(&wq.ctr, ((uint64_t)g << 32) | 0x7fffffffu);   /* nothing of the last product can be claimed */
+    wq.fn = fn; wq.job = job; wq.nchunks = nchunks;
+    atomic_store(&wq.done, 0);
+    g++;
+    atomic_store(&wq.ctr, (uint64_t)g << 32);                   /* publish (seq_cst: then read `sleeping`) */
+    if (atomic_load(&wq.sleeping)) { pthread_mutex_lock(&wq.mu); pthread_cond_broadcast(&wq.cv); pthread_mutex_unlock(&wq.mu); }
+    wq_drain(g);
+    while (atomic_load_explicit(&wq.done, memory_order_acquire) < nchunks) cpu_relax();
+    pthread_mutex_unlock(&wq_caller);
 }
 
 /* ---- 8-bit activations ---- */
@@ -489,39 +563,75 @@ static float dot_q_k(int t, const uint8_t *w, int bs, const xq8_k *y, int64_t nb
 
 int wb_q_simd(void) { return WQ_SIMD; }
 
+typedef struct {
+    int t, bs, qk, act8; const uint8_t *W; int64_t row_bytes, N, nb, rows; const float *x; const void *xq; float *y;
+} wq_job;
+
+static void wq_gemv_chunk(const void *jv, int64_t c) {
+    const wq_job *j = (const wq_job *)jv;
+    int64_t n0 = c * j->rows, n1 = n0 + j->rows < j->N ? n0 + j->rows : j->N;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *w = j->W + n * j->row_bytes;
+        if (!j->act8) { j->y[n] = dot_exact(j->t, w, j->bs, j->qk, j->nb, j->x); continue; }
+#if WQ_SIMD
+        float v = 0.f;
+        switch (j->t) {
+            case WQ_Q8_0: v = dot_q8_0(w, (const xq8_32 *)j->xq, j->nb); break;
+            case WQ_Q5_0: v = dot_q5_0(w, (const xq8_32 *)j->xq, j->nb); break;
+            case WQ_Q4_0: v = dot_q4_0(w, (const xq8_32 *)j->xq, j->nb); break;
+            case WQ_Q4_K: v = dot_q4_k(w, (const xq8_k *)j->xq, j->nb); break;
+            case WQ_Q6_K: v = dot_q6_k(w, (const xq8_k *)j->xq, j->nb); break;
+        }
+        j->y[n] = v;
+#else
+        j->y[n] = j->qk == 32 ? dot_q_32(j->t, w, j->bs, (const xq8_32 *)j->xq, j->nb)
+                             : dot_q_k(j->t, w, j->bs, (const xq8_k *)j->xq, j->nb);
+#endif
+    }
+}
+
+static void wq_dequant_chunk(const void *jv, int64_t c) {
+    const wq_job *j = (const wq_job *)jv;
+    int64_t r0 = c * j->rows, r1 = r0 + j->rows < j->N ? r0 + j->rows : j->N;
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t i = 0; i < j->nb; i++) deq_block(j->t, j->W + r * j->row_bytes + i * j->bs, j->y + (r * j->nb + i) * j->qk);
+}
+
+/* rows per chunk: ~32 KiB of weights (at least 8 rows); a product under 64 KiB runs on the caller alone */
+static int64_t wq_rows(int64_t N, int64_t row_bytes, int *nthreads) {
+    if (N * row_bytes < 65536) *nthreads = 1;
+    int64_t r = 32768 / (row_bytes ? row_bytes : 1);
+    return r < 8 ? 8 : r;
+}
+
 /* y[n] = sum_k W[n, k] x[k] for a quantised W [N, K] (row_bytes per row); act8: x quantised to 8 bits
    (llama.cpp's way) or kept float32 (exact). Returns 0, or -1 for an unsupported type / shape. */
 int wb_q_gemv(int t, const uint8_t *restrict W, int64_t row_bytes, const float *restrict x, float *restrict y,
               int64_t N, int64_t K, int act8, int nthreads) {
     int qk, bs = qblock(t, &qk);
     if (!bs || K % qk || row_bytes != (K / qk) * bs) return -1;
-    const int64_t nb = K / qk;
-    if (!act8) {
-        #pragma omp parallel for if(nthreads > 1 && N >= 64) num_threads(nthreads) schedule(static)
-        for (int64_t n = 0; n < N; n++) y[n] = dot_exact(t, W + n * row_bytes, bs, qk, nb, x);
-        return 0;
+    wq_job j = { t, bs, qk, act8, W, row_bytes, N, K / qk, 0, x, NULL, y };
+    void *xq = NULL;
+    if (act8) {
+        xq = malloc(qk == 32 ? sizeof(xq8_32) * j.nb : sizeof(xq8_k) * j.nb);
+        if (!xq) return -2;
+        if (qk == 32) quant_x32(x, (xq8_32 *)xq, j.nb); else quant_xk(x, (xq8_k *)xq, j.nb);
+        j.xq = xq;
     }
-    void *xq = malloc(qk == 32 ? sizeof(xq8_32) * nb : sizeof(xq8_k) * nb);
-    if (!xq) return -2;
-    if (qk == 32) quant_x32(x, (xq8_32 *)xq, nb); else quant_xk(x, (xq8_k *)xq, nb);
-    #pragma omp parallel for if(nthreads > 1 && N >= 64) num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *w = W + n * row_bytes;
-#if WQ_SIMD
-        float v = 0.f;
-        switch (t) {
-            case WQ_Q8_0: v = dot_q8_0(w, (const xq8_32 *)xq, nb); break;
-            case WQ_Q5_0: v = dot_q5_0(w, (const xq8_32 *)xq, nb); break;
-            case WQ_Q4_0: v = dot_q4_0(w, (const xq8_32 *)xq, nb); break;
-            case WQ_Q4_K: v = dot_q4_k(w, (const xq8_k *)xq, nb); break;
-            case WQ_Q6_K: v = dot_q6_k(w, (const xq8_k *)xq, nb); break;
-        }
-        y[n] = v;
-#else
-        y[n] = qk == 32 ? dot_q_32(t, w, bs, (const xq8_32 *)xq, nb) : dot_q_k(t, w, bs, (const xq8_k *)xq, nb);
-#endif
-    }
+    j.rows = wq_rows(N, row_bytes, &nthreads);
+    wq_run(wq_gemv_chunk, &j, (N + j.rows - 1) / j.rows, nthreads);
     free(xq);
+    return 0;
+}
+
+/* rows [R] of a quantised matrix (row_bytes each, K elements) -> float32 out [R, K] */
+int wb_q_dequant(int t, const uint8_t *restrict W, int64_t row_bytes, float *restrict out, int64_t R, int64_t K,
+                 int nthreads) {
+    int qk, bs = qblock(t, &qk);
+    if (!bs || K % qk || row_bytes != (K / qk) * bs) return -1;
+    wq_job j = { t, bs, qk, 0, W, row_bytes, R, K / qk, 0, NULL, NULL, out };
+    j.rows = wq_rows(R, row_bytes, &nthreads);
+    wq_run(wq_dequant_chunk, &j, (R + j.rows - 1) / j.rows, nthreads);
     return 0;
 }
 """
@@ -577,7 +687,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     cc = _compiler()
     if cc is None:
         return None, "no C compiler (set CC, or install gcc/clang)"
-    attempts = [["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native", "-fopenmp-simd"], ["-O3"]]
+    attempts = [["-O3", "-march=native", "-fopenmp", "-pthread"], ["-O3", "-march=native", "-fopenmp-simd", "-pthread"],
+                ["-O3", "-pthread"]]
     errors = []
     for flags in attempts:
         key = hashlib.sha256("\0".join([_SOURCE, cc, *flags, _cpu_key(), sys.platform]).encode()).hexdigest()[:16]

@@ -267,12 +267,20 @@ class DecodeEngine:
                 yield outs[:c].tolist()                     # the host sync of this chunk
             return
         one = torch.ones_like(pos)
+        nt = self.route.torch_threads
         for c in _chunks(n):
             got = []
-            for _ in range(c):
-                tok = self._fn(tok, pos).reshape(1, 1)
-                got.append(tok.clone())                     # the Triton step returns the same buffer every time
-                pos = pos + one
+            keep = torch.get_num_threads()
+            if nt:
+                torch.set_num_threads(nt)       # the route's choice for its step (the CPU route of kept-quantised weights)
+            try:
+                for _ in range(c):
+                    tok = self._fn(tok, pos).reshape(1, 1)
+                    got.append(tok.clone())                 # the Triton step returns the same buffer every time
+                    pos = pos + one
+            finally:
+                if nt:
+                    torch.set_num_threads(keep)
             done += c
             cache.offset = start + done
             yield torch.cat(got, dim=1)[0].tolist()

@@ -30,6 +30,7 @@ class Route:
     reason: str          # why this route (and why not a faster one)
     compile: bool = False
     graph: bool = False  # torch: the step replayed from a CUDA graph
+    torch_threads: int | None = None   # torch's intra-op threads while stepping (None: leave them)
 
     def __str__(self) -> str:
         return f"{self.name} ({self.reason})"
@@ -90,6 +91,12 @@ def pick(model, cache=None, compile: bool | None = None, sw: Switches | None = N
             if why_not:
                 why += f"; no Triton step: {why_not}"
             return Route("compiled", "compiled", why, compile=True, graph=on_cuda)
+        if getattr(ops, "quant", None) and dev == "cpu":
+            # GGUF blocks kept quantised (backends/quant.py): products on the kernel's own thread pool; torch's
+            # small per-step ops on one thread (two spinning pools on a shared 2-core box cost 5x, measured)
+            from ..backends import quant as _quant
+            return Route("static", "cpu gemv", f"eager static step, products: {_quant.describe(ops.quant_act8)}; "
+                         "torch ops on 1 thread", graph=False, torch_threads=1)
         if dev == "cpu" and sw.cpu_gemv != "off":
             from ..backends import cpu_gemv
             return Route("static", "cpu gemv", f"eager static step, products: {cpu_gemv.describe(ops.dtype)}"
