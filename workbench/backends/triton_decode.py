@@ -18,8 +18,8 @@ and ramp-up for 1-5 MB of weights. Here one layer is five kernels, each latency-
 The last residual update and the final norm run once (``_norm_vec``); the head is ``_norm_gemv`` with the final
 softcap (Gemma 2) and each program's argmax in its epilogue, ``_argmax_final`` picks the token. Sampled decoding
 (:class:`TritonSampler`) keeps that shape: the head's epilogue leaves each program's max and partial softmax sum
-(or its max of z + gumbel), and ``_sample_cand`` (or ``_argmax_final``) picks the token — no torch op in the step. Apart from the
-attention's counter, every kernel reads one buffer and writes another; on Hopper each is launched early
+(or its max of z + gumbel), and ``_sample_cand`` (or ``_argmax_final``) picks the token — no torch op in the step.
+Apart from the attention's counter, every kernel reads one buffer and writes another; on Hopper each is launched early
 (programmatic dependent launch) and loads its weights while the previous kernel finishes. Products and sums in
 float32, rounded to the model dtype where the plain path rounds (after each norm, projection, residual add,
 GELU), so the step computes what ``Gemma.decode_step`` computes up to summation order (tested against it, and
@@ -322,7 +322,7 @@ if triton is not None:
     def _sample_cand(PMAX, PSUM, LOGITS, BLK, CV, CI, NKEEP, SEED, INVT, TOPP, TOK, POS, V, NB, C, SB,
                      NBP: tl.constexpr, BN: tl.constexpr, SBP: tl.constexpr, CP: tl.constexpr, CJ: tl.constexpr,
                      ALLB: tl.constexpr, TOP_P: tl.constexpr, ADVANCE: tl.constexpr, RB: tl.constexpr,
-                     BF16: tl.constexpr, PDL: tl.constexpr):
+                     BF16: tl.constexpr, PDL: tl.constexpr, PHASES: tl.constexpr = 3):
         """One program: the sampled token from the NB blocks of BN logits and their partials (PMAX: each block's
         max, PSUM: its sum(exp(z - max z))), with the semantics of ``workbench.decode.sampler.sample_np``:
 
@@ -354,42 +354,45 @@ if triton is not None:
                 sel = _top_first(_okey(pm), bm, SB, RB, 32)
             tl.store(BLK + tl.cumsum(sel.to(tl.int32), 0) - 1, o, mask=sel)
             tl.debug_barrier()                                  # the block list stored before it is read
-        f = tl.arange(0, SBP * BN)
-        fb = f // BN
-        fm = fb < SB
-        if ALLB:
-            b = fb
-        else:
-            b = tl.load(BLK + fb, mask=fm, other=0, cache_modifier=".cg")
-        row = b * BN + f % BN
-        vm = fm & (row < V)
-        z = tl.load(LOGITS + row, mask=vm, other=float("-inf")).to(tl.float32) * inv_t
-        sel2 = _top_first(_okey(z), vm, C, RB, 32)
-        at = tl.cumsum(sel2.to(tl.int32), 0) - 1
-        tl.store(CV + at, z, mask=sel2)
-        tl.store(CI + at, row, mask=sel2)
-        tl.debug_barrier()
-        c = tl.arange(0, CP)
-        cm = c < C
-        cv = tl.load(CV + c, mask=cm, other=float("-inf"), cache_modifier=".cg")
-        ci = tl.load(CI + c, mask=cm, other=0, cache_modifier=".cg")
-        if TOP_P:
-            before = tl.zeros([CP], tl.float32)
-            for j0 in tl.static_range(0, CP, CJ):
-                j = j0 + tl.arange(0, CJ)
-                jm = j < C
-                vj = tl.load(CV + j, mask=jm, other=float("-inf"), cache_modifier=".cg")
-                pj = tl.where(jm, tl.exp(vj - lse), 0.0)
-                ahead = (vj[None, :] > cv[:, None]) | ((vj[None, :] == cv[:, None]) & (j[None, :] < c[:, None]))
-                before += tl.sum(tl.where(ahead, pj[None, :], 0.0), 1)
-            keep = cm & (before < tl.load(TOPP))
-            cv = tl.where(keep, cv, float("-inf"))
-            tl.store(NKEEP, tl.sum(keep.to(tl.int32), 0))
-        sc = tl.where(cm, cv + _gumbel(SEED, pos + 1, ci.to(tl.int64)), float("-inf"))
-        jb = tl.argmax(sc, 0, tie_break_left=True)
-        tl.store(TOK, tl.sum(tl.where(c == jb, ci, 0), 0).to(tl.int64))
-        if ADVANCE:
-            tl.store(POS, pos + 1)
+        if PHASES >= 2:                                         # (PHASES < 3: timing the parts)
+            f = tl.arange(0, SBP * BN)
+            fb = f // BN
+            fm = fb < SB
+            if ALLB:
+                b = fb
+            else:
+                b = tl.load(BLK + fb, mask=fm, other=0, cache_modifier=".cg")
+            row = b * BN + f % BN
+            vm = fm & (row < V)
+            z = tl.load(LOGITS + row, mask=vm, other=float("-inf")).to(tl.float32) * inv_t
+            sel2 = _top_first(_okey(z), vm, C, RB, 32)
+            at = tl.cumsum(sel2.to(tl.int32), 0) - 1
+            tl.store(CV + at, z, mask=sel2)
+            tl.store(CI + at, row, mask=sel2)
+            tl.debug_barrier()
+        if PHASES >= 3:
+            c = tl.arange(0, CP)
+            cm = c < C
+            cv = tl.load(CV + c, mask=cm, other=float("-inf"), cache_modifier=".cg")
+            ci = tl.load(CI + c, mask=cm, other=0, cache_modifier=".cg")
+            if TOP_P:
+                before = tl.zeros([CP], tl.float32)
+                for j0 in tl.static_range(0, CP, CJ):
+                    j = j0 + tl.arange(0, CJ)
+                    jm = j < C
+                    vj = tl.load(CV + j, mask=jm, other=float("-inf"), cache_modifier=".cg")
+                    pj = tl.where(jm, tl.exp(vj - lse), 0.0)
+                    ahead = (vj[None, :] > cv[:, None]) | ((vj[None, :] == cv[:, None])
+                                                           & (j[None, :] < c[:, None]))
+                    before += tl.sum(tl.where(ahead, pj[None, :], 0.0), 1)
+                keep = cm & (before < tl.load(TOPP))
+                cv = tl.where(keep, cv, float("-inf"))
+                tl.store(NKEEP, tl.sum(keep.to(tl.int32), 0))
+            sc = tl.where(cm, cv + _gumbel(SEED, pos + 1, ci.to(tl.int64)), float("-inf"))
+            jb = tl.argmax(sc, 0, tie_break_left=True)
+            tl.store(TOK, tl.sum(tl.where(c == jb, ci, 0), 0).to(tl.int64))
+            if ADVANCE:
+                tl.store(POS, pos + 1)
 
     @triton.jit
     def _norm_vec(R, Y, PW, NW, X, ROUT, K, eps, POST_NORM: tl.constexpr, WRITE_R: tl.constexpr,
@@ -824,7 +827,7 @@ class TritonSampler:
         p = self.params
         return (self.epi, self.pmax, self.pidx, self.psum, p.seed, p.inv_t, pos)
 
-    def finish(self, logits, into, pos, advance: bool = False, pdl: bool = False):
+    def finish(self, logits, into, pos, advance: bool = False, pdl: bool = False, phases: int = 3):
         """The launch (returned, not run) that picks the token from the partials into ``into`` [1, 1] (advance:
         ``pos`` moves on by one); ``logits`` [V] or [1, V]: the candidates are read from it."""
         launch = {"launch_pdl": True} if pdl else {}
@@ -840,7 +843,7 @@ class TritonSampler:
             self.pmax, self.psum, logits, self.blk, self.cv, self.ci, self.nkeep, p.seed, p.inv_t, p.top_p,
             into, pos, self.V, nb, C, sb, NBP=_pow2(nb), BN=self.bn, SBP=_pow2(sb), CP=_pow2(C),
             CJ=min(cj, _pow2(C)), ALLB=sb == nb, TOP_P=self.top_p, ADVANCE=advance, RB=rb,
-            BF16=logits.dtype == torch.bfloat16, PDL=pdl, num_warps=nw, **launch)
+            BF16=logits.dtype == torch.bfloat16, PDL=pdl, PHASES=phases, num_warps=nw, **launch)
 
     def stats(self, logits, pos):
         """The launch (returned, not run) of the partials of logits already in memory."""

@@ -115,6 +115,10 @@ def part_micro(args):
                             os.environ["WORKBENCH_TRITON_TUNE"] = old_env
                     what = f"selection kernel (sample={tune or td.TUNE['sample']})" if tune else "final argmax kernel"
                     say(f"| {dn} | . {what} — the only extra kernel in the step | {graph_us(fin):.1f} |")
+                if sp.candidates(V):
+                    for ph, what in ((1, "block selection only"), (2, "block selection + top C")):
+                        fin = ts.finish(lg, ts.token, pos, phases=ph)
+                        say(f"| {dn} | . . its phase: {what} (default tune) | {graph_us(fin):.1f} |")
             except Exception as e:
                 say(f"| {dn} | Triton sampler {label}: ERROR {type(e).__name__}: {str(e).splitlines()[0][:200]} | |")
                 traceback.print_exc()
