@@ -83,9 +83,13 @@ print("RESULT " + json.dumps(out))
 '''
 
 
-@pytest.fixture(scope="module")
-def kernels():
+@pytest.fixture(scope="module", params=["default", "sieve"])
+def kernels(request):
+    """The script's results with the default selection kernel, and with the sieve (the blocks searched first cut
+    to those reaching a bound from group maxima: WORKBENCH_TRITON_TUNE sample=...,1024)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
+    if request.param == "sieve":
+        env["WORKBENCH_TRITON_TUNE"] = "sample=2,16,64,1024"
     p = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
     assert p.returncode == 0 and line, p.stderr[-3000:]

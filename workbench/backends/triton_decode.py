@@ -319,15 +319,46 @@ if triton is not None:
         return gt | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need))
 
     @triton.jit
-    def _sample_cand(PMAX, PSUM, LOGITS, BLK, CV, CI, NKEEP, SEED, INVT, TOPP, TOK, POS, V, NB, C, SB,
+    def _select_blocks(key, o, bm, BLK, SKEY, SIDX, SB, NBP: tl.constexpr, RB: tl.constexpr, BITS: tl.constexpr,
+                       SIEVE: tl.constexpr, G: tl.constexpr):
+        """Store the ids of exactly SB blocks with the largest keys (ties: the first) to BLK. SIEVE (a power of
+        two): first a bound L <= the SB-th largest key — the SB-th largest of G >= SB group maxima (each a block's
+        key) — then, when at most SIEVE blocks reach L, the search runs over those only (compacted to SKEY/SIDX,
+        in block order); otherwise over all NBP."""
+        if SIEVE > 0:
+            gk = tl.max(tl.reshape(tl.where(bm, key, -2147483648), [G, NBP // G]), 1)
+            lb = _kth_key(gk, gk > -2147483648, SB, RB, BITS)
+            ok = bm & (key >= lb)
+            n1 = tl.sum(ok.to(tl.int32), 0)
+            if n1 <= SIEVE:
+                at = tl.cumsum(ok.to(tl.int32), 0) - 1
+                tl.store(SKEY + at, key, mask=ok)
+                tl.store(SIDX + at, o, mask=ok)
+                tl.debug_barrier()
+                so = tl.arange(0, SIEVE)
+                sm = so < n1
+                sk = tl.load(SKEY + so, mask=sm, other=0, cache_modifier=".cg")
+                si = tl.load(SIDX + so, mask=sm, other=0, cache_modifier=".cg")
+                sel = _top_first(sk, sm, SB, RB, BITS)
+                tl.store(BLK + tl.cumsum(sel.to(tl.int32), 0) - 1, si, mask=sel)
+            else:
+                sel = _top_first(key, bm, SB, RB, BITS)
+                tl.store(BLK + tl.cumsum(sel.to(tl.int32), 0) - 1, o, mask=sel)
+        else:
+            sel = _top_first(key, bm, SB, RB, BITS)
+            tl.store(BLK + tl.cumsum(sel.to(tl.int32), 0) - 1, o, mask=sel)
+
+    @triton.jit
+    def _sample_cand(PMAX, PSUM, LOGITS, BLK, CV, CI, NKEEP, SEED, INVT, TOPP, TOK, POS, SKEY, SIDX, V, NB, C, SB,
                      NBP: tl.constexpr, BN: tl.constexpr, SBP: tl.constexpr, CP: tl.constexpr, CJ: tl.constexpr,
                      ALLB: tl.constexpr, TOP_P: tl.constexpr, ADVANCE: tl.constexpr, RB: tl.constexpr,
-                     BF16: tl.constexpr, PDL: tl.constexpr, PHASES: tl.constexpr = 3):
+                     BF16: tl.constexpr, PDL: tl.constexpr, SIEVE: tl.constexpr = 0, G: tl.constexpr = 1,
+                     PHASES: tl.constexpr = 3):
         """One program: the sampled token from the NB blocks of BN logits and their partials (PMAX: each block's
         max, PSUM: its sum(exp(z - max z))), with the semantics of ``workbench.decode.sampler.sample_np``:
 
         1. the SB blocks with the largest maxima (ALLB: all NB) — the C largest logits lie in them (the C-th
-           largest is at least the SB-th largest block max, SB = min(C, NB));
+           largest is at least the SB-th largest block max, SB = min(C, NB)); see :func:`_select_blocks`;
         2. their C largest z = logit * 1/T (exactly C; ties: the first) -> CV, CI (compacted);
         3. TOP_P: each candidate's mass before it (ranked by z, then place), normalised over the whole
            vocabulary (the logsumexp from the partials), kept while below top_p (NKEEP: how many);
@@ -349,10 +380,9 @@ if triton is not None:
             lse = gm + tl.log(tl.sum(tl.where(bm, ps * tl.exp(zm - gm), 0.0), 0))
         if not ALLB:
             if BF16:
-                sel = _top_first(_okey(pm) >> 16, bm, SB, RB, 16)
+                _select_blocks(_okey(pm) >> 16, o, bm, BLK, SKEY, SIDX, SB, NBP, RB, 16, SIEVE, G)
             else:
-                sel = _top_first(_okey(pm), bm, SB, RB, 32)
-            tl.store(BLK + tl.cumsum(sel.to(tl.int32), 0) - 1, o, mask=sel)
+                _select_blocks(_okey(pm), o, bm, BLK, SKEY, SIDX, SB, NBP, RB, 32, SIEVE, G)
             tl.debug_barrier()                                  # the block list stored before it is read
         if PHASES >= 2:                                         # (PHASES < 3: timing the parts)
             f = tl.arange(0, SBP * BN)
@@ -557,7 +587,9 @@ if triton is not None:
 # Picked by a sweep of whole-step CUDA-graph replays on an H100 (see README "Throughput"); WORKBENCH_TRITON_TUNE
 # ("kind=BN,BK,W;...") overrides them for tuning runs.
 TUNE = {"qkv": (8, 256, 4), "o": (4, 256, 4), "gu": (2, 256, 4), "down": (2, 256, 4), "head": (16, 256, 8),
-        "attn": (16, 2, 64), "sample": (2, 16, 64)}     # sample: (radix bits a round, num_warps, pairwise chunk)
+        "attn": (16, 2, 64), "sample": (2, 16, 64, 0)}
+# sample: (radix bits a round, num_warps, pairwise chunk, sieve: search only the blocks (up to this many, at least
+# 2x the blocks wanted) that reach a bound from group maxima (if they fit; 0: no sieve))
 
 
 def _single_max() -> int:
@@ -816,6 +848,7 @@ class TritonSampler:
             self.ci = torch.zeros(self.C, dtype=i32, device=device)        # ... and their token ids
             self.nkeep = torch.zeros(1, dtype=i32, device=device)          # top-p: how many were kept
         self.token = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.skey = self.sidx = None                                        # the sieve's scratch (tune)
         self.note = ("triton (whole vocabulary: Gumbel-max in the head's epilogue)" if self.C is None else
                      f"triton (top {self.C} from the head's block maxima{', top-p' if self.top_p else ''})")
 
@@ -835,15 +868,25 @@ class TritonSampler:
         if self.C is None:
             return lambda: _argmax_final[(1,)](self.pmax, self.pidx, into, pos, nb, BLOCK=_pow2(nb),
                                                ADVANCE=advance, PDL=pdl, num_warps=16, **launch)
-        rb, nw, cj = _tune("sample")
+        rb, nw, cj, *sv = _tune("sample")
         if rb not in (1, 2, 4, 8, 16):
             raise ValueError(f"sample tune: {rb} radix bits a round (1, 2, 4, 8 or 16: it must divide 16)")
         C, sb = self.C, self.sb
+        # the sieve's bound: the sb-th largest of 4x as many group maxima (random logits: ~1.15 sb blocks reach it)
+        sieve = max(_pow2(sv[0]), 2 * _pow2(sb)) if sv and sv[0] else 0
+        g = min(_pow2(nb) // 2, 4 * _pow2(sb))
+        if sieve and (g < sb or sieve > _pow2(nb) // 2):
+            sieve = 0                                  # nothing to gain: as many blocks as a full search
+        if sieve and (self.skey is None or self.skey.numel() < sieve):
+            self.skey = torch.zeros(sieve, dtype=torch.int32, device=self.pmax.device)
+            self.sidx = torch.zeros(sieve, dtype=torch.int32, device=self.pmax.device)
+        sk, si = (self.skey, self.sidx) if sieve else (self.pmax, self.pidx)
         return lambda: _sample_cand[(1,)](
             self.pmax, self.psum, logits, self.blk, self.cv, self.ci, self.nkeep, p.seed, p.inv_t, p.top_p,
-            into, pos, self.V, nb, C, sb, NBP=_pow2(nb), BN=self.bn, SBP=_pow2(sb), CP=_pow2(C),
+            into, pos, sk, si, self.V, nb, C, sb, NBP=_pow2(nb), BN=self.bn, SBP=_pow2(sb), CP=_pow2(C),
             CJ=min(cj, _pow2(C)), ALLB=sb == nb, TOP_P=self.top_p, ADVANCE=advance, RB=rb,
-            BF16=logits.dtype == torch.bfloat16, PDL=pdl, PHASES=phases, num_warps=nw, **launch)
+            BF16=logits.dtype == torch.bfloat16, PDL=pdl, SIEVE=sieve, G=g if sieve else 1, PHASES=phases,
+            num_warps=nw, **launch)
 
     def stats(self, logits, pos):
         """The launch (returned, not run) of the partials of logits already in memory."""

@@ -8,10 +8,12 @@
   compiled logsumexp / cumsum / Gumbel) and its parts, against the Triton sampler (``triton_decode.TritonSampler``:
   block partials + one selection kernel; in the Triton step the partials come from the head's epilogue, so only
   the selection kernel is extra) and its parts, for a few launch settings of the selection kernel
-  (WORKBENCH_TRITON_TUNE sample=RB,warps,chunk); and the tokens of both against ``sample_np`` for 32 positions.
+  (WORKBENCH_TRITON_TUNE sample=RB,warps,chunk,sieve); and the tokens of both against ``sample_np`` for 32
+  positions.
 * decode: a random checkpoint of the Gemma 3 270M config; for torch:cuda bf16 / f32: ``wb.bench`` decode tok/s,
-  ``m.generate`` greedy, sampled (temperature 0.8, top-p 0.95, seed 0) with the Triton sampler and with the torch
-  sampler (WORKBENCH_TRITON_SAMPLER=0), the ratios to bench and the sampling cost per token in µs.
+  ``m.generate`` greedy, sampled (temperature 0.8, top-p 0.95, seed 0) with the Triton sampler (default tune and
+  --e2e-tunes) and with the torch sampler (WORKBENCH_TRITON_SAMPLER=0), the ratios to bench and the sampling cost
+  per token in µs.
 * tokens: 64 sampled tokens, new route == old route == plain route (WORKBENCH_DECODE=plain), for top-p, top-k and
   whole-vocabulary sampling (bf16), and top-p in f32.
 
@@ -101,7 +103,8 @@ def part_micro(args):
                     f"{graph_us(lambda: ts(lg, pos)):.1f} |")
                 say(f"| {dn} | . block partials over the logits (in the step: the head's epilogue) | "
                     f"{graph_us(st):.1f} |")
-                tunes = args.sample_tunes.split(";") if sp.candidates(V) else [""]
+                tunes = [""] if not sp.candidates(V) else args.sample_tunes.split(";") if sp is s else [",".join(
+                    map(str, td.TUNE["sample"]))]
                 for tune in tunes:
                     old_env = os.environ.get("WORKBENCH_TRITON_TUNE")
                     if tune:
@@ -115,7 +118,7 @@ def part_micro(args):
                             os.environ["WORKBENCH_TRITON_TUNE"] = old_env
                     what = f"selection kernel (sample={tune or td.TUNE['sample']})" if tune else "final argmax kernel"
                     say(f"| {dn} | . {what} — the only extra kernel in the step | {graph_us(fin):.1f} |")
-                if sp.candidates(V):
+                if sp is s:
                     for ph, what in ((1, "block selection only"), (2, "block selection + top C")):
                         fin = ts.finish(lg, ts.token, pos, phases=ph)
                         say(f"| {dn} | . . its phase: {what} (default tune) | {graph_us(fin):.1f} |")
@@ -151,9 +154,9 @@ def part_decode(ckpt, args):
     say(f"prompt {args.prompt_len}, {args.gen_len} new tokens, EOS ignored; bench: wb.bench ({args.repeats} repeats, "
         f"median); generate: median of {args.repeats} after a warm-up; sampled: temperature 0.8, top-p 0.95, seed 0; "
         "new = Triton sampler (head epilogue + selection kernel), old = WORKBENCH_TRITON_SAMPLER=0 (torch sampler)\n")
-    say("| backend | dtype | route | bench decode tok/s | greedy tok/s | ratio | sampled NEW tok/s | ratio | "
-        "sampled OLD tok/s | ratio | sampling µs/token new / old |")
-    say("|---|---|---|---|---|---|---|---|---|---|---|")
+    say("| backend | dtype | route | bench decode tok/s | greedy tok/s | ratio | sampler | sampled tok/s | ratio | "
+        "sampling µs/token (over greedy) |")
+    say("|---|---|---|---|---|---|---|---|---|---|")
     ids = np.random.default_rng(0).integers(100, 262000, size=args.prompt_len).tolist()
     b = "torch:cuda"
     for d in args.dtypes.split(","):
@@ -169,18 +172,22 @@ def part_decode(ckpt, args):
             m = wb.load(str(ckpt), backend=b, dtype=d, progress=False)
             kw = dict(temperature=0.8, top_p=0.95, seed=0)
             g_tps, st, _ = db.gen_rate(m, ids, args.gen_len + 1, reps=args.repeats)
-            s_new, sst, _ = db.gen_rate(m, ids, args.gen_len + 1, reps=args.repeats, **kw)
-            os.environ["WORKBENCH_TRITON_SAMPLER"] = "0"
-            try:
-                s_old, ost, _ = db.gen_rate(m, ids, args.gen_len + 1, reps=args.repeats, **kw)
-            finally:
-                del os.environ["WORKBENCH_TRITON_SAMPLER"]
             us = lambda v: 1e6 / v  # noqa: E731
-            say(f"| {b} | {d} | {st['route']} | {bench_tps:.0f} | {g_tps:.0f} | {g_tps / bench_tps:.2f} | "
-                f"{s_new:.0f} | {s_new / bench_tps:.2f} | {s_old:.0f} | {s_old / bench_tps:.2f} | "
-                f"{us(s_new) - us(g_tps):.0f} / {us(s_old) - us(g_tps):.0f} (greedy step {us(g_tps):.0f}) |")
-            say(f"<!-- {d}: new sampler: {sst.get('sampler')}; old: {ost.get('sampler')}; "
-                f"{time.perf_counter() - t0:.0f} s -->")
+            variants = [("new (default tune)", {})] + [
+                (f"new, sample={t}", {"WORKBENCH_TRITON_TUNE": f"sample={t}"}) for t in args.e2e_tunes.split(";") if t
+            ] + [("old (WORKBENCH_TRITON_SAMPLER=0)", {"WORKBENCH_TRITON_SAMPLER": "0"})]
+            for label, env in variants:
+                m.__dict__.pop("_decode_engines", None)        # a fresh engine (the tune is read when it is built)
+                os.environ.update(env)
+                try:
+                    s_tps, sst, _ = db.gen_rate(m, ids, args.gen_len + 1, reps=args.repeats, **kw)
+                finally:
+                    for k in env:
+                        del os.environ[k]
+                say(f"| {b} | {d} | {st['route']} | {bench_tps:.0f} | {g_tps:.0f} | {g_tps / bench_tps:.2f} | "
+                    f"{label}: {sst.get('sampler')} | {s_tps:.0f} | {s_tps / bench_tps:.2f} | "
+                    f"{us(s_tps) - us(g_tps):.0f} (greedy step {us(g_tps):.0f} µs) |")
+            say(f"<!-- {d}: {time.perf_counter() - t0:.0f} s -->")
             del m
         except Exception as e:
             say(f"| {b} | {d} | ERROR {type(e).__name__}: {str(e).splitlines()[0][:200]} |")
@@ -230,8 +237,10 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-len", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--sample-tunes", default="2,16,64;1,16,64;2,8,64;2,32,64;4,16,64;2,16,32",
-                    help="selection-kernel launch settings (RB,warps,chunk) timed in the micro part")
+    ap.add_argument("--sample-tunes", default="2,16,64,0;1,16,64,0;2,32,64,0;2,16,64,1024;1,16,64,1024;2,8,64,1024",
+                    help="selection-kernel settings (radix bits, warps, pairwise chunk, sieve) timed in the micro part")
+    ap.add_argument("--e2e-tunes", default="2,16,64,1024",
+                    help="selection-kernel settings also timed in m.generate (besides the default)")
     ap.add_argument("--work", default="/tmp/wb-decode")
     ap.add_argument("--out", default=os.environ.get("OUT", str(db.ROOT / "out")))
     args = ap.parse_args(argv)
