@@ -181,7 +181,34 @@ class MLXOps(MLXMediaOps, ComposedOps, attn_plan.PlannedAttention, Ops):
         """mx.fast SDPA; its "causal" mask is lower-right aligned, as a CausalMask's."""
         if causal and q.shape[2] > 1:
             mask = "causal"
+        if self._cpu_gemv and q.dtype == mx.float32 and q.shape[2] > 1:
+            return self._np_sdpa(q, k, v, mask, scale)
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+    def _np_sdpa(self, q, k, v, mask, scale):
+        """mlx:cpu float32 prefill attention with numpy's BLAS for the two products (MLX's CPU SDPA takes ~0.8 s for
+        512 queries x 4 heads of the 270M; this ~0.05 s), grouped query heads without copies, softmax in float32
+        (as mx.fast's), query rows in blocks of ~256 MB of scores. Same math."""
+        B, H, T, D = q.shape
+        Hkv, S = k.shape[1], k.shape[2]
+        g = H // Hkv
+        qn = np.asarray(q).reshape(B, Hkv, g, T, D)
+        kt = np.asarray(k).transpose(0, 1, 3, 2)[:, :, None]
+        vn = np.asarray(v)[:, :, None]
+        mn = attn_plan.dense(T, S, None) if isinstance(mask, str) else None if mask is None else np.asarray(mask)
+        if mn is not None and mn.ndim == 4:     # [B|1, H|1, T, S] -> the grouped layout [B|1, Hkv|1, g|1, T, S]
+            mn = mn.reshape(mn.shape[0], Hkv, g, T, S) if mn.shape[1] == H else mn[:, :, None]
+        out = np.empty((B, Hkv, g, T, D), np.float32)
+        step = max(1, (1 << 26) // max(1, B * H * S))
+        for a in range(0, T, step):
+            sc = np.matmul(qn[:, :, :, a:a + step], kt) * np.float32(scale)
+            if mn is not None:
+                sc = np.where(mn[..., a:a + step, :], sc, np.float32(-np.inf))
+            sc -= sc.max(-1, keepdims=True)
+            np.exp(sc, out=sc)
+            sc /= sc.sum(-1, keepdims=True)
+            out[:, :, :, a:a + step] = np.matmul(sc, vn)
+        return mx.array(out.reshape(B, H, T, D))
 
     def attention(self, q, k, v, mask, scale, softcap, want_probs):
         H, Hkv = q.shape[1], k.shape[1]
