@@ -178,6 +178,8 @@ def bytes_per_step(model, context: int) -> int:
         ctx = min(context, w) if w else context
         per = cfg.num_kv_heads(i) * cfg.head_dim(i) * el
         kv += ctx * (per if cfg.k_eq_v(i) else 2 * per)
+    if getattr(model.ops, "quant", None):       # GGUF blocks kept quantised: their own bytes (backends/quant.py)
+        return model.weight_bytes + kv
     return n * el + kv
 
 
@@ -255,9 +257,12 @@ def bench_model(model, prompt_len=128, gen_len=64, repeats=3, fast=True, compile
 
 def bench(source="gemma3-270m", backends=None, dtypes=None, prompt_len: int = 128, gen_len: int = 64,
           repeats: int = 3, peers: bool = False, db=None, store: bool = True, baseline: str | None = None,
-          fast: bool = True, compile: bool | None = None, progress: ProgressArg = True) -> BenchResult:
+          fast: bool = True, compile: bool | None = None, progress: ProgressArg = True,
+          quant: str | None = None) -> BenchResult:
     """Prefill/decode throughput of every backend x dtype (and, with peers=True, HF transformers, mlx-lm
     and llama.cpp on the same weights); stored in the results store; compared with ``baseline`` (a run id).
+    quant: "keep" / "keep-exact" — a GGUF's weights kept in its blocks (torch:cpu float32 only; the rows' dtype
+    reads e.g. ``float32+keep``; other targets are skipped with the reason).
     progress: True prints "[i/N] what" lines to stderr; a callable gets (step, total, what) (the same as
     ``wb.compare``'s and ``wb.diverge``'s); False: silent."""
     from .loader import build_model, read_source, source_hash
@@ -267,7 +272,9 @@ def bench(source="gemma3-270m", backends=None, dtypes=None, prompt_len: int = 12
     base_run = _load_baseline(baseline, db) if baseline else None   # a bad id fails before anything runs
     prog = Progress(progress, len(targets) + (1 if peers else 0))
     prog.note(f"loading {source}")
-    ckpt = read_source(source, dtype="float32", progress=prog.prints)
+    from .backends import quant as _quant
+    quant = _quant.check_mode(quant)
+    ckpt = read_source(source, dtype="float32", progress=prog.prints, quant=quant)
     cfg, tensors, path, tok = ckpt
     rows: list[dict] = []
     skipped: dict[str, str] = {}
@@ -281,7 +288,17 @@ def bench(source="gemma3-270m", backends=None, dtypes=None, prompt_len: int = 12
             prog.step(f"{b} {d} skipped: {e}")
             continue
         prog.note(f"{b} {d}: building the model")
-        m = build_model(ckpt, _bk.get_ops(b, d), source)
+        ops = _bk.get_ops(b, d)
+        if quant:
+            try:
+                _quant.check_ops(ops)
+            except (ValueError, RuntimeError) as e:
+                rows.append(dict(base, status="skipped", reason=str(e)))
+                prog.step(f"{b} {d} skipped: {e}")
+                continue
+            ops.quant, ops.quant_act8 = quant, _quant.MODES[quant]
+            base["dtype"] = f"{d}+{quant}"
+        m = build_model(ckpt, ops, source)
         use_compile = compile if compile is not None else default_compile(spec)
         note = None
         try:

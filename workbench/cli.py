@@ -152,7 +152,7 @@ def cmd_generate(args) -> int:
                          "(--prompt-ids 2,651,6037), not both" if args.prompt is not None else
                          "no prompt: give text (workbench generate \"Once upon a time\") or token ids "
                          "(--prompt-ids 2,651,6037)")
-    m = load(args.model, backend=args.backend, dtype=args.dtype)
+    m = load(args.model, backend=args.backend, dtype=args.dtype, quant=args.quant)
     prompt = args.prompt if args.prompt is not None else args.prompt_ids
     t0 = time.perf_counter()
     it = m.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -179,7 +179,7 @@ def cmd_bench(args) -> int:
     from .bench import bench
     res = bench(args.model, backends=args.backends, dtypes=args.dtypes, prompt_len=args.prompt_len,
                 gen_len=args.gen_len, repeats=args.repeats, peers=args.peers, db=args.db, store=not args.no_store,
-                baseline=args.baseline, fast=not args.plain)
+                baseline=args.baseline, fast=not args.plain, quant=args.quant)
     print(res.table())
     if args.json:
         res.to_frame().to_json(args.json, orient="records", indent=1)
@@ -351,8 +351,13 @@ def _add_generate(sub):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in Gemma's chat template")
     g.add_argument("--quiet", action="store_true", help="do not echo the prompt")
+    g.add_argument("--quant", choices=("keep", "keep-exact"), default=None, help=_QUANT_HELP)
     g.set_defaults(fn=cmd_generate)
     return g
+
+
+_QUANT_HELP = ("a GGUF's weights kept in its quantised blocks (torch:cpu, float32): keep = 8-bit activations as "
+               "llama.cpp, keep-exact = float32 activations; default: dequantised on load")
 
 
 def _add_bench(sub):
@@ -365,6 +370,7 @@ def _add_bench(sub):
     b.add_argument("--repeats", type=_pos_int, default=3)
     b.add_argument("--peers", action="store_true", help="also measure HF transformers, mlx-lm, llama.cpp")
     b.add_argument("--plain", action="store_true", help="plain decode path (no compile / static cache)")
+    b.add_argument("--quant", choices=("keep", "keep-exact"), default=None, help=_QUANT_HELP)
     b.add_argument("--baseline", default=None, help="stored bench run id (or unique prefix) to compare against: "
                    "exit code 1 when a throughput is more than 5 %% below it")
     b.add_argument("--db", default=None)
