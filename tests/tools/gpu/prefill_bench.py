@@ -6,8 +6,8 @@
 * A random checkpoint of the Gemma 3 270M config (``workbench make-random gemma3-270m``; decode_bench's helper).
 * workbench: ``m.generate(ids, max_new_tokens=1)``'s ``stats['prefill_s']`` (the public path: ``wb.bench`` and
   ``m.generate`` time the same loop), plus variants through the same loop on the decoder: the prompt in one
-  chunk / in chunks of 512, ``WORKBENCH_ATTN=dense`` (one dense mask per layer, the old attention),
-  ``WORKBENCH_SDPA_GQA=native`` (grouped K/V handed to SDPA with a mask).
+  chunk / in chunks of 512, ``WORKBENCH_ATTN=dense`` (one dense mask per layer, the old attention), ``=band`` (the
+  banded pass wherever a window applies), ``WORKBENCH_SDPA_GQA=expand`` (K/V heads repeated before SDPA, as HF).
 * HF: ``Gemma3ForCausalLM`` (attn_implementation eager and sdpa), one forward of the prompt with a DynamicCache and
   ``logits_to_keep=1`` — what its ``generate`` does before the first token (a lower bound on its prefill time).
 * Every figure: median of --reps timed runs after a warm-up, the device synchronised around each.
@@ -118,9 +118,9 @@ def part_torch(ck, args):
     rng = np.random.default_rng(0)
     say("\n## torch:cuda prefill: workbench vs HF transformers (same checkpoint, same process)\n")
     say(f"random Gemma 3 270M ({ck}); medians of {args.reps} after a warm-up; tok/s = prompt tokens / prefill time\n")
-    say("| dtype | pp | workbench m.generate | wb 1 chunk | wb chunks of 512 | wb dense-mask attn | wb GQA native | "
-        "HF eager | HF sdpa | wb / best HF | wb / HF sdpa | wb / HF eager |")
-    say("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    say("| dtype | pp | workbench m.generate | wb 1 chunk | wb chunks of 512 | wb ATTN=dense | wb ATTN=band | "
+        "wb GQA expand | HF eager | HF sdpa | wb / best HF | wb / HF sdpa | wb / HF eager |")
+    say("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     prof_ids = None
     for d in args.dtypes.split(","):
         tdt = getattr(torch, d)
@@ -141,8 +141,10 @@ def part_torch(ck, args):
                     r["c512"] = timed(lambda: ours_loop(dec, ids, 512), args.reps) if T > 512 else r["one"]
                     with env(WORKBENCH_ATTN="dense"):
                         r["dense"] = timed(lambda: ours_loop(dec, ids, T), args.reps)
-                    with env(WORKBENCH_SDPA_GQA="native"):
-                        r["native"] = timed(lambda: ours_loop(dec, ids, T), args.reps)
+                    with env(WORKBENCH_ATTN="band"):
+                        r["band"] = timed(lambda: ours_loop(dec, ids, T), args.reps)
+                    with env(WORKBENCH_SDPA_GQA="expand"):
+                        r["expand"] = timed(lambda: ours_loop(dec, ids, T), args.reps)
                     x = torch.from_numpy(ids).to(DEV)
                     for impl, hf in hfs.items():
                         r[impl] = timed(lambda hf=hf: hf(x, past_key_values=DynamicCache(config=hf.config),
@@ -150,7 +152,7 @@ def part_torch(ck, args):
                 f = {k: T / v for k, v in r.items()}
                 best = max(f["eager"], f["sdpa"])
                 say(f"| {d} | {T} | **{f['gen']:.0f}** | {f['one']:.0f} | {f['c512']:.0f} | {f['dense']:.0f} | "
-                    f"{f['native']:.0f} | {f['eager']:.0f} | {f['sdpa']:.0f} | **{f['gen'] / best:.2f}x** | "
+                    f"{f['band']:.0f} | {f['expand']:.0f} | {f['eager']:.0f} | {f['sdpa']:.0f} | **{f['gen'] / best:.2f}x** | "
                     f"{f['gen'] / f['sdpa']:.2f}x | {f['gen'] / f['eager']:.2f}x |")
                 # parity: last-position logits, ours (planned / dense attention) vs HF sdpa, same dtype
                 try:
@@ -158,12 +160,14 @@ def part_torch(ck, args):
                         a = ours_loop(dec, ids, T)[0, -1]
                         with env(WORKBENCH_ATTN="dense"):
                             b = ours_loop(dec, ids, T)[0, -1]
+                        with env(WORKBENCH_ATTN="band"):
+                            bb = ours_loop(dec, ids, T)[0, -1]
                         c = ours_loop(dec, ids, 512)[0, -1]
                         h = hfs["sdpa"](x, logits_to_keep=1).logits[0, -1].float().cpu().numpy()
                     sc = float(np.abs(h).max())
                     say(f"<!-- {d} pp{T} last logits, max|diff|/max|HF sdpa|: planned {np.abs(a - h).max() / sc:.2e}, "
                         f"dense {np.abs(b - h).max() / sc:.2e}, chunks-512 {np.abs(c - h).max() / sc:.2e}; planned vs "
-                        f"dense {np.abs(a - b).max() / sc:.2e}; argmax ours {int(a.argmax())} HF {int(h.argmax())} -->")
+                        f"dense {np.abs(a - b).max() / sc:.2e}, band vs dense {np.abs(bb - b).max() / sc:.2e}; argmax ours {int(a.argmax())} HF {int(h.argmax())} -->")
                 except Exception as e:
                     say(f"<!-- parity {d} pp{T}: {type(e).__name__}: {e} -->")
                 if d == "bfloat16" and T == max(lens):
@@ -238,7 +242,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lens", default="512,4096")
     ap.add_argument("--dtypes", default="bfloat16,float32")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--mlx", action="store_true", help="also mlx:gpu vs mlx-lm (if mlx_lm imports)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--work", default="/tmp/wb-prefill")
