@@ -3,7 +3,8 @@
 # f16, a bf16 and a Q4_K_M GGUF of a random Gemma 3 270M checkpoint, and the same files through the workbench's
 # own llama.cpp peer harness (llama-cpp-python's ctypes bindings over the CUDA libllama.so just built).
 #
-#   bash tests/tools/gpu/llamacpp_cuda.sh [all|build|bench]        (default: all)
+#   bash tests/tools/gpu/llamacpp_cuda.sh [all|build|bench|bench-wb]        (default: all)
+#   (bench-wb: only wb.bench(peers=True) on the Q4_K_M file, the GGUFs made or reused: < 2 min)
 #
 # What it needs, carried to the card in CARRY (default out/llamacpp-carry; make it here with
 # `bash tests/tools/gpu/llamacpp_cuda.sh carry`, which downloads from PyPI, so run that on the workstation):
@@ -104,7 +105,7 @@ unpack_source() {
     LLAMA_PY_DIR="$(ls -d "$SRC_ROOT"/llama_cpp_python-* | head -1)"
   fi
   LLAMA_DIR="$LLAMA_PY_DIR/vendor/llama.cpp"
-  [[ -f "$LLAMA_DIR/CMakeLists.txt" ]] || { say "CANNOT BUILD: $LLAMA_DIR has no CMakeLists.txt"; return 1; }
+  [[ -f "$LLAMA_DIR/CMakeLists.txt" || -f "$LLAMA_DIR/convert_hf_to_gguf.py" ]] || { say "no llama.cpp tree in $LLAMA_DIR"; return 1; }
   say "source: $src -> $LLAMA_DIR"
 }
 
@@ -140,6 +141,7 @@ build() {
     rm -rf "$BIN" && tar xzf "$W/prebuilt.tar.gz" -C "$W" && say "build skipped: using the carried binaries ($(ls "$BIN" | wc -l) files)"
     return 0
   fi
+  [[ -f "$LLAMA_DIR/CMakeLists.txt" ]] || { say "CANNOT BUILD: $LLAMA_DIR has no CMakeLists.txt (a source tree trimmed for benching only?)"; return 3; }
   if (( ! can_build )); then
     for w in "${why[@]}"; do say "CANNOT BUILD: $w"; done
     return 3
@@ -180,16 +182,22 @@ bench() {
   [[ -x "$BIN/llama-bench" ]] || { say "NO BINARIES: run the build first (or carry llamacpp-cuda-bin.tar.gz.part*)"; return 6; }
   [[ -n "${LLAMA_DIR:-}" ]] || unpack_source || return 6
   export LD_LIBRARY_PATH="$BIN:${LD_LIBRARY_PATH:-}"
+  make_ggufs f16 bf16 || return 6
+  bench_llama
+  bench_wb
+  return 0
+}
+
+make_ggufs() {  # make_ggufs TYPES...: the random 270M, its GGUFs of those types (f16/bf16) and Q4_K_M, reused if there
   mkdir -p "$MODELS"
-  local t0 t1
+  local t0 ty
   if [[ ! -f "$MODELS/r270/config.json" ]]; then
     t0=$(now)
     (cd "$ROOT" && "$PY" -c "import sys; sys.path.insert(0, '.'); from workbench import make_random as m; m.make_random('gemma3-270m', '$MODELS/r270', seed=0, dtype='bfloat16', progress=False)") \
       || { say "could not make the random 270M checkpoint"; return 6; }
     say "random Gemma 3 270M checkpoint (bfloat16, workbench make-random, seed 0): $(secs "$t0" "$(now)") s"
   fi
-  local ty
-  for ty in f16 bf16; do
+  for ty in "$@"; do
     if [[ ! -f "$MODELS/r270-$ty.gguf" ]]; then
       t0=$(now)
       "$PY" "$ROOT/tests/tools/gpu/hf_to_gguf_synthvocab.py" "$LLAMA_DIR" "$MODELS/r270" --outtype "$ty" \
@@ -204,7 +212,19 @@ bench() {
       || { tail -20 "$W/quantize.log"; say "llama-quantize Q4_K_M failed (tail above)"; }
     [[ -f "$MODELS/r270-q4km.gguf" ]] && say "GGUF Q4_K_M: $(du -h "$MODELS/r270-q4km.gguf" | cut -f1) in $(secs "$t0" "$(now)") s (llama-quantize)"
   fi
-  local ms=()
+}
+
+py_deps() {     # pure-Python wheels carried (diskcache for the bindings, gguf for the workbench's GGUF reader): zips
+  mkdir -p "$W/py"
+  local whl
+  for whl in "$CARRY"/diskcache-*.whl "$CARRY"/gguf-*.whl; do
+    [[ -f "$whl" ]] && "$PY" -m zipfile -e "$whl" "$W/py"
+  done
+  ln -sfn "$BIN" "$LLAMA_PY_DIR/llama_cpp/lib"     # the bindings look for their libraries there (_ggml.py always)
+}
+
+bench_llama() {
+  local ty ms=()
   for ty in f16 bf16 q4km; do [[ -f "$MODELS/r270-$ty.gguf" ]] && ms+=(-m "$MODELS/r270-$ty.gguf"); done
   (( ${#ms[@]} )) || { say "no GGUF to bench"; return 6; }
   say ""
@@ -219,12 +239,7 @@ bench() {
   say ""
   say "## The workbench's llama.cpp peer harness (LlamaCppReference.bench: one eval per token, pp512/tg256, 3 repeats)"
   say ""
-  mkdir -p "$W/py"
-  local whl
-  for whl in "$CARRY"/diskcache-*.whl; do     # a pure-Python wheel is a zip: unpacked, no pip needed
-    [[ -f "$whl" ]] && "$PY" -m zipfile -e "$whl" "$W/py"
-  done
-  ln -sfn "$BIN" "$LLAMA_PY_DIR/llama_cpp/lib"     # the bindings look for their libraries there (_ggml.py always)
+  py_deps
   LLAMA_CPP_LIB_PATH="$BIN" PYTHONPATH="$ROOT:$LLAMA_PY_DIR:$W/py:${PYTHONPATH:-}" "$PY" - "${ms[@]}" <<'PYEOF' 2>&1 | tee -a "$MD"
 import sys
 paths = [a for a in sys.argv[1:] if a != "-m"]
@@ -247,7 +262,9 @@ for p in paths:
     except Exception as e:
         print(f"| {p.rsplit('/', 1)[-1]} | failed: {type(e).__name__}: {str(e)[:150]} | |")
 PYEOF
+}
 
+bench_wb() {
   # bench --peers on the Q4_K_M file: the workbench (torch:cuda, dequantised to bfloat16) and llama.cpp on the GPU
   # in the same call, through the same CUDA libllama.so
   local q="$MODELS/r270-q4km.gguf"
@@ -263,7 +280,6 @@ r = wb.bench('$q', backends=['torch:cuda'], dtypes=['bfloat16'], prompt_len=512,
 print('\`\`\`'); print(r.table()); print('\`\`\`')
 " 2>&1 | tail -40 | tee -a "$MD" || say "wb.bench on the GGUF did not finish (exit $?)"
   fi
-  return 0
 }
 
 rc=0
@@ -272,7 +288,13 @@ case "$phase" in
   bench) if join_parts "$CARRY/llamacpp-cuda-bin.tar.gz" "$W/prebuilt.tar.gz"; then rm -rf "$BIN"; tar xzf "$W/prebuilt.tar.gz" -C "$W"; fi
          bench; rc=$? ;;
   all) build; rc=$?; if (( rc == 0 )); then bench; rc=$?; fi ;;
-  *) echo "usage: $0 [all|build|bench|carry]"; exit 2 ;;
+  bench-wb)   # only the wb.bench(peers) step on the Q4_K_M file (its GGUFs made or reused): < 2 min
+    if join_parts "$CARRY/llamacpp-cuda-bin.tar.gz" "$W/prebuilt.tar.gz"; then rm -rf "$BIN"; tar xzf "$W/prebuilt.tar.gz" -C "$W"; fi
+    if [[ -x "$BIN/llama-quantize" ]] && unpack_source; then
+      export LD_LIBRARY_PATH="$BIN:${LD_LIBRARY_PATH:-}"
+      make_ggufs f16 && { py_deps; bench_wb; }; rc=$?
+    else say "NO BINARIES or no source: carry llamacpp-cuda-bin.tar.gz.part* and the trimmed sdist"; rc=6; fi ;;
+  *) echo "usage: $0 [all|build|bench|bench-wb|carry]"; exit 2 ;;
 esac
 say ""
 say "exit status $rc"

@@ -104,100 +104,110 @@ sys.path.insert(0, sys.argv[1])
 import torch
 from workbench.references.hf import HFReference
 from workbench.references.hf_static import StaticGraphDecoder, _counters, _delta
-ckpt, dtype, P, N = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-out = {"dtype": dtype}
+from torch.profiler import profile, ProfilerActivity
+ckpt, P, N, stock = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
 dev = "cuda" if torch.cuda.is_available() else "cpu"   # cpu: a smoke test of this script only
 sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-ref = HFReference(ckpt, dtype=dtype, device=dev, attn_implementation="sdpa")
-x = ref._bench_prompt(P)
-out["weights_dtype"] = str(next(ref.model.parameters()).dtype)
-c0 = _counters()
-dec = StaticGraphDecoder(ref.model, P + N, suppress=ref.eos_ids())
-t = time.perf_counter(); dec.run(x, N); out["warmup_s"] = time.perf_counter() - t
-c1 = _counters()
-r = dec.run(x, N)
-c2 = _counters()
-out["decode_tok_s"] = (N - 1) / r["decode_s"]
-out["prefill_tok_s"] = P / r["prefill_s"]
-out["warm"], out["timed"] = _delta(c0, c1), _delta(c1, c2)
-out["cache_dtypes"] = sorted({str(l.keys.dtype) for l in dec.cache.layers if getattr(l, "keys", None) is not None})
-# the kernels of 16 decode steps
-from torch.profiler import profile, ProfilerActivity
-tok = torch.tensor([[int(x[-1])]], device=dev)
-with torch.no_grad():
-    dec.cache.reset(); dec._prefill(torch.as_tensor(x[None], device=dev)); sync()
-    with profile(activities=[ProfilerActivity.CUDA if dev == "cuda" else ProfilerActivity.CPU]) as prof:
-        for _ in range(16):
-            torch.compiler.cudagraph_mark_step_begin()
-            tok = dec._step(tok).clone()
-        sync()
-ka = prof.key_averages()
 tt = (lambda e: getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0))) if dev == "cuda" else \
     (lambda e: e.self_cpu_time_total)
-rows = sorted(ka, key=lambda e: -tt(e))[:12]
-out["kernels"] = [(e.key[:90], round(tt(e) / 16, 1), e.count // 16) for e in rows]
-# transformers' own StaticCache layers, dynamo only (backend="eager"): recompiles per token?
-torch._dynamo.reset()
-c3 = _counters()
-try:
-    dec2 = StaticGraphDecoder(ref.model, P + 13, suppress=ref.eos_ids(), backend="eager", full_length=False)
-    t = time.perf_counter(); r2 = dec2.run(x, 13); out["stock_s"] = time.perf_counter() - t
-    out["stock"] = _delta(c3, _counters())
-except Exception as e:
-    out["stock_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-# ... and the same stock layers under inductor + CUDA graphs (reduce-overhead): what a token costs there
-torch._dynamo.reset()
-c4 = _counters()
-try:
-    dec3 = StaticGraphDecoder(ref.model, P + 25, suppress=ref.eos_ids(), full_length=False)
-    t = time.perf_counter(); dec3.run(x, 25); out["stock_graphs_warm_s"] = time.perf_counter() - t
-    r3 = dec3.run(x, 25)
-    out["stock_graphs_tok_s"] = 24 / r3["decode_s"]
-    out["stock_graphs"] = _delta(c4, _counters())
-except Exception as e:
-    out["stock_graphs_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-print("DIAG-JSON " + json.dumps(out))
+for dtype in sys.argv[6:]:
+    print(f"=== DTYPE {dtype}", file=sys.stderr, flush=True)
+    out = {"dtype": dtype}
+    ref = HFReference(ckpt, dtype=dtype, device=dev, attn_implementation="sdpa")
+    x = ref._bench_prompt(P)
+    out["weights_dtype"] = str(next(ref.model.parameters()).dtype)
+    c0 = _counters()
+    dec = StaticGraphDecoder(ref.model, P + N, suppress=ref.eos_ids())
+    t = time.perf_counter(); dec.run(x, N); out["warmup_s"] = time.perf_counter() - t
+    c1 = _counters()
+    r = dec.run(x, N)
+    c2 = _counters()
+    out["decode_tok_s"] = (N - 1) / r["decode_s"]
+    out["prefill_tok_s"] = P / r["prefill_s"]
+    out["warm"], out["timed"] = _delta(c0, c1), _delta(c1, c2)
+    out["cache_dtypes"] = sorted({str(l.keys.dtype) for l in dec.cache.layers if getattr(l, "keys", None) is not None})
+    tok = torch.tensor([[int(x[-1])]], device=dev)          # the kernels of 16 decode steps
+    with torch.no_grad():
+        dec.cache.reset(); dec._prefill(torch.as_tensor(x[None], device=dev)); sync()
+        with profile(activities=[ProfilerActivity.CUDA if dev == "cuda" else ProfilerActivity.CPU]) as prof:
+            for _ in range(16):
+                torch.compiler.cudagraph_mark_step_begin()
+                tok = dec._step(tok).clone()
+            sync()
+    rows = sorted(prof.key_averages(), key=lambda e: -tt(e))[:12]
+    out["kernels"] = [(e.key[:90], round(tt(e) / 16, 1), e.count // 16) for e in rows]
+    if stock:   # transformers' own StaticCache layers: dynamo only (cheap), then inductor + CUDA graphs
+        torch._dynamo.reset()
+        c3 = _counters()
+        try:
+            d2 = StaticGraphDecoder(ref.model, P + 13, suppress=ref.eos_ids(), backend="eager", full_length=False)
+            t = time.perf_counter(); d2.run(x, 13); out["stock_s"] = time.perf_counter() - t
+            out["stock"] = _delta(c3, _counters())
+        except Exception as e:
+            out["stock_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        torch._dynamo.reset()
+        c4 = _counters()
+        try:
+            d3 = StaticGraphDecoder(ref.model, P + 25, suppress=ref.eos_ids(), full_length=False)
+            t = time.perf_counter(); d3.run(x, 25); out["stock_graphs_warm_s"] = time.perf_counter() - t
+            out["stock_graphs_tok_s"] = 24 / d3.run(x, 25)["decode_s"]
+            out["stock_graphs"] = _delta(c4, _counters())
+        except Exception as e:
+            out["stock_graphs_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    print("DIAG-JSON " + json.dumps(out), flush=True)
+    del dec, ref
+    torch._dynamo.reset()
 """
 
 
 def part_diag(ckpt, args):
-    say(f"\n## Why bfloat16 vs float32 (HF graphed decoder, pp{args.prompt_len}, 64 tokens) {elapsed()}\n")
-    for dt in ("float32", "bfloat16"):
-        env = dict(os.environ, TORCH_LOGS="recompiles,graph_breaks,perf_hints", PYTHONUNBUFFERED="1")
-        try:
-            p = subprocess.run([sys.executable, "-c", DIAG_CHILD, str(ROOT), str(ckpt), dt, str(args.prompt_len), "64"],
-                               env=env, capture_output=True, text=True, timeout=args.diag_timeout)
-        except subprocess.TimeoutExpired:
-            say(f"### {dt}: timed out after {args.diag_timeout} s")
-            continue
-        got = [ln for ln in p.stdout.splitlines() if ln.startswith("DIAG-JSON ")]
-        say(f"### {dt} (exit {p.returncode}) {elapsed()}")
-        if not got:
-            say("```")
-            say((p.stdout + p.stderr)[-3000:])
-            say("```")
-            continue
-        d = json.loads(got[-1][len("DIAG-JSON "):])
+    n = 32
+    say(f"\n## Why bfloat16 vs float32 (HF graphed decoder, pp{args.prompt_len}, {n} tokens, one child process, "
+        f"TORCH_LOGS=recompiles,graph_breaks,perf_hints) {elapsed()}\n")
+    env = dict(os.environ, TORCH_LOGS="recompiles,graph_breaks,perf_hints", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-c", DIAG_CHILD, str(ROOT), str(ckpt), str(args.prompt_len), str(n),
+           "1" if args.diag_stock else "0", "float32", "bfloat16"]
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.diag_timeout)
+        stdout, stderr, rc = p.stdout, p.stderr, p.returncode
+    except subprocess.TimeoutExpired as e:
+        stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        stderr = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        rc = f"timed out after {args.diag_timeout} s"
+    got = [json.loads(ln[len("DIAG-JSON "):]) for ln in stdout.splitlines() if ln.startswith("DIAG-JSON ")]
+    say(f"child: exit {rc}, {len(got)} dtype(s) reported {elapsed()}")
+    if not got:
+        say("```")
+        say((stdout + stderr)[-3000:])
+        say("```")
+    logs_by = {}
+    cur = None
+    keys = ("Recompiling", "- 0/", "Graph break", "graph break", "skipping cudagraphs", "distinct", "CUDAGraph",
+            "cudagraph", "FallbackKernel")
+    for ln in stderr.splitlines():
+        if ln.startswith("=== DTYPE "):
+            cur = ln.split()[-1]
+        elif any(w in ln for w in keys):
+            logs_by.setdefault(cur, []).append(ln.split("] ", 1)[-1])
+    for d in got:
+        dt = d["dtype"]
+        say(f"### {dt}")
         say(f"- decode {d['decode_tok_s']:.1f} tok/s, prefill {d['prefill_tok_s']:.0f} tok/s, warm-up {d['warmup_s']:.1f} s; "
             f"weights {d['weights_dtype']}, KV cache {d['cache_dtypes']}")
         say(f"- dynamo: warm-up {d['warm']}, timed {d['timed']}")
-        if "stock" in d:
-            say(f"- transformers' own StaticCache layers (dynamo only, 13 tokens, {d['stock_s']:.1f} s): {d['stock']}")
-        else:
-            say(f"- transformers' own StaticCache layers: {d.get('stock_error')}")
+        if "stock" in d or "stock_error" in d:
+            say(f"- transformers' own StaticCache layers (dynamo only, 13 tokens): {d.get('stock') or d.get('stock_error')}")
         if "stock_graphs" in d:
             say(f"- transformers' own StaticCache layers under inductor + CUDA graphs (24 tokens, 2nd run): "
                 f"{d['stock_graphs_tok_s']:.1f} tok/s, first run {d['stock_graphs_warm_s']:.1f} s, {d['stock_graphs']}")
-        else:
-            say(f"- transformers' own StaticCache layers under CUDA graphs: {d.get('stock_graphs_error')}")
+        elif "stock_graphs_error" in d:
+            say(f"- transformers' own StaticCache layers under CUDA graphs: {d['stock_graphs_error']}")
         say("- top CUDA kernels per decode step (µs, launches):")
-        for k, us, n in d["kernels"]:
-            say(f"    {us:8.1f} µs  x{n:<3d} {k}")
-        keys = ("Recompiling", "- 0/", "Graph break", "graph break", "skipping cudagraphs", "distinct", "CUDAGraph",
-                "cudagraph", "FallbackKernel")
-        logs = [ln.split("] ", 1)[-1] for ln in p.stderr.splitlines() if any(w in ln for w in keys)]
+        for k, us, n_ in d["kernels"]:
+            say(f"    {us:8.1f} µs  x{n_:<3d} {k}")
+        logs = logs_by.get(dt, [])
         say(f"- TORCH_LOGS lines ({len(logs)}):")
-        for ln in logs[:30]:
+        for ln in logs[:20]:
             say("    " + ln.strip()[:300])
 
 
@@ -209,7 +219,9 @@ def main():
     ap.add_argument("--gen-len", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ckpt", default="/tmp/wb-peers-r270")
-    ap.add_argument("--diag-timeout", type=int, default=280)
+    ap.add_argument("--diag-timeout", type=int, default=85)
+    ap.add_argument("--diag-stock", action="store_true",
+                    help="diag also runs transformers' own StaticCache layers (dynamo-only, then CUDA graphs): +2-3 min")
     args = ap.parse_args()
     outdir = pathlib.Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
