@@ -87,7 +87,8 @@ say "driver: $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/de
 unpack_source() {
   local src="${LLAMA_SRC:-}"
   if [[ -z "$src" ]]; then
-    for c in "$CARRY"/llama-cpp-python-*-src-trim.tar.gz "$CARRY"/llama_cpp_python-*.tar.gz "$ROOT"/llama_cpp_python-*.tar.gz; do
+    for c in "$CARRY"/llama-cpp-python-*-src-trim.tar.gz "$CARRY"/llama-cpp-python-*.tar.gz "$CARRY"/llama_cpp_python-*.tar.gz \
+             "$ROOT"/llama_cpp_python-*.tar.gz; do
       [[ -f "$c" ]] && { src="$c"; break; }
     done
   fi
