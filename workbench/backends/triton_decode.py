@@ -299,6 +299,17 @@ if triton is not None:
                 cand = (thr + (1 << shift) - (1 << (BITS - 1))).to(tl.int32)
                 cnt = tl.sum(((key >= cand) & valid).to(tl.int32), 0)
                 thr = thr + ((cnt >= k).to(tl.int64) << shift)
+        elif RB == 2:                                 # three counts a round, packed in one int64 sum (20 bits each)
+            for it in tl.static_range(BITS // 2):
+                shift = BITS - 2 * (it + 1)
+                base = thr - (1 << (BITS - 1))
+                g1 = ((key >= (base + (1 << shift)).to(tl.int32)) & valid).to(tl.int64)
+                g2 = ((key >= (base + (2 << shift)).to(tl.int32)) & valid).to(tl.int64)
+                g3 = ((key >= (base + (3 << shift)).to(tl.int32)) & valid).to(tl.int64)
+                pk = tl.sum(g1 + (g2 << 20) + (g3 << 40), 0)
+                n = ((pk & 0xFFFFF) >= k).to(tl.int64) + (((pk >> 20) & 0xFFFFF) >= k).to(tl.int64) \
+                    + (((pk >> 40) & 0xFFFFF) >= k).to(tl.int64)
+                thr = thr + (n << shift)
         else:
             d = tl.arange(0, 1 << RB).to(tl.int64)
             for it in tl.static_range(BITS // RB):
@@ -315,8 +326,12 @@ if triton is not None:
         t = _kth_key(key, valid, k, RB, BITS)
         gt = (key > t) & valid
         tie = (key == t) & valid
-        need = k - tl.sum(gt.to(tl.int32), 0)
-        return gt | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need))
+        pk = tl.sum(gt.to(tl.int64) + (tie.to(tl.int64) << 32), 0)        # both counts in one sum
+        need = k - (pk & 0xFFFFFFFF)
+        sel = gt | tie
+        if (pk >> 32) > need:                     # more ties than places: the first ones (a scan only then)
+            sel = gt | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need))
+        return sel
 
     @triton.jit
     def _select_blocks(key, o, bm, BLK, SKEY, SIDX, SB, NBP: tl.constexpr, RB: tl.constexpr, BITS: tl.constexpr,
@@ -872,6 +887,8 @@ class TritonSampler:
         if rb not in (1, 2, 4, 8, 16):
             raise ValueError(f"sample tune: {rb} radix bits a round (1, 2, 4, 8 or 16: it must divide 16)")
         C, sb = self.C, self.sb
+        if max(_pow2(nb), _pow2(sb) * self.bn) > 1 << 19:
+            raise ValueError(f"TritonSampler: {nb} blocks of {self.bn}: the packed counts hold up to 2**19 entries")
         # the sieve's bound: the sb-th largest of 4x as many group maxima (random logits: ~1.15 sb blocks reach it)
         sieve = max(_pow2(sv[0]), 2 * _pow2(sb)) if sv and sv[0] else 0
         g = min(_pow2(nb) // 2, 4 * _pow2(sb))

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """The sampled decode step on the card (issue 13: ``m.generate`` sampled >= 0.8x ``workbench bench`` decode).
 
-    python3 tests/tools/gpu/sampler_bench.py [--out DIR] [--parts micro,decode,tokens] [--dtypes bfloat16,float32]
+    python3 tests/tools/gpu/sampler_bench.py [--out DIR] [--parts decode,tokens,micro] [--dtypes bfloat16,float32]
 
-* micro: the sampler alone on [1, 262144] logits (random, bfloat16 and float32), each variant replayed from a CUDA
-  graph (20 calls a graph, median of 30 replays): the torch sampler (``sampler.torch_sampler``: two-stage torch.topk,
-  compiled logsumexp / cumsum / Gumbel) and its parts, against the Triton sampler (``triton_decode.TritonSampler``:
+* micro (last by default): the sampler alone on [1, 262144] logits (random, bfloat16 and float32), each variant
+  replayed from a CUDA graph (20 calls a graph, median of 30 replays): the torch sampler (``sampler.torch_sampler``:
+  two-stage torch.topk, compiled logsumexp / cumsum / Gumbel) and its parts, against the Triton sampler (``triton_decode.TritonSampler``:
   block partials + one selection kernel; in the Triton step the partials come from the head's epilogue, so only
   the selection kernel is extra) and its parts, for a few launch settings of the selection kernel
   (WORKBENCH_TRITON_TUNE sample=RB,warps,chunk,sieve); and the tokens of both against ``sample_np`` for 32
@@ -173,9 +173,10 @@ def part_decode(ckpt, args):
             kw = dict(temperature=0.8, top_p=0.95, seed=0)
             g_tps, st, _ = db.gen_rate(m, ids, args.gen_len + 1, reps=args.repeats)
             us = lambda v: 1e6 / v  # noqa: E731
-            variants = [("new (default tune)", {})] + [
-                (f"new, sample={t}", {"WORKBENCH_TRITON_TUNE": f"sample={t}"}) for t in args.e2e_tunes.split(";") if t
-            ] + [("old (WORKBENCH_TRITON_SAMPLER=0)", {"WORKBENCH_TRITON_SAMPLER": "0"})]
+            variants = [("new (default tune)", {}), ("old (WORKBENCH_TRITON_SAMPLER=0)",
+                                                     {"WORKBENCH_TRITON_SAMPLER": "0"})]
+            variants += [(f"new, sample={t}", {"WORKBENCH_TRITON_TUNE": f"sample={t}"})
+                         for t in args.e2e_tunes.split(";") if t]
             for label, env in variants:
                 m.__dict__.pop("_decode_engines", None)        # a fresh engine (the tune is read when it is built)
                 os.environ.update(env)
@@ -232,14 +233,14 @@ def part_tokens(ckpt, args):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", default="micro,decode,tokens")
+    ap.add_argument("--parts", default="decode,tokens,micro", help="in this order")
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-len", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--sample-tunes", default="2,16,64,0;1,16,64,0;2,32,64,0;2,16,64,1024;1,16,64,1024;2,8,64,1024",
+    ap.add_argument("--sample-tunes", default="2,16,64,0;1,16,64,0;2,8,64,0;2,16,64,1024;1,16,64,1024;2,16,128,0",
                     help="selection-kernel settings (radix bits, warps, pairwise chunk, sieve) timed in the micro part")
-    ap.add_argument("--e2e-tunes", default="2,16,64,1024",
+    ap.add_argument("--e2e-tunes", default="1,16,64,0;2,16,64,1024",
                     help="selection-kernel settings also timed in m.generate (besides the default)")
     ap.add_argument("--work", default="/tmp/wb-decode")
     ap.add_argument("--out", default=os.environ.get("OUT", str(db.ROOT / "out")))
@@ -258,17 +259,19 @@ def main(argv=None) -> int:
     say(f"# Sampled decode on {db.card()}; torch {torch.__version__}, triton {triton.__version__}; git {head}")
     t0 = time.perf_counter()
     parts = args.parts.split(",")
-    if "micro" in parts:
-        part_micro(args)
-        say(f"<!-- {time.perf_counter() - t0:.0f} s so far -->")
     if "decode" in parts or "tokens" in parts:
         ck = db.make("gemma3-270m", pathlib.Path(args.work) / "g270m")
-    if "decode" in parts:
-        part_decode(ck, args)
-        say(f"<!-- {time.perf_counter() - t0:.0f} s so far -->")
-    if "tokens" in parts:
-        part_tokens(ck, args)
-        say(f"<!-- {time.perf_counter() - t0:.0f} s in all -->")
+    for part in parts:                                  # in the order given
+        if part == "micro":
+            part_micro(args)
+        elif part == "decode":
+            part_decode(ck, args)
+        elif part == "tokens":
+            part_tokens(ck, args)
+        else:
+            say(f"unknown part {part!r} (micro, decode, tokens)")
+            continue
+        say(f"<!-- {time.perf_counter() - t0:.0f} s so far (after {part}) -->")
     return 0
 
 
