@@ -5,11 +5,11 @@
 
 * micro (last by default): the sampler alone on [1, 262144] logits (random, bfloat16 and float32), each variant
   replayed from a CUDA graph (20 calls a graph, median of 30 replays): the torch sampler (``sampler.torch_sampler``:
-  two-stage torch.topk, compiled logsumexp / cumsum / Gumbel) and its parts, against the Triton sampler (``triton_decode.TritonSampler``:
-  block partials + one selection kernel; in the Triton step the partials come from the head's epilogue, so only
-  the selection kernel is extra) and its parts, for a few launch settings of the selection kernel
-  (WORKBENCH_TRITON_TUNE sample=RB,warps,chunk,sieve); and the tokens of both against ``sample_np`` for 32
-  positions.
+  two-stage torch.topk, compiled logsumexp / cumsum / Gumbel) and its parts, against the Triton sampler
+  (``triton_decode.TritonSampler``: block partials + one selection kernel; in the Triton step the partials come from
+  the head's epilogue, so only the selection kernel is extra) and its parts, for a few launch settings of the
+  selection kernel (WORKBENCH_TRITON_TUNE sample=RB,warps,chunk,sieve); and the tokens of both against ``sample_np``
+  for 32 positions.
 * decode: a random checkpoint of the Gemma 3 270M config; for torch:cuda bf16 / f32: ``wb.bench`` decode tok/s,
   ``m.generate`` greedy, sampled (temperature 0.8, top-p 0.95, seed 0) with the Triton sampler (default tune and
   --e2e-tunes) and with the torch sampler (WORKBENCH_TRITON_SAMPLER=0), the ratios to bench and the sampling cost
