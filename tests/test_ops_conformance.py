@@ -54,6 +54,7 @@ TOL: dict[str, tuple[float, float, float, float]] = {
     "rms_norm": (2e-6, 1.6e-2, 2e-3, 1e-13),
     "rms_norm[1 row]": (2e-6, 1.6e-2, 2e-3, 1e-13),
     "rms_norm[no weight]": (2e-6, 1.6e-2, 2e-3, 1e-13),
+    "rms_norm[grouped weight]": (2e-6, 1.6e-2, 2e-3, 1e-13),
     "gelu[tanh]": (2e-6, 1.6e-2, 2e-3, 1e-13),
     "gelu[erf]": (2e-6, 1.6e-2, 2e-3, 1e-13),
     "softcap": (2e-6, 1.2e-2, 1.5e-3, 1e-13),
@@ -291,6 +292,10 @@ def _math(ops, dtype, r):
     yield "rms_norm[1 row]", N(ops.rms_norm(A(xr[:, :1]), A(nw, dtype=acc), 1e-6)), \
         ref_rms_norm(xr[:, :1], nw, 1e-6)
     yield "rms_norm[no weight]", N(ops.rms_norm(A(xr), None, 1e-6)), ref_rms_norm(xr, None, 1e-6)
+    # one weight row per group (the q and k norms of a layer in one call): x [1, T, G, hd], w [G, hd]
+    xq = r.x((1, 9, 5, 16), scale=3.0)
+    wg = round_to(1.0 + 0.1 * r.rng.standard_normal((5, 16)), acc)
+    yield "rms_norm[grouped weight]", N(ops.rms_norm(A(xq), A(wg, dtype=acc), 1e-6)), ref_rms_norm(xq, wg, 1e-6)
     xg = r.x((1, 9, FF), scale=2.0)
     yield "gelu[tanh]", N(ops.gelu(A(xg), approximate=True)), ref_gelu_tanh(xg)
     yield "gelu[erf]", N(ops.gelu(A(xg), approximate=False)), ref_gelu_erf(xg)

@@ -70,8 +70,9 @@ def test_long_prompt_matches_transformers(name):
 @pytest.mark.parametrize("name", ["gemma3_text", "gemma4_kv"])
 def test_chunked_prefill_equals_one_pass(backend, name, monkeypatch):
     """generate's loop (chunks into the KV cache) against one pass without a cache: chunks shorter than the window,
-    equal to it, longer (the band over cache history) — the last logits agree to float32 rounding. And the dense
-    plan (WORKBENCH_ATTN=dense) gives the same as the planned one."""
+    equal to it, longer (the band over cache history) — the last logits agree to float32 rounding (1e-5: the chunks
+    run other kernels — one-row products, one-query attention; a wrong mask moves them by > 1e-3). And the dense plan
+    (WORKBENCH_ATTN=dense) gives the same as the planned one."""
     m = wb.load(fixture_dir(name), backend=backend, dtype="float32")
     dec = m.decoder
     ids = _ids(m.config, T)
@@ -80,9 +81,9 @@ def test_chunked_prefill_equals_one_pass(backend, name, monkeypatch):
         cache = dec.new_cache(batch=1, max_len=T + 4)
         for a in range(0, T, chunk):
             got = dec.forward(ids[:, a:a + chunk], cache=cache, last_only=True).logits[0, -1]
-        assert rel_max(one, got) < 2e-6, (name, backend, chunk, rel_max(one, got))
+        assert rel_max(one, got) < 1e-5, (name, backend, chunk, rel_max(one, got))
     monkeypatch.setenv("WORKBENCH_ATTN", "dense")
-    assert rel_max(one, dec.forward(ids).logits[0, -1]) < 2e-6
+    assert rel_max(one, dec.forward(ids).logits[0, -1]) < 1e-5
 
 
 def test_band_off_by_one_is_caught(monkeypatch):

@@ -95,7 +95,8 @@ class Ops(Protocol):
 
     def rms_norm(self, x: A, w: A | None, eps: float) -> A:
         """x / sqrt(mean(x**2, -1) + eps) * w over the last axis, computed in acc, rounded once to x's dtype.
-        ``w`` [D] (the model passes it in acc with Gemma's 1 + w offset already folded in) or None (no scale)."""
+        ``w`` [D] (the model passes it in acc with Gemma's 1 + w offset already folded in), [G, D] for x [..., G, D]
+        (one weight row per group: Gemma's q and k norms in one call), or None (no scale)."""
 
     def gelu(self, x: A, approximate: bool = True) -> A:
         """GELU, elementwise, x's dtype: the tanh approximation (``gelu_pytorch_tanh``) or, approximate=False,

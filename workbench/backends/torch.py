@@ -168,6 +168,8 @@ class TorchOps(TorchMediaOps, ComposedOps, attn_plan.PlannedAttention, Ops):
         return F.linear(x, w)
 
     def rms_norm(self, x, w, eps):
+        if w is not None and w.dim() > 1:     # [G, D] for x [..., G, D]: the norm, then the weight rows, in acc
+            return (F.rms_norm(x.to(self.acc), (x.shape[-1],), None, eps) * w).to(x.dtype)
         if self._cpu_gemv:
             y = _cpu_rms_norm(x, w, eps)   # decode (a few rows) on the CPU: see cpu_gemv
             if y is not None:

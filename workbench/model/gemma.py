@@ -198,7 +198,9 @@ class Gemma:
             m = f"layers.{i}.mlp."
             w[m + "gate_up_proj.weight"] = ops.concat([w.pop(m + "gate_proj.weight"), w.pop(m + "up_proj.weight")], 0)
 
-    def _qkv(self, i, h, B, T):
+    def _qkv(self, i, h, B, T, joint=False):
+        """q [B, T, H, hd], k, v [B, T, kvh, hd] (views of one product); joint: (q and k as one [B, T, H + kvh, hd]
+        view, v) — for one norm and one RoPE call over both."""
         cfg, ops = self.config, self.ops
         H, hd, kvh = cfg.num_attention_heads, cfg.head_dim(i), cfg.num_kv_heads(i)
         y = ops.linear(h, self.w[f"layers.{i}.self_attn.qkv_proj.weight"])
@@ -207,7 +209,22 @@ class Gemma:
             return q, None, None
         k = ops.reshape(y[..., H * hd:(H + kvh) * hd], (B, T, kvh, hd))
         v = k if cfg.k_eq_v(i) else ops.reshape(y[..., (H + kvh) * hd:], (B, T, kvh, hd))
+        if joint:
+            return ops.reshape(y[..., :(H + kvh) * hd], (B, T, H + kvh, hd)), v
         return q, k, v
+
+    def _qk_norm_weight(self, i):
+        """q_norm's and k_norm's weights as one [H + kvh, hd] (a row per head), rebuilt when ``w``'s change
+        (``plan_weights``)."""
+        cfg, ops, p = self.config, self.ops, f"layers.{i}.self_attn."
+        qn, kn = self.w[p + "q_norm.weight"], self.w[p + "k_norm.weight"]
+        memo = self.__dict__.setdefault("_qk_w", {})
+        hit = memo.get(i)
+        if hit is None or hit[0] is not qn or hit[1] is not kn:
+            hd = cfg.head_dim(i)
+            rows = [ops.reshape(qn, (1, hd))] * cfg.num_attention_heads + [ops.reshape(kn, (1, hd))] * cfg.num_kv_heads(i)
+            hit = memo[i] = (qn, kn, ops.concat(rows, 0))
+        return hit[2]
 
     @staticmethod
     def _is_norm(k: str) -> bool:
@@ -397,19 +414,23 @@ class Gemma:
         start = int(positions[0])
         tap_t = lambda a: a.transpose(_BTHD)  # noqa: E731  [B,H,T,D] -> tap layout [B,T,H,D]
 
-        q, k_raw, v = self._qkv(i, h, B, T)
-        if cfg.has_qk_norm:
-            q = ops.rms_norm(q, w[p + "q_norm.weight"], eps)
-        q = ops.rope(ops.transpose(q, _BTHD), inv, start)
-        q = pts.visit(ops, b + "hook_q", q, tap_t, tap_t)
-
         if cfg.kv_shared(i):
+            q, _, _ = self._qkv(i, h, B, T)
+            if cfg.has_qk_norm:
+                q = ops.rms_norm(q, w[p + "q_norm.weight"], eps)
+            q = ops.rope(ops.transpose(q, _BTHD), inv, start)
+            q = pts.visit(ops, b + "hook_q", q, tap_t, tap_t)
             K, V, kpos = shared[cfg.kv_source(i)]
         else:
+            # q and k side by side in the product: one norm (a weight row per head) and one RoPE for both
+            qk, v = self._qkv(i, h, B, T, joint=True)
+            if cfg.has_qk_norm:
+                qk = ops.rms_norm(qk, self._qk_norm_weight(i), eps)
+            qk = ops.rope(ops.transpose(qk, _BTHD), inv, start)
+            q, k = qk[:, :H], qk[:, H:]
+            q = pts.visit(ops, b + "hook_q", q, tap_t, tap_t)
             if cfg.has_v_norm:
                 v = ops.rms_norm(v, None, eps)
-            k = ops.rms_norm(k_raw, w[p + "k_norm.weight"], eps) if cfg.has_qk_norm else k_raw
-            k = ops.rope(ops.transpose(k, _BTHD), inv, start)
             v = ops.transpose(v, _BTHD)
             k = pts.visit(ops, b + "hook_k", k, tap_t, tap_t)
             v = pts.visit(ops, b + "hook_v", v, tap_t, tap_t)
