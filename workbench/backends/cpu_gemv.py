@@ -540,21 +540,16 @@ static float dot_q6_k(const uint8_t *w, const xq8_k *y, int64_t nb) {
 #define WQ_SIMD 1
 #else
 /* portable: the same 8-bit x, the weight block dequantised (same products up to float32 rounding) */
-static float dot_q_32(int t, const uint8_t *w, int bs, const xq8_32 *y, int64_t nb) {
-    float buf[32]; float acc = 0.f;
-    for (int64_t i = 0; i < nb; i++) {
-        deq_block(t, w + i * bs, buf); float s = 0.f;
-        for (int j = 0; j < 32; j++) s += buf[j] * y[i].qs[j];
-        acc += s * y[i].d;
-    }
-    return acc;
-}
-static float dot_q_k(int t, const uint8_t *w, int bs, const xq8_k *y, int64_t nb) {
+static float dot_q_generic(int t, const uint8_t *w, int bs, int qk, const void *y, int64_t nb) {
     float buf[256]; float acc = 0.f;
     for (int64_t i = 0; i < nb; i++) {
-        deq_block(t, w + i * bs, buf); float s = 0.f;
-        for (int j = 0; j < 256; j++) s += buf[j] * y[i].qs[j];
-        acc += s * y[i].d;
+        const int8_t *qs; float d;
+        if (qk == 32) { const xq8_32 *b = (const xq8_32 *)y + i; qs = b->qs; d = b->d; }
+        else { const xq8_k *b = (const xq8_k *)y + i; qs = b->qs; d = b->d; }
+        deq_block(t, w + i * bs, buf);
+        float s = 0.f;
+        for (int j = 0; j < qk; j++) s += buf[j] * qs[j];
+        acc += s * d;
     }
     return acc;
 }
@@ -584,8 +579,7 @@ static void wq_gemv_chunk(const void *jv, int64_t c) {
         }
         j->y[n] = v;
 #else
-        j->y[n] = j->qk == 32 ? dot_q_32(j->t, w, j->bs, (const xq8_32 *)j->xq, j->nb)
-                             : dot_q_k(j->t, w, j->bs, (const xq8_k *)j->xq, j->nb);
+        j->y[n] = dot_q_generic(j->t, w, j->bs, j->qk, j->xq, j->nb);
 #endif
     }
 }
