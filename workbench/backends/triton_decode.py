@@ -144,13 +144,10 @@ if triton is not None:
     def _epilogue(yv, rows, rmask, blk, bok, PMAX, PIDX, PSUM, SEED, INVT, POS, BN: tl.constexpr,
                   EPI: tl.constexpr):
         """What blocks of logits yv [G, BN] (float32, as stored; -inf outside rmask; rows: their token ids) leave
-        for the token's pick, block blk [G] (where bok) at PMAX[blk] ... EPI 1 (greedy): its max and row (first
-        on ties). 2 (sampling the whole vocabulary): the max of z + gumbel (z = yv * 1/T) and its row. 3 (sampling
-        candidates): its max and sum(exp(z - max z)), the partial softmax normaliser (so the whole-vocabulary
-        logsumexp of top-p needs no pass of its own)."""
-        if EPI == 1:
-            tl.store(PMAX + blk, tl.max(yv, 1), mask=bok)
-            tl.store(PIDX + blk, blk * BN + tl.argmax(yv, 1, tie_break_left=True), mask=bok)
+        for the sampled token's pick, block blk [G] (where bok) at PMAX[blk] ... EPI 2 (sampling the whole
+        vocabulary): the max of z + gumbel (z = yv * 1/T) and its row. 3 (sampling candidates): its max and
+        sum(exp(z - max z)), the partial softmax normaliser (so the whole-vocabulary logsumexp of top-p needs no
+        pass of its own). (EPI 1, greedy — each block's max and row, first on ties — is the head's own code.)"""
         if EPI == 2:
             sc = tl.where(rmask, yv * tl.load(INVT) + _gumbel(SEED, tl.load(POS) + 1, rows.to(tl.int64)),
                           float("-inf"))
@@ -251,7 +248,11 @@ if triton is not None:
         if CAP:
             y = _tanh(_rnd(y, DT) / cap) * cap
         tl.store(OUT + rows, y.to(DT), mask=rmask)
-        if EPI > 0:
+        if EPI == 1:                       # greedy
+            yv = tl.where(rmask, y.to(DT).to(tl.float32), float("-inf"))
+            tl.store(PMAX + pid, tl.max(yv, 0))
+            tl.store(PIDX + pid, pid * BLOCK_N + tl.argmax(yv, 0, tie_break_left=True))
+        if EPI > 1:
             yv = tl.where(rmask, y.to(DT).to(tl.float32), float("-inf"))
             bk1 = pid + tl.arange(0, 1)
             _epilogue(yv[None, :], rows[None, :], rmask[None, :], bk1, bk1 >= 0,
@@ -326,11 +327,15 @@ if triton is not None:
         t = _kth_key(key, valid, k, RB, BITS)
         gt = (key > t) & valid
         tie = (key == t) & valid
-        pk = tl.sum(gt.to(tl.int64) + (tie.to(tl.int64) << 32), 0)        # both counts in one sum
-        need = k - (pk & 0xFFFFFFFF)
-        sel = gt | tie
-        if (pk >> 32) > need:                     # more ties than places: the first ones (a scan only then)
+        if RB == 1:                               # (the plainest code: the engine's fallback if the rest fails)
+            need = k - tl.sum(gt.to(tl.int32), 0)
             sel = gt | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need))
+        else:
+            pk = tl.sum(gt.to(tl.int64) + (tie.to(tl.int64) << 32), 0)        # both counts in one sum
+            need = k - (pk & 0xFFFFFFFF)
+            sel = gt | tie
+            if (pk >> 32) > need:                 # more ties than places: the first ones (a scan only then)
+                sel = gt | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need))
         return sel
 
     @triton.jit
@@ -713,17 +718,23 @@ class TritonDecodeStep:
         self.sampler = sampler
         if sampler is None or not check:
             return None
-        try:
-            tok = torch.zeros((1, 1), dtype=torch.long, device=self.ops.device)
-            pos = torch.zeros(1, dtype=torch.long, device=self.ops.device)
-            for name, launch in self.plan(tok, pos):
-                if name in ("head", "sample"):        # they write only the logits, the partials and tok
-                    launch()
-            self.ops.synchronize()
-        except Exception as e:  # noqa: BLE001
-            self.sampler = None
-            return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
-        return None
+        err = None
+        for tune in (None, TritonSampler.PLAIN):     # the tuned selection kernel, else its plainest variant
+            sampler.tune = tune
+            try:
+                tok = torch.zeros((1, 1), dtype=torch.long, device=self.ops.device)
+                pos = torch.zeros(1, dtype=torch.long, device=self.ops.device)
+                for name, launch in self.plan(tok, pos):
+                    if name in ("head", "sample"):    # they write only the logits, the partials and tok
+                        launch()
+                self.ops.synchronize()
+                if tune is not None:
+                    sampler.note += f" [sample={tune}: the tuned kernel failed: {err}]"
+                return None
+            except Exception as e:  # noqa: BLE001
+                err = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+        self.sampler = None
+        return err
 
     def plan(self, tok, pos, advance: bool = False, capture=None) -> list:
         """The step's kernel launches in order, as (name, launch) pairs, for the token ``tok`` [1, 1] at the
@@ -834,6 +845,7 @@ class TritonSampler:
     re-captured when they change (:meth:`set`)."""
 
     CMAX = 1024          # candidates (top_k) the selection kernel takes; more: the torch sampler
+    PLAIN = (1, 16, 64, 0)   # the selection kernel's plainest variant (1 bit a round, no sieve)
 
     @classmethod
     def unsupported(cls, s, vocab: int) -> str | None:
@@ -864,6 +876,7 @@ class TritonSampler:
             self.nkeep = torch.zeros(1, dtype=i32, device=device)          # top-p: how many were kept
         self.token = torch.zeros((1, 1), dtype=torch.long, device=device)
         self.skey = self.sidx = None                                        # the sieve's scratch (tune)
+        self.tune = None                                    # (RB, warps, chunk, sieve) instead of _tune("sample")
         self.note = ("triton (whole vocabulary: Gumbel-max in the head's epilogue)" if self.C is None else
                      f"triton (top {self.C} from the head's block maxima{', top-p' if self.top_p else ''})")
 
@@ -883,7 +896,7 @@ class TritonSampler:
         if self.C is None:
             return lambda: _argmax_final[(1,)](self.pmax, self.pidx, into, pos, nb, BLOCK=_pow2(nb),
                                                ADVANCE=advance, PDL=pdl, num_warps=16, **launch)
-        rb, nw, cj, *sv = _tune("sample")
+        rb, nw, cj, *sv = self.tune or _tune("sample")
         if rb not in (1, 2, 4, 8, 16):
             raise ValueError(f"sample tune: {rb} radix bits a round (1, 2, 4, 8 or 16: it must divide 16)")
         C, sb = self.C, self.sb
