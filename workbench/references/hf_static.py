@@ -78,8 +78,8 @@ class StaticGraphDecoder:
     have a fixed length, like llama.cpp's ``--ignore-eos``). ``compile``: torch.compile the step
     (``mode``, ``fullgraph``, ``backend``: "eager" traces with dynamo only, which shows recompiles and graph
     breaks cheaply); False runs the same loop eagerly. ``full_length=False`` keeps transformers' own
-    ``StaticCache`` layers (diagnosis: the sliding ones recompile the step per token). The cache and the compiled step are reused by
-    every :meth:`run` (reset in place: static addresses, so the captured graph stays valid).
+    ``StaticCache`` layers (diagnosis: the sliding ones recompile the step per token). The cache and the compiled
+    step are reused by every :meth:`run` (reset in place: static addresses, so the captured graph stays valid).
     """
 
     def __init__(self, model, max_len: int, *, suppress=(), compile: bool = True, mode: str | None = "reduce-overhead",
