@@ -64,7 +64,8 @@ def _target_status(backend: str, dtype: str) -> tuple[bool, str]:
 def _row(impl, backend, dtype, prompt_len, gen_len, r: dict) -> dict:
     tg = r["decode_tok_s"]
     return dict(backend=backend, dtype=dtype, impl=impl, prompt_len=prompt_len, gen_len=gen_len, status="ok",
-                reason=r.get("note"), ttft_s=r.get("ttft_s", r.get("prefill_s", float("nan"))), prefill_tok_s=r["prefill_tok_s"],
+                reason=r.get("note"), ttft_s=r.get("ttft_s", r.get("prefill_s", float("nan"))),
+                prefill_tok_s=r["prefill_tok_s"],
                 decode_tok_s=tg, decode_us_median=1e6 / tg, decode_us_p10=r.get("decode_us_p10", 1e6 / tg),
                 decode_us_p90=r.get("decode_us_p90", 1e6 / tg), peak_mem_bytes=r.get("peak_mem_bytes"),
                 device=r.get("device"), route=PEER_ROUTES.get(impl))
