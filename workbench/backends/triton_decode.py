@@ -427,13 +427,19 @@ if triton is not None:
             ci = tl.load(CI + c, mask=cm, other=0, cache_modifier=".cg")
             if TOP_P:
                 before = tl.zeros([CP], tl.float32)
+                # rank key: z's order key, then the earlier place first (one int64 compare per pair)
+                ki = (_okey(cv).to(tl.int64) << 32) + (CP - 1 - c)
                 for j0 in tl.static_range(0, CP, CJ):
                     j = j0 + tl.arange(0, CJ)
                     jm = j < C
                     vj = tl.load(CV + j, mask=jm, other=float("-inf"), cache_modifier=".cg")
                     pj = tl.where(jm, tl.exp(vj - lse), 0.0)
-                    ahead = (vj[None, :] > cv[:, None]) | ((vj[None, :] == cv[:, None])
-                                                           & (j[None, :] < c[:, None]))
+                    if RB == 1:                   # (the plainest code: the engine's fallback)
+                        ahead = (vj[None, :] > cv[:, None]) | ((vj[None, :] == cv[:, None])
+                                                               & (j[None, :] < c[:, None]))
+                    else:
+                        kj = (_okey(vj).to(tl.int64) << 32) + (CP - 1 - j)
+                        ahead = kj[None, :] > ki[:, None]
                     before += tl.sum(tl.where(ahead, pj[None, :], 0.0), 1)
                 keep = cm & (before < tl.load(TOPP))
                 cv = tl.where(keep, cv, float("-inf"))
