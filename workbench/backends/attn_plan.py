@@ -76,9 +76,19 @@ def band(T: int, S: int, W: int) -> tuple[int, np.ndarray, np.ndarray]:
 
 
 class PlannedAttention:
-    """Mixin of the backends: ``attention`` with a :class:`CausalMask`. The backend provides ``_sdpa(q, k, v, mask,
-    scale, causal=False)`` — its fused kernel, ``mask`` a device bool array (broadcast over heads) or None, ``causal``
-    the lower-right causal mask without an array — plus the protocol's shape ops."""
+    """Mixin of the backends: ``Ops.attention``, with :class:`CausalMask` plans. The backend provides ``_sdpa(q, k, v,
+    mask, scale, causal=False)`` — its fused kernel, ``mask`` a device bool array (broadcast over heads) or None,
+    ``causal`` the lower-right causal mask without an array — ``_explicit_attention(q, k, v, mask, scale, softcap)`` —
+    the written-out path returning (out, probabilities) — and the protocol's shape ops."""
+
+    def attention(self, q, k, v, mask, scale, softcap, want_probs):
+        if isinstance(mask, CausalMask):    # the causal kernel, banded windows, or one dense mask
+            out, mask = self._causal_attention(q, k, v, mask, scale, softcap, want_probs)
+            if out is not None:
+                return out, None
+        if softcap is None and not want_probs:
+            return self._sdpa(q, k, v, mask, scale), None
+        return self._explicit_attention(q, k, v, mask, scale, softcap)
 
     def _attn_arrays(self, key, make):
         cache = self.__dict__.setdefault("_attn_cache", {})

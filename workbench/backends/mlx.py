@@ -11,7 +11,6 @@ import numpy as np
 
 from . import attn_plan, cpu_gemv
 from .base import BackendSpec, Ops
-from .protocol import CausalMask
 from .composed import ComposedOps
 from .mlx_media import MLXMediaOps
 
@@ -213,14 +212,8 @@ class MLXOps(MLXMediaOps, ComposedOps, attn_plan.PlannedAttention, Ops):
             out[:, :, :, a:a + step] = np.matmul(sc, vn)
         return mx.array(out.reshape(B, H, T, D))
 
-    def attention(self, q, k, v, mask, scale, softcap, want_probs):
+    def _explicit_attention(self, q, k, v, mask, scale, softcap):
         H, Hkv = q.shape[1], k.shape[1]
-        if isinstance(mask, CausalMask):    # attn_plan: causal kernel, banded windows, or one dense mask
-            out, mask = self._causal_attention(q, k, v, mask, scale, softcap, want_probs)
-            if out is not None:
-                return out, None
-        if softcap is None and not want_probs:
-            return self._sdpa(q, k, v, mask, scale), None
         if H != Hkv:
             k = mx.repeat(k, H // Hkv, axis=1)
             v = mx.repeat(v, H // Hkv, axis=1)

@@ -12,7 +12,6 @@ from . import attn_plan, cpu_gemv
 from . import quant
 from .quant import QuantWeight
 from .base import BackendSpec, Ops
-from .protocol import CausalMask
 from .composed import ComposedOps
 from .torch_media import TorchMediaOps
 
@@ -286,15 +285,9 @@ class TorchOps(TorchMediaOps, ComposedOps, attn_plan.PlannedAttention, Ops):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                               enable_gqa=k.shape[1] != H)
 
-    def attention(self, q, k, v, mask, scale, softcap, want_probs):
-        # q [B,H,T,D], k/v [B,Hkv,S,D]; mask: bool [T,S] (True = attend), a CausalMask, or None
+    def _explicit_attention(self, q, k, v, mask, scale, softcap):
+        # written out (a softcap, or the probabilities wanted); mask: bool [T, S] (True = attend) or None
         H, Hkv = q.shape[1], k.shape[1]
-        if isinstance(mask, CausalMask):    # attn_plan: causal kernel, banded windows, or one dense mask
-            out, mask = self._causal_attention(q, k, v, mask, scale, softcap, want_probs)
-            if out is not None:
-                return out, None
-        if softcap is None and not want_probs:
-            return self._sdpa(q, k, v, mask, scale), None
         if H != Hkv:
             k = k.repeat_interleave(H // Hkv, dim=1)
             v = v.repeat_interleave(H // Hkv, dim=1)
