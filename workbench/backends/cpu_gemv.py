@@ -303,6 +303,8 @@ static struct {
     int nhelpers; int started;
 } wq = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER };
 
+static double wq_spin_us = 100.0;       /* helpers' spin before sleeping (wb_q_set_spin) */
+void wb_q_set_spin(double us) { wq_spin_us = us; }
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
@@ -329,7 +331,7 @@ static void *wq_helper(void *arg) {
         uint32_t g;
         while ((g = (uint32_t)(atomic_load_explicit(&wq.ctr, memory_order_acquire) >> 32)) == seen) {
             cpu_relax();
-            if (++k % 256 == 0 && now_us() - t0 > 100.0) {
+            if (++k % 256 == 0 && now_us() - t0 > wq_spin_us) {
                 pthread_mutex_lock(&wq.mu);
                 atomic_fetch_add(&wq.sleeping, 1);
                 while ((uint32_t)(atomic_load(&wq.ctr) >> 32) == seen) pthread_cond_wait(&wq.cv, &wq.mu);
@@ -726,6 +728,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
                                      ctypes.c_int64, ctypes.c_int]
         lib.wb_q_dequant.restype = ctypes.c_int
         lib.wb_q_simd.restype = ctypes.c_int
+        lib.wb_q_set_spin.argtypes = [ctypes.c_double]
+        lib.wb_q_set_spin.restype = None
         threads = "OpenMP" if "-fopenmp" in flags else "1 thread"
         return lib, f"C kernel ({cc} {' '.join(flags)}; {threads})"
     return None, "C kernel not built: " + "; ".join(errors)
