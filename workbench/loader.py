@@ -48,8 +48,11 @@ def read_source(source, dtype: str = "float32", progress: bool = True, quant: st
         raise ValueError(f"quant={quant!r} keeps a GGUF's quantised blocks; {p} is not a .gguf file")
     if p.is_file() and p.suffix == ".gguf":
         from .weights.gguf import load_gguf, load_gguf_quantized
-        hf_cfg, tensors = load_gguf_quantized(p, progress=progress) if quant is not None else \
-            load_gguf(p, dtype="float64" if dtype == "float64" else "float32", progress=progress)
+        if quant is not None:
+            from .backends.quant import TYPES, QuantWeight
+            hf_cfg, tensors = load_gguf_quantized(p, QuantWeight, TYPES, progress=progress)
+        else:
+            hf_cfg, tensors = load_gguf(p, dtype="float64" if dtype == "float64" else "float32", progress=progress)
         cfg = GemmaConfig.from_dict(hf_cfg, where=str(p))
         tok = _tokenizer(p)
         return Checkpoint(cfg, tensors, p, tok)

@@ -1123,14 +1123,18 @@ def gguf_tokenizer_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- kept quantised
-def load_gguf_quantized(path: str | os.PathLike, progress: bool = True) -> tuple[dict, dict[str, Any]]:
+def load_gguf_quantized(path: str | os.PathLike, make_weight, kept_types, progress: bool = True
+                        ) -> tuple[dict, dict[str, Any]]:
     """Load a Gemma GGUF with its weight matrices kept in the file's own blocks: (HF-style config dict, canonical
     tensors), where every 2-D matrix stored as Q8_0 / Q5_0 / Q4_0 / Q4_K / Q6_K is a
     :class:`workbench.backends.quant.QuantWeight` (the raw blocks, read into memory once; no dequantised copy)
     and everything else (norms, float matrices) is a float32 numpy array as :func:`load_gguf` gives it.
     A quantised matrix of another type (Q5_K, IQ*, ...) or a quantised 3-D tensor (MoE experts) is a
-    :class:`GGUFError` naming the tensor and its type; :func:`load_gguf` dequantises those."""
-    from ..backends.quant import TYPES, QuantWeight
+    :class:`GGUFError` naming the tensor and its type; :func:`load_gguf` dequantises those.
+    ``make_weight(segments, K, name)`` makes the kept matrix from [(type name, raw blocks [rows, row bytes])] and
+    ``kept_types`` names the types it takes (the caller passes :class:`workbench.backends.quant.QuantWeight` and its
+    ``TYPES``: the file format stays below the backends that compute with it)."""
+    TYPES = kept_types
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such GGUF file")
@@ -1164,7 +1168,7 @@ def load_gguf_quantized(path: str | os.PathLike, progress: bool = True) -> tuple
                 continue
             rows, n = src.dims[1], src.dims[0]
             raw = np.array(mm[src.offset:src.offset + src.nbytes]).reshape(rows, src.nbytes // rows)
-            out[o.name] = QuantWeight([(src.type_name, raw)], n, name=src.name)
+            out[o.name] = make_weight([(src.type_name, raw)], n, name=src.name)
             bar.update(src.nbytes)
     finally:
         del mm
