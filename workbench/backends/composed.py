@@ -13,6 +13,13 @@ def clamp_bounds(lo, hi):
 
 
 class ComposedOps:
+    def _identity(self, spec, dtype: str):
+        """The protocol's identity members every backend sets the same way (kept-quantised blocks: the loader sets
+        ``quant`` / ``quant_act8`` on torch:cpu; 8-bit activations in one-row products (quant="keep") or float32)."""
+        self.spec = spec
+        self.dtype = dtype
+        self.quant, self.quant_act8 = None, True
+
     def rope_apply(self, x, cs):
         c, s_ = cs
         h = x.shape[-1] // 2
@@ -27,3 +34,10 @@ class ComposedOps:
         if window is not None:
             ok = ok & ((pos - kpos) < window)
         return ok[None, None, None, :]
+
+    # collectives: one process (workbench.distributed's TPOps overrides them for tensor parallelism)
+    def all_reduce(self, x):
+        return x
+
+    def all_gather(self, x, dim: int):
+        return x

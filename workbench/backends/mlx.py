@@ -28,8 +28,7 @@ class MLXOps(MLXMediaOps, ComposedOps, attn_plan.PlannedAttention, Ops):
     framework = "mlx"
 
     def __init__(self, spec: BackendSpec, dtype: str):
-        self.spec = spec
-        self.dtype = dtype
+        self._identity(spec, dtype)
         self.mdtype = _MD[dtype]
         self.device = mx.gpu if spec.device == "gpu" else mx.cpu
         mx.set_default_device(self.device)
@@ -234,10 +233,3 @@ class MLXOps(MLXMediaOps, ComposedOps, attn_plan.PlannedAttention, Ops):
 
     def cast(self, x, dtype: str | None = None):
         return x.astype(_MD[dtype] if dtype else self.mdtype)
-
-    # collectives: one process (workbench.distributed's TPOps overrides them for tensor parallelism)
-    def all_reduce(self, x):
-        return x
-
-    def all_gather(self, x, dim: int):
-        return x

@@ -32,12 +32,7 @@ class MLXMediaOps:
     def where(self, cond, a, b):
         if isinstance(cond, np.ndarray):
             cond = self.asmask(cond)
-        ref = a if isinstance(a, mx.array) else b
-        if not isinstance(a, mx.array):
-            a = mx.array(a, dtype=ref.dtype)
-        if not isinstance(b, mx.array):
-            b = mx.array(b, dtype=ref.dtype)
-        return mx.where(cond, a, b)
+        return mx.where(cond, a, b)         # a Python scalar is weakly typed: the array's dtype wins
 
     def layer_norm(self, x, w, b, eps):
         return mx.fast.layer_norm(x, w, b, eps)

@@ -48,6 +48,8 @@ class Ops(Protocol):
     dtype: str          # the model's dtype name
     framework: str      # "torch" | "mlx"
     device: Any         # the framework's device object (torch.device / mx.Device), for arrays made outside ops
+    quant: str | None   # None, or "keep" / "keep-exact": a GGUF's matrices kept in their blocks (torch:cpu only)
+    quant_act8: bool    # with kept blocks: x quantised to 8 bits per product (llama.cpp's numerics), else float32
 
     # ------------------------------------------------------------------------------------------ data movement
     def asarray(self, a: np.ndarray, dtype: str | None = None) -> A:

@@ -75,8 +75,7 @@ class TorchOps(TorchMediaOps, ComposedOps, attn_plan.PlannedAttention, Ops):
     framework = "torch"
 
     def __init__(self, spec: BackendSpec, dtype: str):
-        self.spec = spec
-        self.dtype = dtype
+        self._identity(spec, dtype)
         self.tdtype = _TD[dtype]
         dev = spec.device if spec.index is None else f"{spec.device}:{spec.index}"
         self.device = torch.device(dev)
@@ -88,10 +87,6 @@ class TorchOps(TorchMediaOps, ComposedOps, attn_plan.PlannedAttention, Ops):
         # the compiled GPU decode step writes one-row products and one-query attention as float32 reductions
         # inductor fuses; the decode route sets it False for WORKBENCH_GPU_DECODE=cublas (the library kernels)
         self.fused_reductions = True
-        # kept-quantised GGUF weights (quant.py): 8-bit activations in one-row products (quant="keep") or
-        # float32 (quant="keep-exact"); set by the loader
-        self.quant_act8 = True
-        self.quant = None
 
     # ------------------------------------------------------------ data movement
     def asarray(self, a, dtype=None):
@@ -308,10 +303,3 @@ class TorchOps(TorchMediaOps, ComposedOps, attn_plan.PlannedAttention, Ops):
 
     def cast(self, x, dtype: str | None = None):
         return x.to(_TD[dtype] if dtype else self.tdtype)
-
-    # collectives: one process (workbench.distributed's TPOps overrides them for tensor parallelism)
-    def all_reduce(self, x):
-        return x
-
-    def all_gather(self, x, dim: int):
-        return x

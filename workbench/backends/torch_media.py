@@ -29,12 +29,7 @@ class TorchMediaOps:
     def where(self, cond, a, b):
         if isinstance(cond, np.ndarray):
             cond = self.asmask(cond)
-        ref = a if isinstance(a, torch.Tensor) else b
-        if not isinstance(a, torch.Tensor):
-            a = torch.tensor(a, dtype=ref.dtype, device=ref.device)
-        if not isinstance(b, torch.Tensor):
-            b = torch.tensor(b, dtype=ref.dtype, device=ref.device)
-        return torch.where(cond, a, b)
+        return torch.where(cond, a, b)      # a Python scalar is weakly typed: the tensor's dtype wins
 
     def layer_norm(self, x, w, b, eps):
         return F.layer_norm(x, (x.shape[-1],), w, b, eps)
