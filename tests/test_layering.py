@@ -95,11 +95,6 @@ KNOWN_VIOLATIONS: dict = {
 # Import cycles, each named by the edge that closes it (every edge counted, lazy ones too): without these edges
 # the graph must be acyclic, and each listed edge must still close a cycle (else delete it).
 KNOWN_CYCLE_EDGES = {
-    ("workbench.backends.base", "workbench.backends.torch"):
-        "base.get_ops imports the implementation lazily while torch.py imports BackendSpec/Ops from base "
-        "(the factory belongs next to the implementations, e.g. in backends/__init__)",
-    ("workbench.backends.base", "workbench.backends.mlx"):
-        "the same for mlx.py",
     # these two appeared during the issue-18 session (reference artifacts, tensor parallelism): all lazy imports
     ("workbench.parity", "workbench.reference_artifact"):
         "compare(..., against=F) resolves the artifact in reference_artifact, which builds on parity's rows "

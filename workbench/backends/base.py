@@ -1,4 +1,4 @@
-"""Backend strings, availability, and ``get_ops``; the ops interface itself is ``protocol.Ops`` (re-exported here).
+"""Backend strings and availability (``get_ops`` is in factory.py); the ops interface is ``protocol.Ops`` (re-exported).
 
 A backend string is ``<framework>:<device>`` — ``torch:cpu``, ``torch:cuda``, ``torch:cuda:1``, ``torch:mps``,
 ``mlx:cpu``, ``mlx:gpu``. ``parse()`` validates it; ``available()`` says which work here and why the others
@@ -159,16 +159,6 @@ def require(backend: str) -> BackendSpec:
         raise BackendError(f"backend {spec.name} is not available here: {why}. "
                            f"Available: {', '.join(available()) or 'none'}")
     return spec
-
-
-def get_ops(backend: str, dtype: str) -> "Ops":
-    spec = require(backend)
-    dtype = check_dtype(dtype, spec)
-    if spec.framework == "torch":
-        from .torch import TorchOps
-        return TorchOps(spec, dtype)
-    from .mlx import MLXOps
-    return MLXOps(spec, dtype)
 
 
 def fused_decode_unsupported(cfg, ops, cache=None) -> str | None:
