@@ -27,7 +27,7 @@ import time
 import numpy as np
 import pytest
 
-from workbench.backends import base as _bk
+import workbench.backends as _bk
 from workbench.backends import protocol as _proto
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backends import base as _bk
+from . import backends as _bk
 from .generate import default_compile
 from .progress import Progress, ProgressArg, as_progress
 

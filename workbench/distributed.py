@@ -378,7 +378,7 @@ def tp_ops(backend: str, dtype: str, d: Dist):
     """Ops of one rank: torch:cpu, or torch:cuda on the rank's local GPU (float64 allowed there: the sharded
     reference)."""
     global _TPOPS
-    from .backends import base as _bk
+    from . import backends as _bk
     spec = _bk.parse(backend)
     if spec.framework != "torch":
         raise DistributedError(f"tensor parallelism runs on torch backends; {backend} is {spec.framework}")
@@ -610,7 +610,7 @@ def _worker_selftest(spec: dict, out_path: Path):
     """Sharded vs one process on each model: every tap (prefill, and cached decode steps), per dtype, against
     the one-process pass of the same dtype and (float32/bfloat16) both against the one-process float64 pass;
     per-rank weight bytes and peak RSS. Rank 0 runs the one-process passes and writes the results."""
-    from .backends import base as _bk
+    from . import backends as _bk
     from .loader import read_source
     from .model.gemma import Gemma
     d = init("cpu")

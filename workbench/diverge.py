@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backends import base as _bk
+from . import backends as _bk
 from .parity import _make_fault, _targets, check_target, metrics
 from .progress import Progress, ProgressArg
 

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-from .backends import base as backends
+from . import backends
 from .config import ConfigError, GemmaConfig
 from .lm import LanguageModel
 from .model.gemma import Gemma

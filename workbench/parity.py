@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backends import base as _bk
+from . import backends as _bk
 from .progress import Progress as _Progress  # noqa: F401 - workbench.distributed uses P._Progress
 
 # Relative max error (max|Δ| / max|ref|) allowed per tap, by (backend kind, dtype), against the float64

@@ -231,7 +231,7 @@ def export(source, out, prompt=None, taps=None, reference: str = "torch:cpu:floa
         from .distributed import export_sharded
         return export_sharded(source, out, prompt=prompt, taps=taps, reference=reference,
                               decode_steps=decode_steps, max_tokens=max_tokens, world=world, progress=progress)
-    from .backends import base as _bk
+    from . import backends as _bk
     from .loader import read_source
     from .model.gemma import Gemma
     cfg, tensors, path, tok = read_source(source, dtype="float64", progress=progress)

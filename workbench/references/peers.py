@@ -49,7 +49,7 @@ def _reason(e: BaseException) -> str:
 
 
 def _target_status(backend: str, dtype: str) -> tuple[bool, str]:
-    from ..backends import base as _bk
+    from .. import backends as _bk
     try:
         spec = _bk.parse(backend)
         ok, why = _bk.status(backend)
