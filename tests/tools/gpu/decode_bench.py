@@ -63,6 +63,19 @@ def make(name: str, out: pathlib.Path) -> pathlib.Path:
     return out
 
 
+def bench_then_load(ckpt, b, d, args):
+    """``wb.bench``'s decode tok/s of one target, then the model loaded for ``m.generate``: (tok/s, model), or
+    (None, None) after printing the skip row."""
+    import workbench as wb
+    res = wb.bench(str(ckpt), backends=[b], dtypes=[d], prompt_len=args.prompt_len, gen_len=args.gen_len,
+                   repeats=args.repeats, store=False, progress=False)
+    row = [r for r in res.rows if r["impl"] == "workbench"][0]
+    if row["status"] != "ok":
+        say(f"| {b} | {d} | skipped: {row.get('reason')} |")
+        return None, None
+    return row["decode_tok_s"], wb.load(str(ckpt), backend=b, dtype=d, progress=False)
+
+
 def gen_rate(m, ids, n, reps=3, **kw):
     m.generate(ids, max_new_tokens=n, ignore_eos=True, **kw)             # warm-up: compile / capture
     rates, st = [], None
@@ -90,14 +103,9 @@ def part_270m(ckpt, backends, args):
     for b, d in targets:
         try:
             t0 = time.perf_counter()
-            res = wb.bench(str(ckpt), backends=[b], dtypes=[d], prompt_len=args.prompt_len, gen_len=args.gen_len,
-                           repeats=args.repeats, store=False, progress=False)
-            row = [r for r in res.rows if r["impl"] == "workbench"][0]
-            if row["status"] != "ok":
-                say(f"| {b} | {d} | skipped: {row.get('reason')} |")
+            bench_tps, m = bench_then_load(ckpt, b, d, args)
+            if m is None:
                 continue
-            bench_tps = row["decode_tok_s"]
-            m = wb.load(str(ckpt), backend=b, dtype=d, progress=False)
             g_tps, st, fast_toks = gen_rate(m, ids, args.gen_len + 1, reps=args.repeats)
             s_tps, sst, _ = gen_rate(m, ids, args.gen_len + 1, reps=args.repeats, temperature=0.8, top_p=0.95, seed=0)
             k = args.check_tokens

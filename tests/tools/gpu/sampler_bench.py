@@ -162,14 +162,9 @@ def part_decode(ckpt, args):
     for d in args.dtypes.split(","):
         try:
             t0 = time.perf_counter()
-            res = wb.bench(str(ckpt), backends=[b], dtypes=[d], prompt_len=args.prompt_len, gen_len=args.gen_len,
-                           repeats=args.repeats, store=False, progress=False)
-            row = [r for r in res.rows if r["impl"] == "workbench"][0]
-            if row["status"] != "ok":
-                say(f"| {b} | {d} | skipped: {row.get('reason')} |")
+            bench_tps, m = db.bench_then_load(ckpt, b, d, args)
+            if m is None:
                 continue
-            bench_tps = row["decode_tok_s"]
-            m = wb.load(str(ckpt), backend=b, dtype=d, progress=False)
             kw = dict(temperature=0.8, top_p=0.95, seed=0)
             g_tps, st, _ = db.gen_rate(m, ids, args.gen_len + 1, reps=args.repeats)
             us = lambda v: 1e6 / v  # noqa: E731
