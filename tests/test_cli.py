@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from _stored import scaled_bench_copies
 from conftest import ROOT, cpu_backends, fixture_dir, have
 
 pytestmark = pytest.mark.skipif(not have("torch"), reason="torch is not installed")
@@ -108,11 +109,7 @@ def baselines(tmp_path_factory):
     real = runs.load(res.run_id, db=db)
     ids = {"real": res.run_id}
     with runs.RunStore(db) as st:
-        for name, f in (("fast", 1000.0), ("slow", 1e-3)):
-            rows = real.rows.copy()
-            for c in ("decode_tok_s", "prefill_tok_s"):
-                rows[c] = rows[c] * f
-            ids[name] = st.save("bench", real.meta, rows.to_dict("records"))
+        ids.update(scaled_bench_copies(st, real))
     rep = wb.compare(FX, backends=["torch:cpu"], prompt=[1, 2, 3, 4], references=(), db=db, progress=False)
     ids["parity"] = rep.run_id
     return db, ids

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from _stored import scaled_bench_copies
 from conftest import ROOT, cpu_backends, fixture_dir, have
 
 pytestmark = pytest.mark.skipif(not have("streamlit") or not have("altair"),
@@ -139,13 +140,8 @@ def test_baseline_comparison_says_regression_or_not(monkeypatch, tmp_path, fille
     db = tmp_path / "runs.sqlite"
     shutil.copy(filled["db"], db)
     real = runs.load(filled["bench"][0], db=db)
-    ids = {}
     with runs.RunStore(db) as st:
-        for name, f in (("fast", 1000.0), ("slow", 1e-3)):
-            rows = real.rows.copy()
-            for c in ("decode_tok_s", "prefill_tok_s"):
-                rows[c] = rows[c] * f
-            ids[name] = st.save("bench", real.meta, rows.to_dict("records"))
+        ids = scaled_bench_copies(st, real)
     at = _app(monkeypatch, db)
     at.selectbox(key="sel_bench").set_value(filled["bench"][1]).run()
     at.selectbox(key="baseline").set_value(ids["fast"]).run()
