@@ -83,13 +83,17 @@ print("RESULT " + json.dumps(out))
 '''
 
 
-@pytest.fixture(scope="module", params=["default", "sieve"])
+TUNES = {"default": None, "sieve": "2,16,64,1024", "histogram": "8,16,64,0", "plain": "1,16,64,0"}
+
+
+@pytest.fixture(scope="module", params=list(TUNES))
 def kernels(request):
-    """The script's results with the default selection kernel, and with the sieve (the blocks searched first cut
-    to those reaching a bound from group maxima: WORKBENCH_TRITON_TUNE sample=...,1024)."""
+    """The script's results with the default selection kernel, with the sieve (the blocks searched first cut to
+    those reaching a bound from group maxima: WORKBENCH_TRITON_TUNE sample=...,1024), with a histogram a round
+    (8 radix bits) and with the plainest variant (1 bit a round)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    if request.param == "sieve":
-        env["WORKBENCH_TRITON_TUNE"] = "sample=2,16,64,1024"
+    if TUNES[request.param]:
+        env["WORKBENCH_TRITON_TUNE"] = "sample=" + TUNES[request.param]
     p = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
     assert p.returncode == 0 and line, p.stderr[-3000:]
