@@ -69,6 +69,9 @@ LAYER_OF = [
     ("workbench.progress", "analysis"),
     ("workbench.reference_artifact", "analysis"),
     ("workbench.distributed", "analysis"),     # tensor-parallel ops/model and its compare/export entry points
+    # wb.compare's dispatch (against= / world=) and `workbench reference export [--nproc]`: above parity,
+    # reference_artifact and distributed in the analysis layer (REFERENCE_STACK below keeps it there)
+    ("workbench.comparison", "analysis"),
     ("workbench.cli", "faces"),
     ("workbench.__main__", "faces"),
     ("workbench.notebooks", "faces"),
@@ -94,14 +97,27 @@ KNOWN_VIOLATIONS: dict = {
 
 # Import cycles, each named by the edge that closes it (every edge counted, lazy ones too): without these edges
 # the graph must be acyclic, and each listed edge must still close a cycle (else delete it).
-KNOWN_CYCLE_EDGES = {
-    # these two appeared during the issue-18 session (reference artifacts, tensor parallelism): all lazy imports
-    ("workbench.parity", "workbench.reference_artifact"):
-        "compare(..., against=F) resolves the artifact in reference_artifact, which builds on parity's rows "
-        "and report (one of the two belongs below the other)",
-    ("workbench.reference_artifact", "workbench.distributed"):
-        "export --nproc calls distributed.export_sharded, which writes through reference_artifact",
+KNOWN_CYCLE_EDGES: dict = {
 }
+
+
+# Inside the analysis layer, the reference's three homes and the dispatch above them, lowest first: each may import
+# those before it, never one after, and only the faces import the dispatch (it alone chooses between a reference run
+# here, a stored artifact and a sharded one: the lower three take already-resolved objects).
+REFERENCE_STACK = ("workbench.parity", "workbench.reference_artifact", "workbench.distributed",
+                   "workbench.comparison")
+
+
+def stack_violations(g) -> list[str]:
+    """Imports that go up REFERENCE_STACK, and imports of its top by anything but a face."""
+    out = []
+    for a, deps in g.items():
+        for b in deps:
+            if a in REFERENCE_STACK and b in REFERENCE_STACK and REFERENCE_STACK.index(b) > REFERENCE_STACK.index(a):
+                out.append(f"{a} imports {b} (above it in REFERENCE_STACK)")
+            elif b == REFERENCE_STACK[-1] and a not in REFERENCE_STACK and layer(a) != "faces":
+                out.append(f"{a} ({layer(a)}) imports {b} (only the faces use the dispatch)")
+    return sorted(out)
 
 
 # The model code is written once against the ops protocol: no torch/mlx import and no branch on ``.framework`` in
@@ -305,6 +321,13 @@ def test_no_new_import_cycle_and_known_ones_still_listed():
                       f"{__file__} (the list only shrinks)")
 
 
+def test_reference_stack_is_ordered():
+    g, mods = import_graph()
+    assert all(m in g for m in REFERENCE_STACK), [m for m in REFERENCE_STACK if m not in g]
+    bad = stack_violations(g)
+    assert not bad, "; ".join(bad)
+
+
 def test_model_code_is_framework_free_except_known():
     found = framework_code()
     for m, (fws, n, lines) in sorted(found.items()):
@@ -344,6 +367,15 @@ def test_checker_sees_what_it_claims(tmp_path):
     assert cycles(g) == [["workbench.generate", "workbench.model.gemma", "workbench.generate"],
                          ["workbench.model.gemma", "workbench.generate", "workbench.model.gemma"]]
     assert cycles(g, skip=frozenset({("workbench.model.gemma", "workbench.generate")})) == []
+    for name, body in (("parity", "def compare(against=None):\n    from .comparison import compare\n"),
+                       ("reference_artifact", "from .parity import compare\n"), ("distributed", ""),
+                       ("comparison", "from . import distributed, parity, reference_artifact\n"),
+                       ("bench", "from .comparison import compare\n")):
+        (pkg / f"{name}.py").write_text(body)
+    g, _ = import_graph(tmp_path)
+    assert stack_violations(g) == ["workbench.bench (analysis) imports workbench.comparison (only the faces use the "
+                                   "dispatch)", "workbench.parity imports workbench.comparison (above it in "
+                                   "REFERENCE_STACK)"]
     (pkg / "model" / "cache.py").write_text("import torch\ndef f(ops):\n    if ops.framework == 'mlx':\n"
                                             "        import mlx.core as mx\n    return 'torch' != ops.framework\n")
     fc = framework_code(tmp_path)

@@ -59,7 +59,7 @@ def test_against_in_a_fresh_process_reproduces_direct_compare(artifact, tmp_path
     elsewhere = tmp_path / "other-machine"
     elsewhere.mkdir()
     shutil.copy(artifact, elsewhere / "copied.wbref")
-    r = subprocess.run([sys.executable, "-m", "workbench.reference_artifact", "compare", "copied.wbref",
+    r = subprocess.run([sys.executable, "-m", "workbench.comparison", "compare", "copied.wbref",
                         "--model", str(FIXTURES / "gemma3_text"), "--backends", "torch:cpu",
                         "--dtypes", "float32", "--no-anchor", "--no-store", "--json", "rows.json"],
                        cwd=elsewhere, capture_output=True, text=True, timeout=300,
@@ -74,8 +74,8 @@ def test_against_in_a_fresh_process_reproduces_direct_compare(artifact, tmp_path
 def test_against_stores_a_parity_run(artifact, tmp_path):
     """Stored like any wb.compare run; the anchor (HF float64 here) checks the artifact's reference taps."""
     db = str(tmp_path / "runs.sqlite")
-    rep = ra.compare_against(artifact, source=FIXTURES / "gemma3_text", backends="torch:cpu", dtypes="float32",
-                             db=db, progress=False)
+    rep = wb.compare(FIXTURES / "gemma3_text", against=artifact, backends="torch:cpu", dtypes="float32", db=db,
+                     progress=False)
     assert rep.passed and rep.run_id
     if have("transformers"):
         assert rep.anchor_info["status"] == "anchored", rep.anchor_info
@@ -94,14 +94,14 @@ def test_hash_mismatch_is_refused(artifact, tmp_path):
     t[k] = t[k] * np.float32(1.001)
     save_file(t, str(other / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ra.ArtifactMismatch, match="weights: artifact"):
-        ra.compare_against(artifact, source=other, backends="torch:cpu", store=False, progress=False)
+        wb.compare(other, against=artifact, backends="torch:cpu", store=False, progress=False)
     cfgd = tmp_path / "cfg"
     shutil.copytree(FIXTURES / "gemma3_text", cfgd)
     c = json.loads((cfgd / "config.json").read_text())
     c["rms_norm_eps"] = 1e-5
     (cfgd / "config.json").write_text(json.dumps(c))
     with pytest.raises(ra.ArtifactMismatch, match="config: artifact") as e:
-        ra.compare_against(artifact, source=cfgd, backends="torch:cpu", store=False, progress=False)
+        wb.compare(cfgd, against=artifact, backends="torch:cpu", store=False, progress=False)
     assert "weights:" not in str(e.value)      # only what differs is named
 
 

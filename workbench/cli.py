@@ -114,7 +114,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_parity(args) -> int:
-    from .parity import compare
+    from .comparison import compare     # wb.compare: against= / --nproc dispatched there
     refs = "auto" if args.references == "auto" else [r for r in (args.references or "").split(",") if r]
     prompt = args.prompt_ids if args.prompt_ids is not None else args.prompt
     tols = {}
@@ -442,7 +442,7 @@ def _add_make_random(sub):
 
 
 def _add_reference(sub):
-    from .reference_artifact import add_cli     # workbench reference export
+    from .comparison import add_cli     # workbench reference export [--nproc N]
     return add_cli(sub)
 
 

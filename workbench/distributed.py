@@ -400,7 +400,13 @@ def _model_class():
     from .model.gemma import Gemma
 
     class ShardedGemma(Gemma):
-        """A rank's part of the model: sharded weights (see ShardPlan), full-model taps and logits."""
+        """A rank's part of the model: sharded weights (see ShardPlan), full-model taps and logits.
+
+        A decoder built here, not by ``loader.build_model``: its tensors are this rank's slices (``read_shard``,
+        never the whole checkpoint) under a shard config (``plan.shard_config()``: per-rank heads, intermediate
+        and vocabulary sizes), and ``forward`` gathers the sharded taps. The LanguageModel front adds nothing a
+        rank uses (the tokenizer is read once by ``read_config``; media are refused under tensor parallelism).
+        The one-process models here (``_worker_selftest``'s reference passes) do come from ``build_model``."""
 
         def __init__(self, cfg, plan: ShardPlan, tensors, ops, where="checkpoint"):
             super().__init__(plan.shard_config(), tensors, ops, where=where)
@@ -488,7 +494,7 @@ def _worker_compare(spec: dict, out_path: Path):
     from . import parity as P
     from .loader import source_hash
     from .model.taps import point_names
-    from .reference_artifact import _ids_for, _split_ref, target_rows
+    from .reference_artifact import _ids_for, _split_ref
     ref_b, ref_d = _split_ref(spec["reference"])
     d = init(_device_of(ref_b) if "cuda" in ref_b else _device_of(",".join(b for b, _ in spec["targets"])))
     cfg, path, tok = read_config(spec["source"])
@@ -513,9 +519,10 @@ def _worker_compare(spec: dict, out_path: Path):
         else:
             targets.append((b, dt))
     tols = {tuple(k.split("|")) if "|" in k else k: v for k, v in (spec.get("tolerances") or {}).items()} or None
-    rows, sk, devices = target_rows(lambda ops: build(cfg, plan, tensors, ops, where=str(path)),
-                                    targets, ids_arr, taps, ref_taps, max(0, min(spec["decode_steps"], T - 1)),
-                                    tols, order_of, spec.get("fault"), prog, make_ops=lambda b, dt: tp_ops(b, dt, d))
+    rows, sk, devices, _ = P.target_rows(lambda ops: build(cfg, plan, tensors, ops, where=str(path)), targets,
+                                         ids_arr, taps, ref_taps, order_of,
+                                         decode_steps=max(0, min(spec["decode_steps"], T - 1)), tolerances=tols,
+                                         fault=spec.get("fault"), prog=prog, make_ops=lambda b, dt: tp_ops(b, dt, d))
     skipped.update(sk)
     mem = _gather_obj(dict(rank=d.rank, peak_rss=peak_rss_bytes()))
     if d.rank == 0:
@@ -611,8 +618,7 @@ def _worker_selftest(spec: dict, out_path: Path):
     the one-process pass of the same dtype and (float32/bfloat16) both against the one-process float64 pass;
     per-rank weight bytes and peak RSS. Rank 0 runs the one-process passes and writes the results."""
     from . import backends as _bk
-    from .loader import read_source
-    from .model.gemma import Gemma
+    from .loader import build_model, read_source
     d = init("cpu")
     results = []
     for src in spec["models"]:
@@ -622,12 +628,12 @@ def _worker_selftest(spec: dict, out_path: Path):
         T, ds = spec.get("tokens", 12), spec.get("decode_steps", 3)
         ids = np.random.default_rng(0).integers(0, cfg.vocab_size, T)[None]
         single = spec.get("single", True) and d.rank == 0
-        full = read_source(src, dtype="float64", progress=False)[1] if single else None
+        full = read_source(src, dtype="float64", progress=False) if single else None
         one: dict = {}
 
         def one_pass(dt):
             if dt not in one:
-                m1 = Gemma(cfg, full, _bk.get_ops("torch:cpu", dt), where=str(path))
+                m1 = build_model(full, _bk.get_ops("torch:cpu", dt), src)     # the one-process model, as wb.load's
                 one[dt] = (_run_passes(m1, ids, ds), int(sum(t.numel() * t.element_size() for t in m1.w.values())))
             return one[dt]
         for dt in spec["dtypes"]:
@@ -716,7 +722,6 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
     do the external references). ``wb.compare(..., world=N)`` shards the reference only and runs the targets
     with wb.compare's own engine."""
     from . import parity as P
-    from .reference_artifact import finish_report
     if unsupported.get("images") or unsupported.get("audio"):
         raise NotImplementedError("wb.compare(world=N) covers the text decoder; media run with world=1")
     targets = P._targets(backends, dtypes)
@@ -733,7 +738,15 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
     info = dict(status="off", reason="anchor=False: knowingly unanchored") if not anchor else \
         dict(status="unanchored", reason="sharded targets: the anchor (HF in float64) needs the whole model in one "
              "process; use wb.compare(world=N) (reference sharded, targets and anchor in one process)")
-    return finish_report(rows, meta, skipped, store, db, tolerances, fault, anchor_info=info)
+    meta["anchor"] = info
+    rep = P.ParityReport(rows=rows, meta=meta, skipped=skipped, anchor_info=info)
+    meta["passed"] = rep.passed
+    if store:      # stored like wb.compare's runs (same kind, same meta keys)
+        from . import runs
+        rep.run_id = runs.save_run("parity", meta, rows, db=db, devices=meta.get("devices", {}),
+                                   params=dict(decode_steps=meta.get("decode_steps"), taps=meta.get("taps"),
+                                               tolerances=P._jsonable(tolerances), fault=fault))
+    return rep
 
 
 def export_sharded(source, out, prompt=None, taps=None, reference="torch:cpu:float64", decode_steps=4,

@@ -756,7 +756,7 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
             prompt: str | list[int] | None = None, taps=None, decode_steps: int = 4, references="auto",
             tolerances: dict | None = None, db=None, store: bool = True, progress=True,
             fault: dict | None = None, max_tokens: int = 64, images=None, audio=None, anchor: bool = True,
-            decode: str = "plain", budgets: bool = True, against=None, world: int = 1) -> ParityReport:
+            decode: str = "plain", budgets: bool = True, against=None) -> ParityReport:
     """Compare every backend x dtype with the reference, tap by tap and layer by layer.
 
     source: HF dir, .gguf or registered name. backends: list, comma string or "all". dtypes: list or comma
@@ -781,19 +781,19 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
     Gemma4ForConditionalGeneration on our preprocessed pixel values / log-mel features (towers, projectors and
     decoder are anchored, not the preprocessing), in float64 where HF can and float32 per tower where it cannot
     (the audio tower in transformers 5.24): the anchor line names each tower's dtype.
-    against: a reference artifact (``workbench reference export``; a path or an Artifact) is the reference, once its
-    weight/config/tokenizer hashes match the local model's; world=N: the reference sharded over N torchrun processes
-    (workbench.distributed: gloo on CPUs, NCCL for torch:cuda), the targets and the anchor run here.
+    against: an already-resolved reference (a ``reference_artifact.Artifact``, or anything with its
+    ``reference_taps(path, cfg)`` and ``token_ids``): its taps are the reference, once its hashes match the local
+    model's. ``wb.compare`` (workbench.comparison) reads ``against=FILE`` or shards the reference (``world=N``)
+    and passes the artifact here with its prompt, taps and label as source/prompt/taps/reference.
     Stores the run in the results store (``db`` or the default) unless store=False."""
     from .loader import Checkpoint, build_model, read_source, resolve_source
 
     capture_decode = _decode_route(decode)
     targets = _targets(backends, dtypes)
-    art = None
-    if against is not None or world > 1:   # a stored (against=) or sharded (world=N) reference: reference_artifact
-        from .reference_artifact import resolve_against
-        art, source, prompt, taps, reference = resolve_against(against, world, source, prompt, taps, decode_steps,
-                                                               reference, max_tokens, progress is True)
+    art = against
+    if art is not None and not callable(getattr(art, "reference_taps", None)):
+        raise TypeError(f"parity.compare(against=...) takes a resolved reference artifact, not {against!r}; "
+                        "wb.compare(against=PATH) reads the file (workbench.comparison)")
     media = bool(images or audio)
     refs, asked = _references(references, resolve_source(source), media)
     low = sorted({d for _, d in targets if d in UNIT_ROUNDOFF}) if budgets else []

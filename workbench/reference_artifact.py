@@ -12,6 +12,10 @@ or :class:`ArtifactMismatch` says which one differs; then every local backend x 
 ids and its taps are compared with the stored ones — prefill per tap, and decode steps (the last N tokens fed
 through the KV cache, compared with the reference's prefill taps at those positions), exactly as
 ``wb.compare`` does, so the rows, the report and the stored run are the same.
+
+This module knows the file and the one-process export; choosing between a stored, a sharded and a local
+reference (``wb.compare(against=, world=)``, ``workbench reference export [--nproc N]``) is
+:mod:`workbench.comparison`'s, above this one and :mod:`workbench.distributed`.
 """
 from __future__ import annotations
 
@@ -221,24 +225,20 @@ def manifest_for(source, path, cfg, tok, prompt, ids, taps, reference, decode_st
 
 
 def export(source, out, prompt=None, taps=None, reference: str = "torch:cpu:float64", decode_steps: int = 4,
-           max_tokens: int = 64, world: int = 1, progress: bool = True) -> Path:
-    """Run the reference once and write its taps. ``world`` > 1 shards it over that many processes
-    (torchrun; see workbench.distributed)."""
+           max_tokens: int = 64, progress: bool = True) -> Path:
+    """Run the reference once, in this process, and write its taps (sharded over N processes:
+    ``workbench.comparison.export(..., world=N)``)."""
+    from . import backends as _bk
+    from .loader import build_model, read_source
     from .parity import ANCHOR_TAPS, DEFAULT_TAPS
     taps = list(taps or DEFAULT_TAPS)
     want = list(dict.fromkeys(taps + ANCHOR_TAPS))    # the anchor can then run where the artifact is used
-    if world > 1:
-        from .distributed import export_sharded
-        return export_sharded(source, out, prompt=prompt, taps=taps, reference=reference,
-                              decode_steps=decode_steps, max_tokens=max_tokens, world=world, progress=progress)
-    from . import backends as _bk
-    from .loader import read_source
-    from .model.gemma import Gemma
-    cfg, tensors, path, tok = read_source(source, dtype="float64", progress=progress)
+    ckpt = read_source(source, dtype="float64", progress=progress)
+    cfg, _, path, tok = ckpt
     ids = _ids_for(prompt, tok, max_tokens, source)
     b, d = _split_ref(reference)
     t0 = time.perf_counter()
-    m = Gemma(cfg, tensors, _bk.get_ops(b, d), where=str(path))
+    m = build_model(ckpt, _bk.get_ops(b, d), source)
     o = m.forward(np.asarray(ids, dtype=np.int64)[None], taps=want)
     got = dict(o.taps)
     got["logits"] = o.logits
@@ -250,150 +250,3 @@ def export(source, out, prompt=None, taps=None, reference: str = "torch:cpu:floa
 def _split_ref(reference: str) -> tuple[str, str]:
     from .parity import _split_reference
     return _split_reference(reference)
-
-
-# ------------------------------------------------------------------------------------------------ compare
-def target_rows(build, targets, ids_arr, taps, ref_taps, decode_steps, tolerances, order_of, fault=None,
-                prog=None, make_ops=None):
-    """The per-target part of a comparison: ``wb.compare``'s own loop (``parity.target_rows``: a model from
-    ``build(ops)`` per backend x dtype, its prefill taps and ``decode_steps`` cached decode steps, rows against
-    ``ref_taps``, flat tolerances). ``make_ops(backend, dtype)``: the ops to build on (default
-    ``backends.get_ops``). Returns (rows, skipped, devices)."""
-    from .parity import target_rows as _loop
-    rows, skipped, devices, _ = _loop(build, targets, ids_arr, taps, ref_taps, order_of, decode_steps=decode_steps,
-                                      tolerances=tolerances, fault=fault, prog=prog, make_ops=make_ops)
-    return rows, skipped, devices
-
-
-def finish_report(rows, meta, skipped, store: bool, db, tolerances=None, fault=None, anchor_info=None):
-    """A ParityReport from rows + meta, stored like ``wb.compare``'s runs (same kind, same meta keys)."""
-    from .parity import ParityReport, _jsonable
-    meta["anchor"] = anchor_info
-    rep = ParityReport(rows=rows, meta=meta, skipped=skipped, anchor_info=anchor_info)
-    meta["passed"] = rep.passed
-    if store:
-        from . import runs
-        rep.run_id = runs.save_run("parity", meta, rows, db=db, devices=meta.get("devices", {}),
-                                   params=dict(decode_steps=meta.get("decode_steps"), taps=meta.get("taps"),
-                                               tolerances=_jsonable(tolerances), fault=fault))
-    return rep
-
-
-def resolve_against(against, world, source, prompt, taps, decode_steps, reference, max_tokens, progress):
-    """For ``wb.compare(against=FILE)`` / ``wb.compare(world=N)``: the Artifact (read, or made now by N ranks),
-    and the (source, prompt, taps, reference label) the comparison runs with. The hashes are checked by
-    ``Artifact.reference_taps`` once the local model is read."""
-    if world > 1:
-        if against is not None:
-            raise ValueError("compare: give against= (a stored reference) or world= (shard the reference), not both")
-        import shutil
-        import tempfile
-        td = tempfile.mkdtemp(prefix="wb-tpref-")
-        try:
-            p = export(source, Path(td) / "ref.wbref", prompt=prompt, taps=taps, reference=reference,
-                       decode_steps=decode_steps, max_tokens=max_tokens, world=world, progress=progress)
-            art = read(p)
-        finally:
-            shutil.rmtree(td, ignore_errors=True)
-        art.label = f"{world} ranks x {reference}"
-    else:
-        art = against if hasattr(against, "manifest") else read(against)   # (an Artifact, also from __main__)
-        if prompt is not None and [int(i) for i in np.asarray(prompt).reshape(-1)] != art.token_ids \
-                if not isinstance(prompt, str) else prompt != art.manifest.get("prompt"):
-            raise ValueError(f"{art.path}: the artifact fixes the prompt ({len(art.token_ids)} tokens); "
-                             "leave prompt unset to use it")
-        art.label = f"{art.path.name} <- {art.manifest['reference']}"
-        if source is None:
-            source = art.manifest["model"]
-    taps = list(taps or art.manifest["taps"])
-    return art, source, art.token_ids, taps, art.label
-
-
-def compare_against(against, source=None, **kw):
-    """``wb.compare(source, against=FILE, ...)``: local backends x dtypes against a reference artifact, with
-    wb.compare's own engine (same rows, anchor, budgets, stored run)."""
-    from .parity import compare
-    return compare(source, against=against, **kw)
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def add_export_arguments(p):
-    from .parity import DEFAULT_TAPS
-    p.add_argument("--model", required=True, help="HF dir, .gguf, or registered name")
-    p.add_argument("-o", "--output", required=True, help="artifact file to write, e.g. ref.wbref")
-    p.add_argument("--prompt", default=None)
-    p.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of a text prompt")
-    p.add_argument("--taps", default=None, help=f"comma list of tap patterns (default {','.join(DEFAULT_TAPS)})")
-    p.add_argument("--reference", default="torch:cpu:float64")
-    p.add_argument("--decode-steps", type=int, default=4, help="decode steps parity --against runs by default")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--nproc", type=int, default=1, help="shard the reference over N processes (torchrun)")
-
-
-def cmd_export(args) -> int:
-    prompt = args.prompt
-    if args.prompt_ids:
-        prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
-    taps = [t for t in args.taps.split(",") if t] if args.taps else None
-    out = export(args.model, args.output, prompt=prompt, taps=taps, reference=args.reference,
-                 decode_steps=args.decode_steps, max_tokens=args.max_tokens, world=args.nproc)
-    art = read(out)
-    print(f"wrote {out}: {len(art.taps)} taps of {art.manifest['reference']} over "
-          f"{len(art.token_ids)} tokens ({out.stat().st_size / 1e6:.1f} MB), weights "
-          f"{art.manifest['hashes']['weights'][:16]}")
-    return 0
-
-
-def add_cli(sub):
-    """``workbench reference export --model M -o ref.wbref`` (compare with ``workbench parity --against``)."""
-    r = sub.add_parser("reference", help="export the float64 reference's taps for other machines")
-    rs = r.add_subparsers(dest="refcmd", required=True)
-    e = rs.add_parser("export", help="run the reference once, write its taps + manifest (one .wbref file)")
-    add_export_arguments(e)
-    e.set_defaults(fn=cmd_export)
-    return r
-
-
-def main(argv=None) -> int:
-    """``python -m workbench.reference_artifact export|compare ...`` (the same as ``workbench reference
-    export`` / ``workbench parity --against``)."""
-    import argparse
-    import sys
-    ap = argparse.ArgumentParser(prog="workbench reference")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export")
-    add_export_arguments(e)
-    e.set_defaults(fn=cmd_export)
-    c = sub.add_parser("compare")
-    c.add_argument("against")
-    c.add_argument("--model", default=None)
-    c.add_argument("--backends", default="all")
-    c.add_argument("--dtypes", default="float32")
-    c.add_argument("--decode-steps", type=int, default=None)
-    c.add_argument("--db", default=None)
-    c.add_argument("--no-store", action="store_true")
-    c.add_argument("--no-anchor", action="store_true")
-    c.add_argument("--json", default=None)
-    c.set_defaults(fn=lambda a: _cmd_compare(a))
-    args = ap.parse_args(argv)
-    try:
-        return args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"workbench reference {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _cmd_compare(a) -> int:
-    kw = dict(backends=a.backends, dtypes=a.dtypes, db=a.db, store=not a.no_store, anchor=not a.no_anchor)
-    art = read(a.against)
-    kw["decode_steps"] = a.decode_steps if a.decode_steps is not None else art.manifest.get("decode_steps", 4)
-    rep = compare_against(art, source=a.model, **kw)
-    print(rep.summary())
-    if a.json:
-        rep.to_frame().to_json(a.json, orient="records", indent=1, double_precision=15)
-    return 0 if rep.passed else 1
-
-
-if __name__ == "__main__":
-    import sys
-    sys.exit(main())
