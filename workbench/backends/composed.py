@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 
 def clamp_bounds(lo, hi):
     """``clamp``'s bounds with "no bound" as None: None, -inf below and +inf above are none."""
@@ -34,6 +36,24 @@ class ComposedOps:
         if window is not None:
             ok = ok & ((pos - kpos) < window)
         return ok[None, None, None, :]
+
+    # elementwise ops that are one framework call each, written once: the backend's ELEMENTWISE table names the
+    # framework's function ({"sigmoid": torch.sigmoid, ...}, in its *_media mixin)
+    ELEMENTWISE: dict = {}
+
+    def sigmoid(self, x):
+        return self.ELEMENTWISE["sigmoid"](x)
+
+    def relu(self, x):
+        return self.ELEMENTWISE["relu"](x)
+
+    def tanh(self, x):
+        return self.ELEMENTWISE["tanh"](x)
+
+    def where(self, cond, a, b):
+        if isinstance(cond, np.ndarray):
+            cond = self.asmask(cond)
+        return self.ELEMENTWISE["where"](cond, a, b)    # a Python scalar is weakly typed: the array's dtype wins
 
     # collectives: one process (workbench.distributed's TPOps overrides them for tensor parallelism)
     def all_reduce(self, x):

@@ -9,6 +9,9 @@ from .composed import clamp_bounds as _bounds
 
 
 class MLXMediaOps:
+    # sigmoid / relu / tanh / where: composed.ComposedOps, one call each of these
+    ELEMENTWISE = dict(sigmoid=mx.sigmoid, relu=lambda x: mx.maximum(x, 0), tanh=mx.tanh, where=mx.where)
+
     def clamp(self, x, lo=None, hi=None):
         lo, hi = _bounds(lo, hi)
         if lo is not None:
@@ -19,20 +22,6 @@ class MLXMediaOps:
 
     def silu(self, x):
         return x * mx.sigmoid(x)
-
-    def sigmoid(self, x):
-        return mx.sigmoid(x)
-
-    def relu(self, x):
-        return mx.maximum(x, 0)
-
-    def tanh(self, x):
-        return mx.tanh(x)
-
-    def where(self, cond, a, b):
-        if isinstance(cond, np.ndarray):
-            cond = self.asmask(cond)
-        return mx.where(cond, a, b)         # a Python scalar is weakly typed: the array's dtype wins
 
     def layer_norm(self, x, w, b, eps):
         return mx.fast.layer_norm(x, w, b, eps)

@@ -10,26 +10,15 @@ from .composed import clamp_bounds as _bounds
 
 
 class TorchMediaOps:
+    # sigmoid / relu / tanh / where: composed.ComposedOps, one call each of these
+    ELEMENTWISE = dict(sigmoid=torch.sigmoid, relu=torch.relu, tanh=torch.tanh, where=torch.where)
+
     def clamp(self, x, lo=None, hi=None):
         lo, hi = _bounds(lo, hi)
         return x if lo is None and hi is None else x.clamp(min=lo, max=hi)
 
     def silu(self, x):
         return F.silu(x)
-
-    def sigmoid(self, x):
-        return torch.sigmoid(x)
-
-    def relu(self, x):
-        return torch.relu(x)
-
-    def tanh(self, x):
-        return torch.tanh(x)
-
-    def where(self, cond, a, b):
-        if isinstance(cond, np.ndarray):
-            cond = self.asmask(cond)
-        return torch.where(cond, a, b)      # a Python scalar is weakly typed: the tensor's dtype wins
 
     def layer_norm(self, x, w, b, eps):
         return F.layer_norm(x, (x.shape[-1],), w, b, eps)
