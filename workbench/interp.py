@@ -12,7 +12,6 @@ the head (``unembed``).
 from __future__ import annotations
 
 import json
-import weakref
 from typing import Callable, Iterable
 
 import numpy as np
@@ -71,50 +70,11 @@ def token_labels(model, ids: Iterable[int]) -> list[str]:
 
 
 # ============================================================================ logit lens
-_HEADS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def final_head(model) -> tuple[np.ndarray, np.ndarray]:
-    """(final-norm scale, head [V, D]) as float32 numpy: the norm weight with Gemma's (1 + w) offset already
-    applied (as the model keeps it), and lm_head or the tied embedding. Cached per model (weakly).
-
-    TODO(issue 18): this reads ``model.w`` because the decoder has no public final norm/head yet; once
-    ``Gemma.unembed`` exists, ``unembed`` below uses it and this fallback can go."""
-    try:
-        return _HEADS[model]
-    except (KeyError, TypeError):
-        pass
-    w, ops = model.w, model.ops
-    norm = np.asarray(ops.numpy(w["norm.weight"]), dtype=np.float32)
-    head = np.asarray(ops.numpy(w.get("lm_head.weight", w["embed_tokens.weight"])), dtype=np.float32)
-    try:
-        _HEADS[model] = (norm, head)
-    except TypeError:
-        pass
-    return norm, head
-
-
 def unembed(model, resid: np.ndarray) -> np.ndarray:
-    """ln_final + head (+ final softcap) applied to residual-stream vectors [..., D] -> float32 logits.
-
-    Uses the model's own ``unembed`` (its final norm and head, on its backend) when it has one; otherwise the
-    same three steps in numpy from its weights (``final_head``)."""
-    own = getattr(model, "unembed", None)
-    if callable(own):
-        x = np.asarray(resid, dtype=np.float32)
-        lg = own(model.ops.asarray(x) if hasattr(model, "ops") else x)
-        if not isinstance(lg, np.ndarray):
-            lg = model.ops.numpy(lg)
-        return np.asarray(lg, dtype=np.float32)
-    cfg = model.config
-    norm, head = final_head(model)
-    x = np.asarray(resid, dtype=np.float32)
-    x = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + cfg.rms_norm_eps) * norm
-    logits = x @ head.T
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    if cap:
-        logits = np.tanh(logits / cap) * cap
-    return logits
+    """ln_final + head (+ final softcap) applied to residual-stream vectors [..., D] -> float32 logits: the model's
+    own ``unembed`` (its final norm and head, on its backend; ``LanguageModel.unembed`` / ``Gemma.unembed``)."""
+    lg = model.unembed(model.ops.asarray(np.asarray(resid, dtype=np.float32)))
+    return np.asarray(lg if isinstance(lg, np.ndarray) else model.ops.numpy(lg), dtype=np.float32)
 
 
 def logit_lens(model, ids, k: int = 5, positions=None, layers=None, out=None):

@@ -29,7 +29,7 @@ import numpy as np
 from .explorer import (_MODEL_CACHE, EXPLORE_TAPS, LayerExplorer, StepProgress, choose_layer, explorer,  # noqa: F401
                        load_models, model_choices)
 from .interp import (PromptError, ablation_hook, as_prompt, attention_patterns, corrupt_prompt,  # noqa: F401
-                     final_head, intervention, lens_table, logit_diff, logit_lens, logit_pair, patch_hook,
+                     intervention, lens_table, logit_diff, logit_lens, logit_pair, patch_hook,
                      patch_logit_diff, patching_sweep, token_ids, token_labels, unembed)
 from .plots import (_quiet_glyphs, figure_png, history_figure, lens_figure, parity_figures,  # noqa: F401
                     patching_figure, pattern_figure, save_figures, throughput_figure)
