@@ -144,3 +144,12 @@ def test_cli_export_then_parity_against_elsewhere(tmp_path):
     assert set(a) == set(b)
     for k in a:
         assert abs(a[k]["rel_max"] - b[k]["rel_max"]) <= 1e-10 and a[k]["passed"] == b[k]["passed"], k
+
+
+def test_parity_engine_takes_only_a_resolved_artifact(artifact):
+    """Files are read by the dispatch (workbench.comparison, i.e. wb.compare), never by parity.compare: a path
+    given to the engine is refused with the way to go, before any model is read."""
+    from workbench import parity
+    with pytest.raises(TypeError, match="resolved reference artifact.*wb.compare"):
+        parity.compare(FIXTURES / "gemma3_text", against=str(artifact), backends="torch:cpu", store=False,
+                       progress=False)

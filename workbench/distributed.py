@@ -20,8 +20,9 @@ The model code is the same ``workbench.model.gemma.Gemma``; three things change 
 * **Taps are gathered** (per-head taps along heads, ``mlp.hook_post`` along the intermediate axis), so every
   rank — and so rank 0's report — sees exactly what one process sees.
 
-Entry points: ``wb.compare(..., world=N)`` / ``workbench parity --nproc N`` (reference and torch targets
-sharded), ``workbench reference export --nproc N`` (a sharded reference written as a reference artifact,
+Entry points: ``wb.compare(..., world=N)`` / ``workbench parity --nproc N`` (the reference sharded through
+``export_sharded``, chosen by :mod:`workbench.comparison`; :func:`compare` shards the torch targets too),
+``workbench reference export --nproc N`` (a sharded reference written as a reference artifact,
 e.g. float64 on GPUs; compare a one-GPU target with ``parity --against``), and ``python -m
 workbench.distributed selftest`` (sharded vs one process, the CI test and the memory table).
 """
