@@ -173,7 +173,8 @@ def part_decode(ckpt, args):
             variants += [(f"new, sample={t}", {"WORKBENCH_TRITON_TUNE": f"sample={t}"})
                          for t in args.e2e_tunes.split(";") if t]
             for label, env in variants:
-                m.__dict__.pop("_decode_engines", None)        # a fresh engine (the tune is read when it is built)
+                getattr(m, "decoder", m).__dict__.pop("_decode_engines", None)   # a fresh engine (the tune is
+                #                                  read when it is built; the engines live on the text decoder)
                 os.environ.update(env)
                 try:
                     s_tps, sst, _ = db.gen_rate(m, ids, args.gen_len + 1, reps=args.repeats, **kw)
@@ -187,6 +188,45 @@ def part_decode(ckpt, args):
             del m
         except Exception as e:
             say(f"| {b} | {d} | ERROR {type(e).__name__}: {str(e).splitlines()[0][:200]} |")
+            traceback.print_exc()
+
+
+def part_steps(ckpt, args):
+    """Each kernel kind of the captured decode step, greedy against sampled (where do the sampled µs go?)."""
+    import numpy as np
+    import torch
+
+    import workbench as wb
+    say("\n## (d) The decode step's kernels, greedy vs sampled (µs: each kind's launches of one step replayed "
+        "from a CUDA graph, 20 steps' worth a graph)\n")
+    ids = np.random.default_rng(0).integers(100, 262000, size=args.prompt_len).tolist()
+    for d in args.dtypes.split(","):
+        try:
+            m = wb.load(str(ckpt), backend="torch:cuda", dtype=d, progress=False)
+            dec = getattr(m, "decoder", m)
+            cols = None
+            for label, kw in (("greedy", {}), ("sampled top-p", dict(temperature=0.8, top_p=0.95, seed=0))):
+                m.generate(ids, max_new_tokens=8, ignore_eos=True, **kw)
+                eng = [e for e in dec.__dict__["_decode_engines"].values()
+                       if e.sampling.greedy == (label == "greedy")][-1]
+                k = eng.kernel
+                tok = torch.zeros((1, 1), dtype=torch.long, device="cuda")
+                pos = torch.tensor([args.prompt_len + 2], device="cuda")
+                plan = k.plan(tok, pos)
+                groups = {}
+                for name, fn in plan:
+                    groups.setdefault(name, []).append(fn)
+                row = {name: graph_us(lambda fns=fns: [f() for f in fns]) for name, fns in groups.items()}
+                row["whole step"] = graph_us(lambda: [f() for _, f in plan])
+                if cols is None:
+                    cols = list(row)
+                    say("| dtype | step | " + " | ".join(cols) + " |")
+                    say("|---|---|" + "---|" * len(cols))
+                say(f"| {d} | {label} | " + " | ".join(f"{row.get(c, float('nan')):.1f}" for c in cols) +
+                    " | " + " ".join(f"{n}={v:.1f}" for n, v in row.items() if n not in cols))
+            del m
+        except Exception as e:
+            say(f"| {d} | ERROR {type(e).__name__}: {str(e).splitlines()[0][:200]} |")
             traceback.print_exc()
 
 
@@ -254,7 +294,7 @@ def main(argv=None) -> int:
     say(f"# Sampled decode on {db.card()}; torch {torch.__version__}, triton {triton.__version__}; git {head}")
     t0 = time.perf_counter()
     parts = args.parts.split(",")
-    if "decode" in parts or "tokens" in parts:
+    if "decode" in parts or "tokens" in parts or "steps" in parts:
         ck = db.make("gemma3-270m", pathlib.Path(args.work) / "g270m")
     for part in parts:                                  # in the order given
         if part == "micro":
@@ -263,8 +303,10 @@ def main(argv=None) -> int:
             part_decode(ck, args)
         elif part == "tokens":
             part_tokens(ck, args)
+        elif part == "steps":
+            part_steps(ck, args)
         else:
-            say(f"unknown part {part!r} (micro, decode, tokens)")
+            say(f"unknown part {part!r} (micro, decode, tokens, steps)")
             continue
         say(f"<!-- {time.perf_counter() - t0:.0f} s so far (after {part}) -->")
     return 0
