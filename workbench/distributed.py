@@ -495,11 +495,10 @@ def _worker_compare(spec: dict, out_path: Path):
     from . import parity as P
     from .loader import source_hash
     from .model.taps import point_names
-    from .reference_artifact import _ids_for, _split_ref
-    ref_b, ref_d = _split_ref(spec["reference"])
+    ref_b, ref_d = P._split_reference(spec["reference"])
     d = init(_device_of(ref_b) if "cuda" in ref_b else _device_of(",".join(b for b, _ in spec["targets"])))
     cfg, path, tok = read_config(spec["source"])
-    ids = _ids_for(spec["prompt"], tok, spec["max_tokens"], spec["source"])
+    ids = P._prompt_ids(spec["prompt"], tok, spec["max_tokens"], spec["source"])
     ids_arr = np.asarray(ids, dtype=np.int64)[None]
     T = ids_arr.shape[1]
     plan = ShardPlan(cfg, d.rank, d.world)
@@ -541,12 +540,13 @@ def _worker_compare(spec: dict, out_path: Path):
 def _worker_export(spec: dict, out_path: Path):
     """Every rank: the sharded reference; rank 0 writes the reference artifact and a JSON of timings/memory."""
     import torch
-    from .reference_artifact import _ids_for, _split_ref, manifest_for, write
-    ref_b, ref_d = _split_ref(spec["reference"])
+    from .parity import _prompt_ids, _split_reference
+    from .reference_artifact import manifest_for, write
+    ref_b, ref_d = _split_reference(spec["reference"])
     d = init(_device_of(ref_b))
     t0 = time.perf_counter()
     cfg, path, tok = read_config(spec["source"])
-    ids = _ids_for(spec["prompt"], tok, spec["max_tokens"], spec["source"])
+    ids = _prompt_ids(spec["prompt"], tok, spec["max_tokens"], spec["source"])
     plan = ShardPlan(cfg, d.rank, d.world)
     tensors = read_shard(path, cfg, plan, progress=spec["progress"])
     ops = tp_ops(ref_b, ref_d, d)

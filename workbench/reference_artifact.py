@@ -209,11 +209,6 @@ def check_matches(art: Artifact, path: Path, cfg) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ export
-def _ids_for(prompt, tok, max_tokens: int, source) -> list[int]:
-    from .parity import _prompt_ids
-    return _prompt_ids(prompt, tok, max_tokens, source)
-
-
 def manifest_for(source, path, cfg, tok, prompt, ids, taps, reference, decode_steps, world, tap_names) -> dict:
     return dict(model=str(source), source=str(path), arch=cfg.arch, reference=reference, world=int(world),
                 prompt=prompt if isinstance(prompt, str) else None, token_ids=[int(i) for i in ids],
@@ -230,13 +225,13 @@ def export(source, out, prompt=None, taps=None, reference: str = "torch:cpu:floa
     ``workbench.comparison.export(..., world=N)``)."""
     from . import backends as _bk
     from .loader import build_model, read_source
-    from .parity import ANCHOR_TAPS, DEFAULT_TAPS
+    from .parity import ANCHOR_TAPS, DEFAULT_TAPS, _prompt_ids, _split_reference
     taps = list(taps or DEFAULT_TAPS)
     want = list(dict.fromkeys(taps + ANCHOR_TAPS))    # the anchor can then run where the artifact is used
     ckpt = read_source(source, dtype="float64", progress=progress)
     cfg, _, path, tok = ckpt
-    ids = _ids_for(prompt, tok, max_tokens, source)
-    b, d = _split_ref(reference)
+    ids = _prompt_ids(prompt, tok, max_tokens, source)
+    b, d = _split_reference(reference)
     t0 = time.perf_counter()
     m = build_model(ckpt, _bk.get_ops(b, d), source)
     o = m.forward(np.asarray(ids, dtype=np.int64)[None], taps=want)
@@ -245,8 +240,3 @@ def export(source, out, prompt=None, taps=None, reference: str = "torch:cpu:floa
     man = manifest_for(source, path, cfg, tok, prompt, ids, taps, reference, decode_steps, 1, got)
     man["seconds"] = round(time.perf_counter() - t0, 3)
     return write(out, got, man)
-
-
-def _split_ref(reference: str) -> tuple[str, str]:
-    from .parity import _split_reference
-    return _split_reference(reference)
