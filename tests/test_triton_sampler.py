@@ -83,14 +83,14 @@ print("RESULT " + json.dumps(out))
 '''
 
 
-TUNES = {"default": None, "sieve": "2,16,64,1024", "histogram": "8,16,64,0", "plain": "1,16,64,0"}
+TUNES = {"default": None, "sieve": "2,16,64,1024", "two_bits": "2,16,64,0"}
 
 
 @pytest.fixture(scope="module", params=list(TUNES))
 def kernels(request):
     """The script's results with the default selection kernel, with the sieve (the blocks searched first cut to
-    those reaching a bound from group maxima: WORKBENCH_TRITON_TUNE sample=...,1024), with a histogram a round
-    (8 radix bits) and with the plainest variant (1 bit a round)."""
+    those reaching a bound from group maxima: WORKBENCH_TRITON_TUNE sample=...,1024) and with two radix bits a round
+    (the default is one)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     if TUNES[request.param]:
         env["WORKBENCH_TRITON_TUNE"] = "sample=" + TUNES[request.param]
