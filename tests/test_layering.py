@@ -60,7 +60,6 @@ LAYER_OF = [
     ("workbench.parity", "analysis"),
     ("workbench.parity.*", "analysis"),
     ("workbench.parity_metrics", "analysis"),     # parity's statistics on the target's device
-    ("workbench.parity_metrics", "analysis"),   # parity's metrics computed on the target's device
     ("workbench.bench", "analysis"),
     ("workbench.bench.*", "analysis"),
     ("workbench.diverge", "analysis"),

@@ -22,7 +22,7 @@ DECODER_NAMES = {
     "ops": "the backend the model runs on (tests and the decode engine reach the backend through the model)",
     "dtype": "the model dtype string (reports, CLI lines)",
     "backend": "the backend string (reports, CLI lines)",
-    "w": "the decoder's weights on the backend (bench's bytes-per-step, interp's numpy logit lens)",
+    "w": "the decoder's weights on the backend (bench's bytes-per-step)",
     "n_params": "text-decoder parameter count (bench rows)",
     "weight_bytes": "text-decoder weight bytes (bench rows)",
     "new_cache": "a KV cache for this decoder (prefill/decode loops in tests, parity, diverge)",
