@@ -50,6 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import cpu_step_c
+
 _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
@@ -152,6 +154,15 @@ void wb_gemv_f32(const float *restrict W, const float *restrict x, float *restri
     for (int64_t n = 0; n < N; n++) y[n] = dot_f32(W + n * K, x, K);
 }
 
+/* one float32 row (y may be x): the float32 case of wb_rms_norm, and the fused decode step's norms */
+static inline void rms_row_f32(const float *x, const float *w, float *y, int64_t D, float eps) {
+    float ss = 0.f;
+    #pragma omp simd reduction(+:ss)
+    for (int64_t d = 0; d < D; d++) ss += x[d] * x[d];
+    float inv = 1.0f / sqrtf(ss / (float)D + eps);
+    for (int64_t d = 0; d < D; d++) { float v = x[d] * inv; y[d] = w ? v * w[d] : v; }
+}
+
 /* RMSNorm of R rows of D: y = x * rsqrt(mean(x^2) + eps) * w (w float32, or NULL), in float32;
    x and y bfloat16 (is_bf16) or float32 */
 void wb_rms_norm(const void *restrict xv, const float *restrict w, void *restrict yv, int64_t R, int64_t D,
@@ -169,12 +180,7 @@ void wb_rms_norm(const void *restrict xv, const float *restrict w, void *restric
                 y[d] = f32_to_bf16(w ? v * w[d] : v);
             }
         } else {
-            const float *x = (const float *)xv + r * D;
-            #pragma omp simd reduction(+:ss)
-            for (int64_t d = 0; d < D; d++) ss += x[d] * x[d];
-            float inv = 1.0f / sqrtf(ss / (float)D + eps);
-            float *y = (float *)yv + r * D;
-            for (int64_t d = 0; d < D; d++) { float v = x[d] * inv; y[d] = w ? v * w[d] : v; }
+            rms_row_f32((const float *)xv + r * D, w, (float *)yv + r * D, D, eps);
         }
     }
 }
@@ -569,26 +575,32 @@ typedef struct {
     int t, bs, qk, act8; const uint8_t *W; int64_t row_bytes, N, nb, rows; const float *x; const void *xq; float *y;
 } wq_job;
 
+/* one row's product: t a ggml type (0: float32 row of K values), nb blocks of qk, x float32 (exact) or xq its
+   8-bit blocks (act8) of the type's block size. Shared by wb_q_gemv and the fused decode step (cpu_step). */
+static inline float wq_row_dot(int t, const uint8_t *w, int bs, int qk, int64_t nb, int64_t K, int act8,
+                               const float *x, const void *xq) {
+    if (t == 0) return dot_f32((const float *)w, x, K);
+    if (!act8) return dot_exact(t, w, bs, qk, nb, x);
+#if WQ_SIMD
+    switch (t) {
+        case WQ_Q8_0: return dot_q8_0(w, (const xq8_32 *)xq, nb);
+        case WQ_Q5_0: return dot_q5_0(w, (const xq8_32 *)xq, nb);
+        case WQ_Q4_0: return dot_q4_0(w, (const xq8_32 *)xq, nb);
+        case WQ_Q4_K: return dot_q4_k(w, (const xq8_k *)xq, nb);
+        case WQ_Q6_K: return dot_q6_k(w, (const xq8_k *)xq, nb);
+    }
+    return 0.f;
+#else
+    (void)K;
+    return dot_q_generic(t, w, bs, qk, xq, nb);
+#endif
+}
+
 static void wq_gemv_chunk(const void *jv, int64_t c) {
     const wq_job *j = (const wq_job *)jv;
     int64_t n0 = c * j->rows, n1 = n0 + j->rows < j->N ? n0 + j->rows : j->N;
-    for (int64_t n = n0; n < n1; n++) {
-        const uint8_t *w = j->W + n * j->row_bytes;
-        if (!j->act8) { j->y[n] = dot_exact(j->t, w, j->bs, j->qk, j->nb, j->x); continue; }
-#if WQ_SIMD
-        float v = 0.f;
-        switch (j->t) {
-            case WQ_Q8_0: v = dot_q8_0(w, (const xq8_32 *)j->xq, j->nb); break;
-            case WQ_Q5_0: v = dot_q5_0(w, (const xq8_32 *)j->xq, j->nb); break;
-            case WQ_Q4_0: v = dot_q4_0(w, (const xq8_32 *)j->xq, j->nb); break;
-            case WQ_Q4_K: v = dot_q4_k(w, (const xq8_k *)j->xq, j->nb); break;
-            case WQ_Q6_K: v = dot_q6_k(w, (const xq8_k *)j->xq, j->nb); break;
-        }
-        j->y[n] = v;
-#else
-        j->y[n] = dot_q_generic(j->t, w, j->bs, j->qk, j->xq, j->nb);
-#endif
-    }
+    for (int64_t n = n0; n < n1; n++)
+        j->y[n] = wq_row_dot(j->t, j->W + n * j->row_bytes, j->bs, j->qk, j->nb, j->nb * j->qk, j->act8, j->x, j->xq);
 }
 
 static void wq_dequant_chunk(const void *jv, int64_t c) {
@@ -688,17 +700,18 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     cc = _compiler()
     if cc is None:
         return None, "no C compiler (set CC, or install gcc/clang)"
+    source = _SOURCE + cpu_step_c.SOURCE      # the fused kept-quantised decode step (cpu_step.py) beside the products
     attempts = [["-O3", "-march=native", "-fopenmp", "-pthread"], ["-O3", "-march=native", "-fopenmp-simd", "-pthread"],
                 ["-O3", "-pthread"]]
     errors = []
     for flags in attempts:
-        key = hashlib.sha256("\0".join([_SOURCE, cc, *flags, _cpu_key(), sys.platform]).encode()).hexdigest()[:16]
+        key = hashlib.sha256("\0".join([source, cc, *flags, _cpu_key(), sys.platform]).encode()).hexdigest()[:16]
         out = _cache_dir() / f"gemv-{key}.so"
         if not out.exists():
             out.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory() as td:
                 src = Path(td) / "gemv.c"
-                src.write_text(_SOURCE)
+                src.write_text(source)
                 tmp = Path(td) / "gemv.so"
                 p = subprocess.run([cc, *flags, "-shared", "-fPIC", str(src), "-o", str(tmp), "-lm"],
                                    capture_output=True, text=True, timeout=120)
@@ -730,6 +743,17 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         lib.wb_q_simd.restype = ctypes.c_int
         lib.wb_q_set_spin.argtypes = [ctypes.c_double]
         lib.wb_q_set_spin.restype = None
+        vp, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.wb_qstep_new.argtypes = [vp, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(i64)]
+        lib.wb_qstep_new.restype = vp
+        lib.wb_qstep_free.argtypes = [vp]
+        lib.wb_qstep_free.restype = None
+        lib.wb_qstep.argtypes = [vp, vp, vp, vp, vp, vp]
+        lib.wb_qstep.restype = ctypes.c_int
+        lib.wb_qstep_set_threads.argtypes = [vp, i64]
+        lib.wb_qstep_set_threads.restype = None
+        lib.wb_qstep_profile.argtypes = [vp, i64, vp]
+        lib.wb_qstep_profile.restype = None
         threads = "OpenMP" if "-fopenmp" in flags else "1 thread"
         return lib, f"C kernel ({cc} {' '.join(flags)}; {threads})"
     return None, "C kernel not built: " + "; ".join(errors)

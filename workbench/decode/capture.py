@@ -3,7 +3,8 @@
 ``capture_decode(model, ids_arr, P, taps)`` prefills ``ids_arr[:, :P]`` into a cache, then feeds positions
 P..T-1 one token per step through the FAST route — the Triton kernels (their residual buffers copied into a
 preallocated [steps, L, D] buffer as the next kernel writes them), MLX's custom CUDA kernels (their residual
-outputs), or the generic static step / MLX's queued step (tap points) — and returns what it captured:
+outputs), the fused C step of kept-quantised GGUF blocks (each layer's residual copied into such a buffer), or the
+generic static step / MLX's queued step (tap points) — and returns what it captured:
 ``{"blocks.{i}.hook_resid_post": [B, steps, D], ..., "logits": [B, steps, V]}`` and the route's name.
 """
 from __future__ import annotations
@@ -42,13 +43,15 @@ def capture_decode(model, ids_arr, P: int, taps=None, plan_fault=None, route=Non
     model.forward(ids_arr[:, :P], cache=cache)
     rt = route or _route.pick(model, cache)
     steps = T - P
-    if rt.kind in ("triton", "mlx-cuda"):
+    # a test fault (model.perturb) reaches only the generic steps: the C step of kept-quantised blocks hands over
+    kernel = rt.kind in ("triton", "mlx-cuda") or (rt.kind == "cpu-step" and getattr(model, "perturb", None) is None)
+    if kernel:
         got = _capture_kernels(model, cache, ids_arr, P, rt, plan_fault)
         out = {n: got[n] for n in want if n in got}
         return out, rt.name
     # generic routes: the route's own step, uncompiled (same ops), with tap points
     plan = None
-    if rt.kind in ("static", "compiled"):
+    if rt.kind in ("static", "compiled", "cpu-step"):
         plan = model.decode_plan(cache)
     elif rt.kind == "mlx-queued" and plan_fault is not None:
         plan = model.decode_plan(cache)      # the queued step reads only the plan's weights ...
@@ -62,7 +65,7 @@ def capture_decode(model, ids_arr, P: int, taps=None, plan_fault=None, route=Non
     for t in range(P, T):
         pts = Points(cfg, [n for n in want if n != "logits"], None)
         tok = ids_arr[:, t:t + 1]
-        if rt.kind in ("static", "compiled"):
+        if rt.kind in ("static", "compiled", "cpu-step"):
             lg = model.decode_step(ops.asids(tok), ops.asids(np.asarray([t])), cache,
                                    plan=plan if plan_fault is not None else None, pts=pts)
             lg = ops.numpy(lg)[:, None]
@@ -91,7 +94,16 @@ def _capture_kernels(model, cache, ids_arr, P, rt, plan_fault):
     plan = model.decode_plan(cache)
     if plan_fault is not None:
         plan = plan_fault(plan)
-    if rt.kind == "triton":
+    if rt.kind == "cpu-step":      # kept-quantised GGUF blocks on the CPU: the residuals the C step copies out
+        import torch
+        from ..backends import cpu_step
+        step = cpu_step.CpuQuantStep(plan)
+        r = np.empty((T - P, L, D), np.float32)
+        lg = np.empty((T - P, cfg.vocab_size), np.float32)
+        for j, t in enumerate(range(P, T)):
+            tok = torch.tensor(ids_arr[:, t:t + 1], dtype=torch.long)
+            lg[j] = step(tok, torch.tensor([t], dtype=torch.long), capture=r[j]).numpy().reshape(-1)
+    elif rt.kind == "triton":
         import torch
         from ..backends import triton_decode
         step = triton_decode.TritonDecodeStep(plan)

@@ -107,6 +107,16 @@ class DecodeEngine:
             lg = model.decode_step(tok, pos, cache)
             return ops.argmax_last(lg) if greedy else lg
         fn = step
+        if self.route.kind == "cpu-step":        # kept-quantised GGUF blocks on the CPU: the step in one C call
+            from ..backends import cpu_step
+            self.plan = model.decode_plan(cache)
+            self.kernel = cpu_step.CpuQuantStep(self.plan)
+            kfn = self.kernel.greedy if greedy else self.kernel
+
+            def fn(tok, pos):
+                if getattr(model, "perturb", None) is not None:     # a test fault: the eager step applies it
+                    return step(tok, pos)
+                return kfn(tok, pos)
         if self.compile:
             opts = None
             if ops.device.type == "cuda" and __import__("os").environ.get("WORKBENCH_CDT", "0") != "0":

@@ -9,11 +9,14 @@ module that reads them:
 * ``WORKBENCH_MLX_COMPILE`` ``1`` (default on the GPU) compiles the MLX step with mx.compile, ``0`` queues plain steps;
 * ``WORKBENCH_MLX_KERNELS`` ``1`` (default) the custom CUDA kernels where MLX runs on CUDA, ``0`` the generic step;
 * ``WORKBENCH_CPU_GEMV``    ``auto`` | ``kernel`` | ``blas`` | ``off``: the products behind the CPU ops
-                            (read by :mod:`workbench.backends.cpu_gemv`, reported here).
+                            (read by :mod:`workbench.backends.cpu_gemv`, reported here);
+* ``WORKBENCH_CPU_STEP``    ``1`` (default): GGUF blocks kept quantised decode in one C call per step
+                            (:mod:`workbench.backends.cpu_step`), ``0``: the eager static step over the same kernels.
 
 Routes: ``triton step`` (torch: the Triton kernels of :mod:`workbench.backends.triton_decode`, in a CUDA graph),
-``mlx-cuda kernels`` (:mod:`workbench.backends.mlx_cuda_decode` under mx.compile), ``compiled`` (the generic static
-step under torch.compile + CUDA graph or mx.compile — Gemma 4 and whatever the kernels decline), ``cpu gemv`` /
+``mlx-cuda kernels`` (:mod:`workbench.backends.mlx_cuda_decode` under mx.compile), ``cpu quant step`` (kept-quantised
+GGUF blocks on torch:cpu: :mod:`workbench.backends.cpu_step`, the whole step in one C call), ``compiled`` (the generic
+static step under torch.compile + CUDA graph or mx.compile — Gemma 4 and whatever the kernels decline), ``cpu gemv`` /
 ``static`` (the eager static step; on the CPU its products run the C GEMV kernel), ``mlx queued`` (MLX's plain
 cached step, the next queued while one runs), ``plain``.
 """
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Route:
-    kind: str            # triton | mlx-cuda | compiled | static | mlx-queued | plain
+    kind: str            # triton | mlx-cuda | cpu-step | compiled | static | mlx-queued | plain
     name: str            # what reports show
     reason: str          # why this route (and why not a faster one)
     compile: bool = False
@@ -45,6 +48,7 @@ class Switches:
     cpu_gemv: str
     triton_interpret: bool
     triton_sampler: bool = True
+    cpu_step: bool = True
 
 
 def switches() -> Switches:
@@ -60,7 +64,8 @@ def switches() -> Switches:
     return Switches(decode=dec, gpu_decode=gd, mlx_compile=env.get("WORKBENCH_MLX_COMPILE", "1") != "0",
                     mlx_kernels=env.get("WORKBENCH_MLX_KERNELS", "1") != "0", cpu_gemv=cpu_gemv.mode(),
                     triton_interpret=env.get("TRITON_INTERPRET", "0") == "1",
-                    triton_sampler=env.get("WORKBENCH_TRITON_SAMPLER", "1") != "0")
+                    triton_sampler=env.get("WORKBENCH_TRITON_SAMPLER", "1") != "0",
+                    cpu_step=env.get("WORKBENCH_CPU_STEP", "1") != "0")
 
 
 def pick(model, cache=None, compile: bool | None = None, sw: Switches | None = None) -> Route:
@@ -92,11 +97,17 @@ def pick(model, cache=None, compile: bool | None = None, sw: Switches | None = N
                 why += f"; no Triton step: {why_not}"
             return Route("compiled", "compiled", why, compile=True, graph=on_cuda)
         if getattr(ops, "quant", None) and dev == "cpu":
-            # GGUF blocks kept quantised (backends/quant.py): products on the kernel's own thread pool; torch's
-            # small per-step ops on one thread (two spinning pools on a shared 2-core box cost 5x, measured)
-            from ..backends import quant as _quant
+            # GGUF blocks kept quantised (backends/quant.py): the whole step in one C call (backends/cpu_step.py),
+            # else the eager static step with products on the kernel's own thread pool; torch's small per-step
+            # ops on one thread (two spinning pools on a shared 2-core box cost 5x, measured)
+            from ..backends import cpu_step, quant as _quant
+            why_not = "WORKBENCH_CPU_STEP=0" if not sw.cpu_step else cpu_step.unsupported(model.config, ops, cache)
+            if why_not is None:
+                return Route("cpu-step", "cpu quant step", "the whole step in one C call (norms, RoPE, attention, "
+                             f"cache writes, products, head, argmax), products: {_quant.describe(ops.quant_act8)}",
+                             graph=False, torch_threads=1)
             return Route("static", "cpu gemv", f"eager static step, products: {_quant.describe(ops.quant_act8)}; "
-                         "torch ops on 1 thread", graph=False, torch_threads=1)
+                         f"torch ops on 1 thread; no fused step: {why_not}", graph=False, torch_threads=1)
         if dev == "cpu" and sw.cpu_gemv != "off":
             from ..backends import cpu_gemv
             return Route("static", "cpu gemv", f"eager static step, products: {cpu_gemv.describe(ops.dtype)}"

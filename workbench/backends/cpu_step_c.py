@@ -1,0 +1,367 @@
+"""C source of the fused kept-quantised decode step (:mod:`workbench.backends.cpu_step` drives it).
+
+Appended to :mod:`cpu_gemv`'s kernel source and compiled into the same library, so it uses that file's block dot
+products (``wq_row_dot``: the same products ``wb_q_gemv`` computes), its 8-bit activation quantisers, its RMSNorm
+row and its thread pool (``wq_run``: chunks claimed by CAS, helpers that spin between products). This module
+holds only text (no imports), so the kernel's build needs nothing above it.
+
+One ``wb_qstep`` call runs a whole decode step of a Gemma 1-3 text model — embedding row, per layer: RMSNorm,
+q/k/v product, q/k norms, RoPE, the K/V cache write, attention over the cache (sliding window, GQA, softcap),
+o product, post-norm and residual, pre-FF norm, gate/up product, GELU (tanh) x up, down product, post-norm and
+residual; then the final norm, the head, the final softcap and (greedy) the argmax — with the pool's helpers
+kept busy from one product to the next (one publish per product, no Python, no torch dispatch in between).
+"""
+
+SOURCE = r"""
+/* ---------------------------------------------------------------------------------------------------------
+   The fused kept-quantised decode step (workbench/backends/cpu_step.py). Matrices are lists of row segments
+   (a ggml type, 0 = float32 rows); the model and layers are described by the structs below (mirrored by ctypes
+   in cpu_step.py: every integer int64, every scalar double). Numerics are the eager route's: the same block dot
+   products and activation quantisation per product, RMSNorm rows as wb_rms_norm, float32 everywhere else.
+   --------------------------------------------------------------------------------------------------------- */
+#define WQS_MAXSEG 4
+typedef struct { int64_t t; const uint8_t *w; int64_t row_bytes, rows; } wqs_seg;
+typedef struct { int64_t nseg, N, K; wqs_seg seg[WQS_MAXSEG]; } wqs_mat;
+typedef struct {
+    wqs_mat qkv, o, gate_up, down;
+    const float *input_norm, *post_attn_norm, *pre_ff_norm, *post_ff_norm, *q_norm, *k_norm;
+    float *k, *v; int64_t *kpos; const float *cos, *sin;
+    int64_t hd, kvh, F, window, slots, ring, rope_len;
+    double scale;
+} wqs_layer;
+typedef struct {
+    int64_t L, D, H, V, act8, nthreads;
+    double eps, embed_scale, attn_softcap, final_softcap;
+    wqs_mat embed, head;
+    const float *final_norm;
+    const wqs_layer *layers;
+} wqs_model;
+
+typedef struct {
+    wqs_model m;
+    wqs_layer *layers;
+    int64_t maxN, maxK, maxS, nchunk_head;
+    float *x, *h, *y, *z, *a, *act, *sc, *pmax;
+    int64_t *pidx;
+    xq8_32 *x32; xq8_k *xk;
+    double t_prod, t_attn, t_other;           /* profile (wb_qstep_profile) */
+    int64_t profile;
+} wqs_state;
+
+/* errors (negative return codes of wb_qstep_new / wb_qstep) */
+enum { WQS_EBADTYPE = -1, WQS_EROWS = -2, WQS_ESHAPE = -3, WQS_ENOMEM = -4, WQS_ETOKEN = -5, WQS_EPOS = -6 };
+
+static int wqs_check_mat(const wqs_mat *m, int64_t N, int64_t K) {
+    if (m->nseg < 1 || m->nseg > WQS_MAXSEG) return WQS_ESHAPE;
+    if (m->N != N || m->K != K) return WQS_ESHAPE;
+    int64_t rows = 0;
+    for (int s = 0; s < m->nseg; s++) {
+        const wqs_seg *g = &m->seg[s];
+        if (!g->w || g->rows < 1) return WQS_EROWS;
+        if (g->t == 0) { if (g->row_bytes != 4 * K) return WQS_EROWS; }
+        else {
+            int qk, bs = qblock((int)g->t, &qk);
+            if (!bs) return WQS_EBADTYPE;
+            if (K % qk || g->row_bytes != (K / qk) * bs) return WQS_EROWS;
+        }
+        rows += g->rows;
+    }
+    return rows == N ? 0 : WQS_EROWS;
+}
+
+/* ---- a product y = W x on the pool (all segments one job), optional per-chunk argmax partials ---- */
+typedef struct {
+    const wqs_mat *m; int act8; const float *x; const xq8_32 *x32; const xq8_k *xk; float *y;
+    int64_t c0[WQS_MAXSEG + 1], rpc[WQS_MAXSEG], r0[WQS_MAXSEG];
+    float *pmax; int64_t *pidx;
+} wqs_prod;
+
+static void wqs_prod_chunk(const void *jv, int64_t c) {
+    const wqs_prod *j = (const wqs_prod *)jv;
+    int s = 0;
+    while (c >= j->c0[s + 1]) s++;
+    const wqs_seg *g = &j->m->seg[s];
+    const int64_t K = j->m->K;
+    int64_t a = (c - j->c0[s]) * j->rpc[s], b = a + j->rpc[s] < g->rows ? a + j->rpc[s] : g->rows;
+    int qk = 0, bs = 0;
+    if (g->t) bs = qblock((int)g->t, &qk);
+    const int64_t nb = g->t ? K / qk : 0;
+    const void *xq = qk == 32 ? (const void *)j->x32 : (const void *)j->xk;
+    float *y = j->y + j->r0[s];
+    for (int64_t n = a; n < b; n++)
+        y[n] = wq_row_dot((int)g->t, g->w + n * g->row_bytes, bs, qk, nb, K, j->act8, j->x, xq);
+    if (j->pmax) {                  /* first maximum (NaN counts as the largest, as torch.argmax) */
+        float best = y[a]; int64_t bi = a;
+        for (int64_t n = a + 1; n < b; n++) {
+            float v = y[n];
+            if (v > best || (v != v && best == best)) { best = v; bi = n; }
+        }
+        j->pmax[c] = best; j->pidx[c] = j->r0[s] + bi;
+    }
+}
+
+static int64_t wqs_layout(const wqs_mat *m, wqs_prod *j) {
+    int64_t c = 0, r = 0;
+    for (int s = 0; s < m->nseg; s++) {
+        const wqs_seg *g = &m->seg[s];
+        int64_t rpc = 32768 / g->row_bytes;
+        if (rpc < 8) rpc = 8;
+        j->c0[s] = c; j->rpc[s] = rpc; j->r0[s] = r;
+        c += (g->rows + rpc - 1) / rpc; r += g->rows;
+    }
+    j->c0[m->nseg] = c;
+    for (int s = m->nseg + 1; s <= WQS_MAXSEG; s++) j->c0[s] = c;
+    return c;
+}
+
+static int64_t wqs_bytes(const wqs_mat *m) {
+    int64_t b = 0;
+    for (int s = 0; s < m->nseg; s++) b += m->seg[s].rows * m->seg[s].row_bytes;
+    return b;
+}
+
+/* y = W x: x quantised once per block size the matrix's segments use (as wb_q_gemv does per segment) */
+static void wqs_gemv(wqs_state *st, const wqs_mat *m, const float *x, float *y, float *pmax, int64_t *pidx) {
+    wqs_prod j;
+    memset(&j, 0, sizeof j);
+    j.m = m; j.act8 = (int)st->m.act8; j.x = x; j.y = y; j.x32 = st->x32; j.xk = st->xk; j.pmax = pmax; j.pidx = pidx;
+    if (j.act8) {
+        int need32 = 0, needk = 0;
+        for (int s = 0; s < m->nseg; s++) {
+            int qk = 0;
+            if (m->seg[s].t) qblock((int)m->seg[s].t, &qk);
+            need32 |= qk == 32; needk |= qk == 256;
+        }
+        if (need32) quant_x32(x, st->x32, m->K / 32);
+        if (needk) quant_xk(x, st->xk, m->K / 256);
+    }
+    int64_t nc = wqs_layout(m, &j);
+    int nt = (int)st->m.nthreads;
+    if (wqs_bytes(m) < 65536) nt = 1;
+    wq_run(wqs_prod_chunk, &j, nc, nt);
+}
+
+/* ---- attention of one query head over the layer's cache (a pool chunk per head) ---- */
+typedef struct { const wqs_layer *l; const float *q; float *z, *sc; int64_t pos, H; float softcap; } wqs_attn;
+
+static void wqs_attn_chunk(const void *jv, int64_t h) {
+    const wqs_attn *j = (const wqs_attn *)jv;
+    const wqs_layer *l = j->l;
+    const int64_t hd = l->hd, S = l->slots, g = h / (j->H / l->kvh), pos = j->pos, win = l->window;
+    const float *q = j->q + h * hd, *K = l->k + g * S * hd, *V = l->v + g * S * hd;
+    const float scale = (float)l->scale;
+    float *s = j->sc + h * S, *z = j->z + h * hd;
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < S; t++) {
+        int64_t kp = l->kpos[t];
+        if (kp < 0 || kp > pos || (win > 0 && pos - kp >= win)) { s[t] = -INFINITY; continue; }
+        float v = dot_f32(q, K + t * hd, hd) * scale;
+        if (j->softcap > 0.f) v = tanhf(v / j->softcap) * j->softcap;
+        s[t] = v;
+        if (v > mx) mx = v;
+    }
+    float sum = 0.f;
+    for (int64_t d = 0; d < hd; d++) z[d] = 0.f;
+    for (int64_t t = 0; t < S; t++) {
+        if (s[t] == -INFINITY) continue;
+        float e = expf(s[t] - mx);
+        sum += e;
+        const float *vr = V + t * hd;
+        for (int64_t d = 0; d < hd; d++) z[d] += e * vr[d];
+    }
+    float inv = 1.f / sum;
+    for (int64_t d = 0; d < hd; d++) z[d] *= inv;
+}
+
+/* RoPE, NeoX pairing (i, i + hd/2) as the torch ops' rope_apply: x * cos + rotate_half(x) * sin */
+/* (each product rounded before the sum, as the separate torch ops round them: no FMA contraction here) */
+__attribute__((optimize("fp-contract=off")))
+static void wqs_rope(float *x, const float *c, const float *s, int64_t hd) {
+    const int64_t h = hd / 2;
+    for (int64_t d = 0; d < h; d++) {
+        float a = x[d], b = x[d + h];
+        x[d] = a * c[d] + (-b) * s[d];
+        x[d + h] = b * c[d + h] + a * s[d + h];
+    }
+}
+
+/* GELU, tanh approximation, as torch's (0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))) */
+static inline float wqs_gelu_tanh(float x) {
+    const float kb = 0.7978845608028654f, kk = 0.044715f;
+    float inner = kb * (x + kk * x * x * x);
+    return 0.5f * x * (1.f + tanhf(inner));
+}
+
+static void wqs_embed_row(const wqs_mat *m, int64_t row, float *out) {
+    int64_t r0 = 0;
+    for (int s = 0; s < m->nseg; s++) {
+        const wqs_seg *g = &m->seg[s];
+        if (row < r0 + g->rows) {
+            const uint8_t *w = g->w + (row - r0) * g->row_bytes;
+            if (g->t == 0) { memcpy(out, w, 4 * m->K); return; }
+            int qk, bs = qblock((int)g->t, &qk);
+            for (int64_t i = 0; i < m->K / qk; i++) deq_block((int)g->t, w + i * bs, out + i * qk);
+            return;
+        }
+        r0 += g->rows;
+    }
+}
+
+void wb_qstep_free(void *hv) {
+    wqs_state *st = (wqs_state *)hv;
+    if (!st) return;
+    free(st->layers); free(st->x); free(st->h); free(st->y); free(st->z); free(st->a); free(st->act); free(st->sc);
+    free(st->pmax); free(st->pidx); free(st->x32); free(st->xk);
+    free(st);
+}
+
+/* a step over the model described by m (copied; the weights, caches and tables it points to must outlive it).
+   *err: 0, or a negative code and in *where the layer (-1: model-wide) */
+void *wb_qstep_new(const wqs_model *m, int *err, int64_t *where) {
+    *err = 0; *where = -1;
+    const int64_t D = m->D, H = m->H;
+    int e = 0;
+    if (m->L < 1 || D < 1 || H < 1 || m->V < 1) { *err = WQS_ESHAPE; return NULL; }
+    if ((e = wqs_check_mat(&m->embed, m->V, D)) || (e = wqs_check_mat(&m->head, m->V, D))) { *err = e; return NULL; }
+    int64_t maxN = m->V, maxK = D, maxS = 1, maxZ = D;
+    for (int64_t i = 0; i < m->L; i++) {
+        const wqs_layer *l = &m->layers[i];
+        *where = i;
+        if (l->hd < 2 || l->hd % 2 || l->kvh < 1 || H % l->kvh || l->slots < 1 || l->F < 1 || !l->k || !l->v ||
+            !l->kpos || !l->cos || !l->sin || !l->input_norm || !l->pre_ff_norm) { *err = WQS_ESHAPE; return NULL; }
+        if ((e = wqs_check_mat(&l->qkv, (H + 2 * l->kvh) * l->hd, D)) || (e = wqs_check_mat(&l->o, D, H * l->hd)) ||
+            (e = wqs_check_mat(&l->gate_up, 2 * l->F, D)) || (e = wqs_check_mat(&l->down, D, l->F))) {
+            *err = e; return NULL;
+        }
+        if (l->qkv.N > maxN) maxN = l->qkv.N;
+        if (2 * l->F > maxN) maxN = 2 * l->F;
+        if (H * l->hd > maxK) maxK = H * l->hd;
+        if (l->F > maxK) maxK = l->F;
+        if (H * l->hd > maxZ) maxZ = H * l->hd;
+        if (l->slots > maxS) maxS = l->slots;
+    }
+    *where = -1;
+    wqs_state *st = (wqs_state *)calloc(1, sizeof *st);
+    if (!st) { *err = WQS_ENOMEM; return NULL; }
+    st->m = *m;
+    st->layers = (wqs_layer *)malloc(sizeof(wqs_layer) * m->L);
+    wqs_prod tmp;
+    st->nchunk_head = wqs_layout(&m->head, &tmp);
+    st->maxN = maxN; st->maxK = maxK; st->maxS = maxS;
+    st->x = (float *)malloc(4 * D); st->h = (float *)malloc(4 * (D > maxK ? D : maxK));
+    st->y = (float *)malloc(4 * maxN); st->z = (float *)malloc(4 * maxZ); st->a = (float *)malloc(4 * D);
+    st->act = (float *)malloc(4 * maxK); st->sc = (float *)malloc(4 * H * maxS);
+    st->pmax = (float *)malloc(4 * st->nchunk_head); st->pidx = (int64_t *)malloc(8 * st->nchunk_head);
+    st->x32 = (xq8_32 *)malloc(sizeof(xq8_32) * (maxK / 32 + 1));
+    st->xk = (xq8_k *)malloc(sizeof(xq8_k) * (maxK / 256 + 1));
+    if (!st->layers || !st->x || !st->h || !st->y || !st->z || !st->a || !st->act || !st->sc || !st->pmax ||
+        !st->pidx || !st->x32 || !st->xk) { wb_qstep_free(st); *err = WQS_ENOMEM; return NULL; }
+    memcpy(st->layers, m->layers, sizeof(wqs_layer) * m->L);
+    st->m.layers = st->layers;
+    return st;
+}
+
+void wb_qstep_set_threads(void *hv, int64_t n) { ((wqs_state *)hv)->m.nthreads = n < 1 ? 1 : n; }
+
+/* seconds spent since the last call in products / attention / the rest (profile = 1 turns timing on) */
+void wb_qstep_profile(void *hv, int64_t on, double *out3) {
+    wqs_state *st = (wqs_state *)hv;
+    if (out3) { out3[0] = st->t_prod; out3[1] = st->t_attn; out3[2] = st->t_other; }
+    st->t_prod = st->t_attn = st->t_other = 0.0;
+    st->profile = on;
+}
+
+#define WQS_T0() double _t0 = st->profile ? now_us() : 0.0
+#define WQS_T1(acc) \
+    do { if (st->profile) { double _t1 = now_us(); st->acc += (_t1 - _t0) * 1e-6; _t0 = _t1; } } while (0)
+
+static void wqs_add_normed(float *x, float *a, const float *w, int64_t D, float eps) {
+    if (w) rms_row_f32(a, w, a, D, eps);
+    for (int64_t d = 0; d < D; d++) x[d] = x[d] + a[d];
+}
+
+/* one decode step: token tok[0] at position pos[0]. logits [V] (always written); next: the argmax (or NULL);
+   capture: [L, D] the residual after each layer (or NULL). Returns 0 or a negative code. */
+int wb_qstep(void *hv, const int64_t *tok, const int64_t *posp, float *logits, int64_t *next, float *capture) {
+    wqs_state *st = (wqs_state *)hv;
+    const wqs_model *m = &st->m;
+    const int64_t D = m->D, H = m->H, token = tok[0], pos = posp[0];
+    const float eps = (float)m->eps;
+    if (token < 0 || token >= m->V) return WQS_ETOKEN;
+    for (int64_t i = 0; i < m->L; i++) {
+        const wqs_layer *l = &st->layers[i];
+        if (pos < 0 || pos >= l->rope_len || (!l->ring && pos >= l->slots)) return WQS_EPOS;
+    }
+    WQS_T0();
+    float *x = st->x, *h = st->h, *y = st->y, *z = st->z, *a = st->a, *act = st->act;
+    wqs_embed_row(&m->embed, token, x);
+    const float es = (float)m->embed_scale;
+    for (int64_t d = 0; d < D; d++) x[d] = x[d] * es;
+    for (int64_t i = 0; i < m->L; i++) {
+        const wqs_layer *l = &st->layers[i];
+        const int64_t hd = l->hd, kvh = l->kvh, F = l->F;
+        rms_row_f32(x, l->input_norm, h, D, eps);
+        WQS_T1(t_other);
+        wqs_gemv(st, &l->qkv, h, y, NULL, NULL);
+        WQS_T1(t_prod);
+        float *q = y, *k = y + H * hd, *v = y + (H + kvh) * hd;
+        const float *c = l->cos + pos * hd, *s = l->sin + pos * hd;
+        for (int64_t g = 0; g < H; g++) {
+            if (l->q_norm) rms_row_f32(q + g * hd, l->q_norm, q + g * hd, hd, eps);
+            wqs_rope(q + g * hd, c, s, hd);
+        }
+        const int64_t slot = pos % l->slots;
+        for (int64_t g = 0; g < kvh; g++) {
+            if (l->k_norm) rms_row_f32(k + g * hd, l->k_norm, k + g * hd, hd, eps);
+            wqs_rope(k + g * hd, c, s, hd);
+            memcpy(l->k + (g * l->slots + slot) * hd, k + g * hd, 4 * hd);
+            memcpy(l->v + (g * l->slots + slot) * hd, v + g * hd, 4 * hd);
+        }
+        l->kpos[slot] = pos;
+        WQS_T1(t_other);
+        wqs_attn aj = { l, q, z, st->sc, pos, H, (float)m->attn_softcap };
+        int64_t work = l->slots * hd * kvh * 8;
+        wq_run(wqs_attn_chunk, &aj, H, work < 65536 ? 1 : (int)m->nthreads);
+        WQS_T1(t_attn);
+        wqs_gemv(st, &l->o, z, a, NULL, NULL);
+        WQS_T1(t_prod);
+        wqs_add_normed(x, a, l->post_attn_norm, D, eps);
+        rms_row_f32(x, l->pre_ff_norm, h, D, eps);
+        WQS_T1(t_other);
+        wqs_gemv(st, &l->gate_up, h, y, NULL, NULL);
+        WQS_T1(t_prod);
+        for (int64_t f = 0; f < F; f++) act[f] = wqs_gelu_tanh(y[f]) * y[F + f];
+        WQS_T1(t_other);
+        wqs_gemv(st, &l->down, act, a, NULL, NULL);
+        WQS_T1(t_prod);
+        wqs_add_normed(x, a, l->post_ff_norm, D, eps);
+        if (capture) memcpy(capture + i * D, x, 4 * D);
+    }
+    rms_row_f32(x, m->final_norm, h, D, eps);
+    WQS_T1(t_other);
+    const float cap = (float)m->final_softcap;
+    wqs_gemv(st, &m->head, h, logits, next && cap <= 0.f ? st->pmax : NULL, st->pidx);
+    WQS_T1(t_prod);
+    if (cap > 0.f)
+        for (int64_t n = 0; n < m->V; n++) logits[n] = tanhf(logits[n] / cap) * cap;
+    if (next) {
+        if (cap > 0.f) {
+            float best = logits[0]; int64_t bi = 0;
+            for (int64_t n = 1; n < m->V; n++) {
+                float v = logits[n];
+                if (v > best || (v != v && best == best)) { best = v; bi = n; }
+            }
+            *next = bi;
+        } else {                    /* the chunks' partial maxima, in row order: the first maximum overall */
+            float best = st->pmax[0]; int64_t bi = st->pidx[0];
+            for (int64_t c2 = 1; c2 < st->nchunk_head; c2++) {
+                float v = st->pmax[c2];
+                if (v > best || (v != v && best == best)) { best = v; bi = st->pidx[c2]; }
+            }
+            *next = bi;
+        }
+    }
+    WQS_T1(t_other);
+    return 0;
+}
+"""
