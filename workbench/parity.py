@@ -12,6 +12,7 @@ import fnmatch
 import math
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -112,8 +113,8 @@ def _topk_agree(ref_logits: np.ndarray, logits: np.ndarray, k: int = 5) -> tuple
     r = ref_logits.reshape(-1, ref_logits.shape[-1])
     x = logits.reshape(-1, logits.shape[-1])
     top1 = float(np.mean(np.argmax(r, -1) == np.argmax(x, -1)))
-    rk = np.argsort(-r, -1)[:, :k]
-    xk = np.argsort(-x, -1)[:, :k]
+    rk = np.argsort(-r, -1, kind="stable")[:, :k]     # ties: the lower index (as parity_metrics computes it)
+    xk = np.argsort(-x, -1, kind="stable")[:, :k]
     overlap = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(rk, xk)]))
     return top1, overlap
 
@@ -305,6 +306,9 @@ class ParityReport:
         for k, r in hz.items():
             lines.append(f"precision hazard on {k}: first NaN/inf at {r['tap']}"
                          + (f" layer {r['layer']}" if r['layer'] is not None else "") + f" ({r['phase']})")
+        if self.meta.get("cost"):
+            from .parity_metrics import cost_line
+            lines.append(cost_line(self.meta["cost"]))
         lines.append(f"Overall: {'PASSED' if self.passed else 'FAILED'}")
         return "\n".join(lines)
 
@@ -442,21 +446,24 @@ def _targets(backends_arg, dtypes_arg) -> list[tuple[str, str]]:
 
 
 def _rows_for(ref_taps: dict, taps: dict, backend: str, dtype: str, kind: str, phase: str, tol: float,
-              order_of: dict, positions: slice | None = None) -> list[dict]:
+              order_of: dict, positions: slice | None = None, refs=None) -> list[dict]:
+    """One row per tap of ``taps`` (numpy, or torch / MLX arrays left on the target's device) against
+    ``ref_taps`` (at ``positions`` for decode steps). The statistics are ``metrics`` / ``_topk_agree``'s,
+    computed where the arrays live (workbench.parity_metrics; float64 where the device has it), only the
+    numbers come to the host; ``refs``: the comparison's RefCache (the reference uploaded once per device)."""
+    from . import parity_metrics as _pm
+    names = [n for n in taps if n in ref_taps]
+    stats = _pm.tap_metrics(ref_taps, {n: taps[n] for n in names}, positions, refs)
     rows = []
-    for name, x in taps.items():
-        if name not in ref_taps:
-            continue
-        r = ref_taps[name]
-        if positions is not None:
-            r = r[:, positions] if name != "logits" else r[:, positions]
-        m = metrics(r, x)
+    for name in names:
+        m = stats[name]
         tap, layer = split_tap(name)
+        top = (m.pop("top1"), m.pop("top5_overlap")) if "top1" in m else None
         row = dict(backend=backend, dtype=dtype, kind=kind, phase=phase, tap=tap, layer=layer, tol=tol,
                    order=order_of.get(name, 10**6), **m)
         row["passed"] = bool(m["rel_max"] <= tol and m["nan_count"] == 0 and m["inf_mismatch"] == 0)
         if tap == "logits":
-            row["top1"], row["top5_overlap"] = _topk_agree(r, x)
+            row["top1"], row["top5_overlap"] = top
         rows.append(row)
     return rows
 
@@ -799,7 +806,10 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
     low = sorted({d for _, d in targets if d in UNIT_ROUNDOFF}) if budgets else []
     prog = _Progress(progress, 2 + len(low) + len(targets) + len(refs))
     prog.note(f"loading {source}")
+    from . import parity_metrics as _pm
+    laps = _pm.Laps()     # the run's cost, by step (meta["cost"], the summary's cost line)
     cfg, tensors, path, tok = read_source(source, dtype="float64", progress=prog.prints)
+    laps("load_s")
     ids = _prompt_ids(prompt, tok, max_tokens, source)
     mm = dict(images=images, audio=audio) if media else {}
     ids_arr = np.asarray(ids, dtype=np.int64)[None]
@@ -817,22 +827,29 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
         if cfg.arch == "gemma4" and cfg.enable_moe_block and not media else []
     ref_out, ref_taps = _reference_taps(build, art, path, cfg, reference, ids_arr, taps, anchor, moe_taps, mm)
     prog.step(f"reference {reference}")
+    laps("reference_s")
 
     anchor_rows, anchor_info = _run_anchor(build, anchor, reference, art, path, ids_arr, ref_out, ref_taps, taps,
                                            order_of, tolerances, images, audio)
     prog.step("anchor: " + ("off" if not anchor else anchor_info["status"]))
+    laps("anchor_s")
 
     same_dtype = _budget_errors(low, media, path, ids_arr, ref_taps, T - decode_steps, T, prog)
+    laps("budgets_s")
+    per_target: dict = {}
     rows, skipped, devices, routing_flips = target_rows(
         build, targets, ids_arr, taps, ref_taps, order_of, decode_steps=decode_steps, tolerances=tolerances,
         fault=fault, prog=prog, forward_kw=mm, extra_taps=moe_taps, capture_decode=capture_decode,
-        budgets=same_dtype)
+        budgets=same_dtype, cost=per_target)
+    laps("targets_s")
     ext_rows, failed_refs = _independent_rows(refs, asked, media, path, cfg, ids_arr, ref_taps, tolerances, order_of,
                                               skipped, prog)
     rows += ext_rows
+    laps("independent_s")
 
     meta = _report_meta(source, path, reference, targets, T, decode_steps, images, audio, prompt, ids, taps, cfg,
                         skipped, devices, anchor_info, failed_refs, refs, decode, routing_flips)
+    meta["cost"] = laps.cost(per_target)
     rep = ParityReport(rows=rows, meta=meta, skipped=skipped, anchor=anchor_rows, anchor_info=anchor_info,
                        failed_references=failed_refs)
     meta["passed"] = rep.passed
@@ -1000,14 +1017,20 @@ def check_target(backend: str, dtype: str):
 
 def target_rows(build, targets, ids_arr, taps, ref_taps, order_of, *, decode_steps: int = 0, tolerances=None,
                 fault=None, prog=None, make_ops=None, forward_kw=None, extra_taps=(), capture_decode=None,
-                budgets=None) -> tuple[list[dict], dict, dict, dict]:
+                budgets=None, cost: dict | None = None) -> tuple[list[dict], dict, dict, dict]:
     """The per-target part of every comparison (``wb.compare``, a stored or sharded reference, the sharded targets
     of workbench.distributed): per backend x dtype, a model from ``build(ops)`` (``make_ops(backend, dtype)``,
     default ``backends.get_ops``), its prefill taps and the last ``decode_steps`` tokens through the KV cache
     (``capture_decode``: the fast route's, else the plain forward), rows against ``ref_taps``, each row's tolerance
     from the table (``tolerances`` overrides it) or from ``budgets`` ({dtype: (HF errors, what, why not)});
     ``extra_taps`` (MoE routing) compared as routing flips, not rows. Returns (rows, skipped {target: why},
-    devices {target: device}, routing flips {target: [...]})."""
+    devices {target: device}, routing flips {target: [...]}). With the default ops the taps stay on the target's
+    device and the statistics are computed there (workbench.parity_metrics); ``cost`` (a dict) gets, per target,
+    {build_s, forward_s (its own forwards: prefill, and the decode route's prefill + steps), metrics_s (the
+    parity work on its outputs: reference upload, statistics, the scalars' transfer, the rows)}."""
+    from . import parity_metrics as _pm
+    refs = _pm.RefCache(ref_taps)
+    on_device = make_ops is None     # sharded (tensor-parallel) ops: their taps come gathered through numpy
     rows: list[dict] = []
     skipped: dict[str, str] = {}
     devices: dict[str, str] = {}
@@ -1021,15 +1044,21 @@ def target_rows(build, targets, ids_arr, taps, ref_taps, order_of, *, decode_ste
             prog and prog.step(f"{key} skipped: {e}")
             continue
         devices[key] = device
+        clock = dict(build_s=time.perf_counter(), forward_s=0.0, metrics_s=0.0)
         m = build((make_ops or _bk.get_ops)(b, d))
+        clock["build_s"] = time.perf_counter() - clock["build_s"]
         if fault and _bk.parse(fault["backend"]).name == spec.name and fault.get("dtype", d) == d:
             m.perturb = _make_fault(fault)
         tol = tolerance_for(spec.kind, d, tolerances)
-        trows, flips = _prefill_rows(m, spec, d, tol, ids_arr, taps, ref_taps, order_of, forward_kw, extra_taps)
+        trows, flips = _prefill_rows(m, spec, d, tol, ids_arr, taps, ref_taps, order_of, forward_kw, extra_taps,
+                                     refs=refs, on_device=on_device, clock=clock)
         if flips:
             routing_flips[key] = flips
         if decode_steps:
-            trows += _decode_rows(m, spec, d, tol, ids_arr, decode_steps, taps, ref_taps, order_of, capture_decode)
+            trows += _decode_rows(m, spec, d, tol, ids_arr, decode_steps, taps, ref_taps, order_of, capture_decode,
+                                  refs=refs, on_device=on_device, clock=clock)
+        if cost is not None:
+            cost[key] = {k: round(v, 4) for k, v in clock.items()}
         overridden = bool(tolerances) and any(k in tolerances for k in ((spec.kind, d), spec.kind, d))
         if budgets and d in budgets and not overridden:
             _apply_budgets(trows, *budgets[d], d)
@@ -1042,34 +1071,60 @@ def target_rows(build, targets, ids_arr, taps, ref_taps, order_of, *, decode_ste
     return rows, skipped, devices, routing_flips
 
 
-def _prefill_rows(m, spec, d, tol, ids_arr, taps, ref_taps, order_of, forward_kw=None, extra_taps=()):
-    """A target's prefill rows, and its MoE routing flips against the reference (from ``extra_taps``)."""
-    out = m.forward(ids_arr, taps=list(taps) + list(extra_taps), **(forward_kw or {}))
-    got = dict(out.taps)
-    got["logits"] = out.logits
-    routing = {n: got.pop(n) for n in list(got) if n.endswith(("moe.hook_expert_ids", "moe.hook_router_probs"))
+def _prefill_rows(m, spec, d, tol, ids_arr, taps, ref_taps, order_of, forward_kw=None, extra_taps=(), refs=None,
+                  on_device=False, clock=None):
+    """A target's prefill rows, and its MoE routing flips against the reference (from ``extra_taps``).
+    on_device: the taps stay on the target's device (text prompts); clock: {forward_s, metrics_s} accumulated."""
+    from . import parity_metrics as _pm
+    t0 = time.perf_counter()
+    want = list(taps) + list(extra_taps)
+    got = _pm.device_forward(m, ids_arr, want) if on_device and not forward_kw else None
+    if got is None:
+        out = m.forward(ids_arr, taps=want, **(forward_kw or {}))
+        got = dict(out.taps)
+        got["logits"] = out.logits
+    _pm.ready(m, list(got.values()))
+    t1 = time.perf_counter()
+    routing = {n: _pm.to_numpy(m, got.pop(n)) for n in list(got)
+               if n.endswith(("moe.hook_expert_ids", "moe.hook_router_probs"))
                and not any(fnmatch.fnmatchcase(n, t) for t in taps)}
     flips = _routing_flips(ref_taps, routing, d) if routing else []
-    return _rows_for(ref_taps, got, spec.name, d, spec.kind, "prefill", tol, order_of), flips
+    rows = _rows_for(ref_taps, got, spec.name, d, spec.kind, "prefill", tol, order_of, refs=refs)
+    if clock is not None:
+        clock["forward_s"] += t1 - t0
+        clock["metrics_s"] += time.perf_counter() - t1
+    return rows, flips
 
 
-def _decode_rows(m, spec, d, tol, ids_arr, decode_steps, taps, ref_taps, order_of, capture_decode=None):
+def _decode_rows(m, spec, d, tol, ids_arr, decode_steps, taps, ref_taps, order_of, capture_decode=None, refs=None,
+                 on_device=False, clock=None):
     """The last ``decode_steps`` prompt tokens one by one through the KV cache (teacher-forced), rows against the
-    reference at those positions; each row carries its route ("plain", or the fast engine's)."""
+    reference at those positions; each row carries its route ("plain", or the fast engine's). on_device / clock:
+    as ``_prefill_rows`` (the plain route's taps stay on the device, concatenated there)."""
+    from . import parity_metrics as _pm
     T = ids_arr.shape[1]
     P = T - decode_steps
+    t0 = time.perf_counter()
     if capture_decode is not None:
         dec, route = capture_decode(m, ids_arr, P, taps)
     else:
         cache = m.new_cache(batch=1, max_len=T)
-        m.forward(ids_arr[:, :P], cache=cache)
-        steps = [m.forward(ids_arr[:, t:t + 1], taps=taps, cache=cache) for t in range(P, T)]
-        dec = {n: np.concatenate([s.taps[n] for s in steps], axis=1) for n in steps[0].taps}
-        dec["logits"] = np.concatenate([s.logits for s in steps], axis=1)
         route = "plain"
-    rows = _rows_for(ref_taps, dec, spec.name, d, spec.kind, "decode", tol, order_of, positions=slice(P, T))
+        if on_device and _pm.device_forward(m, ids_arr[:, :P], [], cache) is not None:
+            dec = _pm.concat_steps([_pm.device_forward(m, ids_arr[:, t:t + 1], taps, cache) for t in range(P, T)])
+        else:
+            m.forward(ids_arr[:, :P], cache=cache)
+            steps = [m.forward(ids_arr[:, t:t + 1], taps=taps, cache=cache) for t in range(P, T)]
+            dec = {n: np.concatenate([s.taps[n] for s in steps], axis=1) for n in steps[0].taps}
+            dec["logits"] = np.concatenate([s.logits for s in steps], axis=1)
+    _pm.ready(m, list(dec.values()))
+    t1 = time.perf_counter()
+    rows = _rows_for(ref_taps, dec, spec.name, d, spec.kind, "decode", tol, order_of, positions=slice(P, T), refs=refs)
     for r in rows:
         r["route"] = route
+    if clock is not None:
+        clock["forward_s"] += t1 - t0
+        clock["metrics_s"] += time.perf_counter() - t1
     return rows
 
 

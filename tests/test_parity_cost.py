@@ -1,0 +1,232 @@
+"""Parity metrics on the target's device (workbench.parity_metrics) against the numpy float64 definitions
+(``parity.metrics`` / ``parity._topk_agree``), and the cost split a compare run reports (issue 19, item 5).
+
+Bounds (u64 = 2^-53, u32 = 2^-24):
+* float64 engines (numpy, torch:cpu, mlx:cpu): Δ = x - ref is the same IEEE operation as numpy's, so max|Δ|, the
+  scale and rel_max must be the same bits; the sums only differ in summation order: for n non-negative terms any
+  two orders differ by <= 2(n-1)·u64 relative, so rel_l2 / nmse within 4·n·u64 and cosine (|Σx·r| <= |x||r|)
+  within 2·n·u64 absolute. Counts and top-k agreement: exact.
+* compensated float32 (mlx:gpu, torch:mps; run here on the CPU): Δ = (x - hi) - lo has two float32 roundings
+  (<= 2·u32 relative to Δ), the scale one (u32/2): max-based metrics within 1e-6 relative; the float32 sums are
+  tree-ordered reductions (~log2(n)·u32 ≈ 1e-6 at these sizes): 1e-5 relative, cosine 1e-5 absolute. Counts and
+  top-k agreement exact (the reference's sets come from float64, the target's values are float32 already).
+"""
+import math
+
+import numpy as np
+import pytest
+
+from conftest import fixture_dir, have
+from workbench import parity as P
+from workbench import parity_metrics as M
+
+U64 = 2.0 ** -53
+FLOAT_KEYS = ("max_abs", "ref_scale", "rel_max", "min_tol", "rel_l2", "nmse", "cosine")
+INT_KEYS = ("nan_count", "inf_count", "inf_mismatch")
+
+
+def engines():
+    out = [("numpy", M._Numpy)]
+    if have("torch"):
+        out += [("torch:cpu", lambda: M._Torch("cpu")),
+                ("torch:cpu general", lambda: _general(M._Torch("cpu"))),
+                ("torch f32-compensated", lambda: _general(M._Torch("cpu", exact=False)))]
+    if have("mlx"):
+        import mlx.core as mx
+        out += [("mlx:cpu", lambda: M._MLX(mx.cpu)),
+                ("mlx f32-compensated", lambda: _general(M._MLX(mx.cpu, exact=False)))]
+    return out
+
+
+def _general(e):
+    """The device route (no data-dependent host branches), as on a GPU."""
+    e.host_sync = False
+    return e
+
+
+def _as(e, x):
+    if isinstance(e, M._Torch):
+        import torch
+        return torch.from_numpy(np.ascontiguousarray(x))
+    if isinstance(e, M._MLX):
+        import mlx.core as mx
+        return mx.array(x)
+    return x
+
+
+def cases():
+    """(name, ref float64, target float32) pairs: clean, NaN, inf, a planted fault, and logits with ties."""
+    rng = np.random.default_rng(7)
+    ref = rng.standard_normal((1, 12, 64)) * 3
+    clean = (ref + 1e-4 * rng.standard_normal(ref.shape)).astype(np.float32)
+    out = {"clean": (ref, clean)}
+    x = clean.copy()
+    x[0, 2, 5] = np.nan
+    x[0, 7, 1] = np.nan
+    out["nan"] = (ref, x)
+    r2 = ref.copy()
+    r2[0, 1, 1], r2[0, 3, 3], r2[0, 4, 4] = np.inf, -np.inf, np.inf
+    x = clean.copy()
+    x[0, 1, 1], x[0, 3, 3] = np.inf, np.inf      # +inf matches, +inf against -inf does not, one missing
+    x[0, 9, 9] = -np.inf                          # inf where the reference is finite
+    out["inf"] = (r2, x)
+    x = clean.copy()
+    x[0, 5:8] *= 1.01                             # a planted 1% fault on three positions
+    out["fault"] = (ref, x)
+    out["zeros"] = (np.zeros((1, 3, 8)), np.zeros((1, 3, 8), np.float32))
+    # logits: bfloat16-like values (many exact ties, ties at the top-k boundary and at the max), a NaN row
+    lr = np.round(rng.standard_normal((1, 12, 700)) * 4, 0)
+    lr += rng.standard_normal(lr.shape) * 1e-3      # the reference: distinct values
+    lx = np.round(lr * 2) / 2                        # the target: coarse, so ties everywhere
+    lx[0, 3, :] = lx[0, 3].max()                     # a row that is all one value
+    lx[0, 4, 10] = np.nan                            # NaN in a row (its argmax is that NaN, as numpy's)
+    lx[0, 5, 3:] = np.nan                            # fewer than k numbers: NaNs complete the top-5 by index
+    out["logits"] = (lr, lx.astype(np.float32))
+    return out
+
+
+def _want(ref, x, logits):
+    w = P.metrics(ref, x)
+    if logits:
+        w["top1"], w["top5_overlap"] = P._topk_agree(ref, x)
+    return w
+
+
+def _check(name, got, want, n, exact):
+    for k in INT_KEYS:
+        assert got[k] == want[k], (name, k, got[k], want[k])
+    for k in ("top1", "top5_overlap"):
+        if k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-12, abs=1e-15), (name, k, got[k], want[k])
+    for k in FLOAT_KEYS:
+        g, w = got[k], want[k]
+        assert not (math.isnan(g) or math.isnan(w)), (name, k, g, w)
+        if math.isinf(w) or math.isinf(g):
+            assert g == w, (name, k, g, w)
+            continue
+        if exact:
+            if k in ("max_abs", "ref_scale", "rel_max", "min_tol"):
+                assert g == w, (name, k, g, w)          # the same IEEE operations: the same bits
+            elif k == "cosine":
+                assert abs(g - w) <= 2 * n * U64 + 4 * U64, (name, k, g, w)
+            else:
+                assert abs(g - w) <= 4 * n * U64 * abs(w) + 1e-300, (name, k, g, w)
+        else:
+            tol = 1e-6 if k in ("max_abs", "ref_scale", "rel_max", "min_tol") else 1e-5
+            if k == "cosine":
+                assert abs(g - w) <= 1e-5, (name, k, g, w)
+            else:
+                assert abs(g - w) <= tol * abs(w), (name, k, g, w)
+
+
+@pytest.mark.parametrize("ename,make", engines(), ids=[e for e, _ in engines()])
+@pytest.mark.parametrize("chunk", [1 << 24, 100])
+def test_device_metrics_equal_numpy_metrics(ename, make, chunk, monkeypatch):
+    """Every case through one tap_metrics call per engine (one host transfer) equals the numpy definitions;
+    chunk=100 splits every tap into several row chunks (the logits one row per chunk)."""
+    monkeypatch.setattr(M, "CHUNK", chunk)
+    e = make()
+    cs = cases()
+    ref_taps = {k: r for k, (r, _) in cs.items()}
+    got = M.tap_metrics(ref_taps, {k: _as(e, x) for k, (_, x) in cs.items()}, engine=e, topk_taps=("logits",))
+    for k, (r, x) in cs.items():
+        _check(f"{ename}/{k}", got[k], _want(r, x, k == "logits"), r.size, e.exact)
+    # the cases do what they claim: NaN and an inf mismatch fail, the fault shows, the ties are there
+    assert got["nan"]["nan_count"] == 2 and got["nan"]["rel_max"] == math.inf
+    assert got["inf"]["inf_mismatch"] == 3 and got["inf"]["rel_max"] == math.inf
+    assert got["fault"]["rel_max"] > 50 * got["clean"]["rel_max"]
+    assert 0 < got["logits"]["top1"] < 1 and 0 < got["logits"]["top5_overlap"] < 1
+
+
+def test_decode_positions_and_reference_upload_once():
+    """positions= slices the uploaded reference on the device; the reference is uploaded once per device."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    ref = {"a": rng.standard_normal((1, 10, 32)), "logits": rng.standard_normal((1, 10, 50))}
+    refs = M.RefCache(ref)
+    e = M._Torch("cpu")
+    for _ in range(2):
+        x = {k: (v[:, 6:] + 1e-3 * rng.standard_normal(v[:, 6:].shape)).astype(np.float32) for k, v in ref.items()}
+        got = M.tap_metrics(ref, {k: _as(e, v) for k, v in x.items()}, positions=slice(6, 10), refs=refs, engine=e)
+        for k in ref:
+            _check(k, got[k], _want(ref[k][:, 6:], x[k], k == "logits"), x[k].size, True)
+    assert sorted(k[1] for k in refs._up) == ["a", "logits"]
+
+
+def test_topk_agree_is_the_stable_sort_definition():
+    """The numpy reference itself, against a brute-force sort by (-value, index) with NaN last."""
+    rng = np.random.default_rng(5)
+    r = np.round(rng.standard_normal((6, 40)) * 2) / 2
+    x = np.round(r + rng.standard_normal(r.shape) * 0.5)
+    x[1, 7] = np.nan
+    x[2, :] = 1.0
+
+    def order(row):
+        return sorted(range(len(row)), key=lambda i: (math.isnan(row[i]), -row[i] if not math.isnan(row[i]) else 0, i))
+    over = np.mean([len(set(order(a)[:5]) & set(order(b)[:5])) / 5 for a, b in zip(r, x)])
+    first = [int(np.flatnonzero(np.isnan(b))[0]) if np.isnan(b).any() else order(b)[0] for b in x]
+    top1 = np.mean([order(a)[0] == f for a, f in zip(r, first)])
+    assert P._topk_agree(r, x) == (pytest.approx(top1), pytest.approx(over))
+
+
+def _forward_rows_numpy(src, backend, dtype, ids, taps, fault, decode_steps):
+    """The rows' statistics the old way: m.forward's numpy taps and parity.metrics, prefill and decode."""
+    import workbench as wb
+    ref = wb.load(src, backend="torch:cpu", dtype="float64", progress=False)
+    ro = ref.forward(ids, taps=taps)
+    rt = dict(ro.taps, logits=ro.logits)
+    m = wb.load(src, backend=backend, dtype=dtype, progress=False)
+    if fault:
+        m.perturb = P._make_fault(fault)
+    o = m.forward(ids, taps=taps)
+    want = {("prefill", k): _want(rt[k], v, k == "logits") for k, v in dict(o.taps, logits=o.logits).items()}
+    T = ids.shape[1]
+    Pn = T - decode_steps
+    cache = m.new_cache(batch=1, max_len=T)
+    m.forward(ids[:, :Pn], cache=cache)
+    steps = [m.forward(ids[:, t:t + 1], taps=taps, cache=cache) for t in range(Pn, T)]
+    dec = {n: np.concatenate([s.taps[n] for s in steps], 1) for n in steps[0].taps}
+    dec["logits"] = np.concatenate([s.logits for s in steps], 1)
+    for k, v in dec.items():
+        want[("decode", k)] = _want(rt[k][:, Pn:], v, k == "logits")
+    return want
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch:cpu", "mlx:cpu") if have(b.split(":")[0])])
+def test_compare_rows_equal_numpy_metrics_with_a_planted_fault(backend, tmp_db):
+    """wb.compare's rows (taps left on the device, statistics there) equal parity.metrics on m.forward's numpy
+    taps, prefill and decode, with a planted fault: the fault's layer is the first divergence; the run reports
+    its cost split."""
+    import workbench as wb
+    src = str(fixture_dir("gemma3_text"))
+    ids = np.random.default_rng(0).integers(1, 200, (1, 20))
+    taps = ["blocks.*.hook_resid_post", "blocks.*.hook_mlp_out"]
+    fault = {"backend": backend, "layer": 1, "tap": "hook_mlp_out", "scale": 1e-2}
+    rep = wb.compare(src, backends=[backend], dtypes=["float32"], prompt=ids[0].tolist(), taps=taps, decode_steps=3,
+                     anchor=False, fault=fault, db=tmp_db, progress=False)
+    want = _forward_rows_numpy(src, backend, "float32", ids, taps, fault, 3)
+    names = {(r["phase"], r["tap"] if r["layer"] is None else P._tap_name(r["tap"], r["layer"])): r for r in rep.rows}
+    assert set(names) == set(want)
+    for key, w in want.items():
+        _check(str(key), names[key], w, 20 * 64, True)
+    fd = rep.first_divergence
+    assert not rep.passed and (fd["tap"], fd["layer"]) == ("hook_mlp_out", 1)
+    cost = rep.meta["cost"]
+    pt = cost["per_target"][f"{backend}:float32"]
+    assert pt["forward_s"] > 0 and pt["metrics_s"] > 0
+    assert cost["targets_forward_s"] == pytest.approx(pt["forward_s"], abs=2e-3)
+    assert cost["total_s"] >= cost["targets_forward_s"] + cost["parity_overhead_s"] - 1e-2
+    line = [ln for ln in rep.summary().splitlines() if ln.startswith("cost: ")]
+    assert len(line) == 1 and "parity overhead" in line[0]
+    back = P.ParityReport.from_run(rep.run_id, store=tmp_db)
+    assert back.summary() == rep.summary() and back.meta["cost"] == cost
+
+
+def test_nan_target_fails_through_the_device_route():
+    """A NaN in a device tensor gives a failing row (rel_max inf), however small the other errors."""
+    torch = pytest.importorskip("torch")
+    ref = {"blocks.0.hook_resid_post": np.ones((1, 4, 8))}
+    x = torch.ones((1, 4, 8), dtype=torch.bfloat16)
+    x[0, 2, 3] = float("nan")
+    rows = P._rows_for(ref, {"blocks.0.hook_resid_post": x}, "torch:cpu", "bfloat16", "torch:cpu", "prefill", 1.0, {})
+    assert len(rows) == 1 and not rows[0]["passed"] and rows[0]["nan_count"] == 1 and rows[0]["rel_max"] == math.inf

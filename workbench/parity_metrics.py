@@ -1,0 +1,623 @@
+"""Parity metrics where the target's arrays live: only scalars come to the host.
+
+``workbench.parity.metrics`` / ``_topk_agree`` are the definitions (numpy, float64); this module computes the
+same numbers in the target's framework, on the target's device:
+
+* torch:cpu / torch:cuda and mlx:cpu: float64, the same arithmetic as numpy (max|Δ| and the scale are the same
+  bits; the sums differ only by summation order: <= 1e-12 relative, tested in tests/test_parity_cost.py).
+* mlx:gpu and torch:mps (no float64): compensated float32. The float64 reference is held as a float32 pair
+  hi + lo (lo = ref - hi), so Δ = (x - hi) - lo carries no rounding of the reference (a float32 target whose
+  error is 1e-7 is measured as such, not as the reference's own float32 rounding); the sums are float32
+  reductions (tree-ordered on the GPU) over chunks of at most CHUNK elements. The top-1 / top-k sets of the
+  reference are computed in float64 on the host, once per tap and positions, and uploaded as masks.
+
+One tap's statistics are a few device reductions per chunk of rows (CHUNK elements at most, so a 600-token
+full-vocabulary logits tensor needs no full-size float64 copy); all taps of one phase are stacked and cross to
+the host in one transfer (floats and counts). The reference taps are uploaded to a target's device once per
+comparison (``RefCache``) and sliced there for the decode positions.
+
+Top-k follows numpy's stable argsort of ``-x``: ties go to the lower index, NaN ranks below every number (so
+below -inf), and the argmax of a row with a NaN is its first NaN, as ``np.argmax`` returns.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import numpy as np
+
+CHUNK = 1 << 24          # elements per reduction chunk (float64: 128 MiB per temporary)
+_F = 6                   # float stats: max|d|, max|r|, sum d^2, sum r^2, sum x^2, sum x*r (finite entries)
+_I = 5                   # counts: NaN, inf, inf mismatches, top-1 agreements, top-k overlaps (logits only)
+
+
+# ---------------------------------------------------------------------------------------- frameworks
+class _Numpy:
+    """Host float64 (the fallback where torch is not importable)."""
+    key = ("numpy",)
+    exact = True
+    host_sync = True     # the arrays are on the host: a data-dependent branch costs no transfer
+    inf = math.inf
+
+    def py(self, v):
+        return v.item() if hasattr(v, "item") else v
+
+    def maxabs(self, d):
+        return max(d.max(), -d.min())
+
+    def dot(self, a, b):
+        return np.dot(a.ravel(), b.ravel())
+
+    def argmax_first(self, y):
+        return np.argmax(y, -1)
+
+    def ctx(self):
+        return contextlib.nullcontext()
+
+    def up(self, a):
+        return np.asarray(a, dtype=np.float64)
+
+    def f(self, x):
+        return np.asarray(x, dtype=np.float64)
+
+    def shape(self, x):
+        return tuple(x.shape)
+
+    def rows(self, x, L):
+        return x.reshape(-1, L)
+
+    isnan, isinf, isfinite, sign, abs, where = (staticmethod(np.isnan), staticmethod(np.isinf),
+                                                 staticmethod(np.isfinite), staticmethod(np.sign),
+                                                 staticmethod(np.abs), staticmethod(np.where))
+
+    def amax(self, x):
+        return x.max()
+
+    def colmax(self, x):
+        return x.max(0)
+
+    def fsum(self, x):
+        return x.sum()
+
+    def count(self, m):
+        return np.int64(m.sum())
+
+    def rowsum(self, m):
+        return m.sum(-1, keepdims=True)
+
+    def rowmax(self, x):
+        return x.max(-1, keepdims=True)
+
+    def cumsum(self, m):
+        return np.cumsum(m, -1)
+
+    def kth(self, y, k):
+        return np.partition(y, y.shape[-1] - k, axis=-1)[:, y.shape[-1] - k:y.shape[-1] - k + 1]
+
+    def first(self, m):
+        return np.argmax(m, -1)
+
+    def stack(self, xs):
+        return np.stack(xs)
+
+    def concat(self, xs):
+        return np.concatenate(xs)
+
+    def host(self, x):
+        return np.asarray(x)
+
+    def floats(self, xs):
+        return np.stack([np.asarray(v, dtype=np.float64) for v in xs])
+
+    def ints(self, xs):
+        return np.stack([np.asarray(v, dtype=np.int64) for v in xs])
+
+
+class _Torch(_Numpy):
+    """torch on the tensor's device: float64 on cpu/cuda, compensated float32 on mps."""
+
+    def __init__(self, device, exact: bool | None = None):
+        import torch
+        self.t = torch
+        self.device = torch.device(device)
+        self.exact = self.device.type != "mps" if exact is None else exact     # exact=False: tests of float32
+        self.host_sync = self.device.type == "cpu"
+        self.fd = torch.float64 if self.exact else torch.float32
+        self.key = ("torch", str(self.device), self.exact)
+
+    def up(self, a):
+        return self._from(a).to(self.device, self.fd)
+
+    def _from(self, a):
+        import warnings
+        with warnings.catch_warnings():     # read-only arrays (stored references): nothing here writes to them
+            warnings.simplefilter("ignore", UserWarning)
+            return self.t.from_numpy(np.ascontiguousarray(a))
+
+    def f(self, x):
+        if isinstance(x, np.ndarray):
+            x = self._from(x)
+        return x.detach().to(self.device, self.fd)
+
+    def isnan(self, x):
+        return self.t.isnan(x)
+
+    def isinf(self, x):
+        return self.t.isinf(x)
+
+    def isfinite(self, x):
+        return self.t.isfinite(x)
+
+    def sign(self, x):
+        return self.t.sign(x)
+
+    def abs(self, x):
+        return x.abs()
+
+    def where(self, m, a, b):
+        return self.t.where(m, a, b)
+
+    def count(self, m):
+        return m.sum()
+
+    def cumsum(self, m):
+        return self.t.cumsum(m, -1)
+
+    def kth(self, y, k):
+        return self.t.topk(y, k, dim=-1).values[:, -1:]
+
+    def first(self, m):
+        return m.to(self.t.uint8).argmax(-1)     # the first maximal value (torch documents it)
+
+    def stack(self, xs):
+        return self.t.stack(xs)
+
+    def concat(self, xs):
+        return self.t.cat(xs)
+
+    def floats(self, xs):
+        return self.t.stack([v.to(self.fd) for v in xs]).cpu().numpy().astype(np.float64)
+
+    def ints(self, xs):
+        return self.t.stack([v.to(self.t.int64) for v in xs]).cpu().numpy()
+
+    def host(self, x):
+        return x.cpu().numpy()
+
+    def rowsum(self, m):
+        return m.sum(-1, keepdim=True)
+
+    def rowmax(self, x):
+        return x.max(-1, keepdim=True).values
+
+    def amax(self, x):
+        return x.max()
+
+    def colmax(self, x):
+        return x.amax(0)
+
+    def maxabs(self, d):
+        return self.t.linalg.vector_norm(d, float("inf"))
+
+    def dot(self, a, b):
+        return self.t.dot(a.reshape(-1), b.reshape(-1))
+
+    def argmax_first(self, y):
+        return y.argmax(-1)      # the first maximal value (torch documents it)
+
+
+class _MLX(_Numpy):
+    """MLX: float64 on the CPU stream (mlx:cpu), compensated float32 on the GPU (mlx:gpu has no float64)."""
+
+    def __init__(self, device=None, exact: bool | None = None):
+        import mlx.core as mx
+        self.mx = mx
+        dev = device if device is not None else mx.default_device()
+        self.dev = dev
+        self.exact = dev == mx.cpu if exact is None else exact     # exact=False on the CPU: tests of float32
+        self.host_sync = dev == mx.cpu
+        self.fd = mx.float64 if self.exact else mx.float32
+        self.key = ("mlx", str(dev), self.exact)
+
+    def ctx(self):
+        return self.mx.stream(self.dev)
+
+    def up(self, a):
+        return self.mx.array(np.ascontiguousarray(a, dtype=np.float64 if self.exact else np.float32), dtype=self.fd)
+
+    def f(self, x):
+        if isinstance(x, np.ndarray):
+            return self.up(x)
+        return x.astype(self.fd)
+
+    def isnan(self, x):
+        return self.mx.isnan(x)
+
+    def isinf(self, x):
+        return self.mx.isinf(x)
+
+    def isfinite(self, x):
+        return self.mx.isfinite(x)
+
+    def sign(self, x):
+        return self.mx.sign(x)
+
+    def abs(self, x):
+        return self.mx.abs(x)
+
+    def where(self, m, a, b):
+        return self.mx.where(m, a, b)
+
+    def amax(self, x):
+        return self.mx.max(x)
+
+    def fsum(self, x):
+        return self.mx.sum(x)
+
+    def py(self, v):
+        return v.item()
+
+    def maxabs(self, d):
+        return self.mx.max(self.mx.abs(d))
+
+    def dot(self, a, b):
+        return self.mx.sum(a * b)
+
+    def argmax_first(self, y):
+        return self.first(y == self.rowmax(y))
+
+    def count(self, m):
+        return self.mx.sum(m.astype(self.mx.int32))
+
+    def rowsum(self, m):
+        return self.mx.sum(m.astype(self.mx.int32), axis=-1, keepdims=True)
+
+    def rowmax(self, x):
+        return self.mx.max(x, axis=-1, keepdims=True)
+
+    def cumsum(self, m):
+        return self.mx.cumsum(m.astype(self.mx.int32), axis=-1)
+
+    def kth(self, y, k):
+        return self.mx.min(self.mx.topk(y, k, axis=-1), axis=-1, keepdims=True)
+
+    def first(self, m):
+        L = m.shape[-1]
+        return self.mx.min(self.mx.where(m, self.mx.arange(L), L), axis=-1)
+
+    def stack(self, xs):
+        return self.mx.stack(xs)
+
+    def concat(self, xs):
+        return self.mx.concatenate(xs)
+
+    def floats(self, xs):
+        a = self.mx.stack([v.astype(self.fd) for v in xs])
+        return np.array(a).astype(np.float64)
+
+    def ints(self, xs):
+        return np.array(self.mx.stack([v.astype(self.mx.int32) for v in xs])).astype(np.int64)
+
+    def host(self, x):
+        return np.array(x)
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _is_mlx(x) -> bool:
+    return type(x).__module__.startswith("mlx")
+
+
+def _host_engine():
+    try:
+        return _Torch("cpu")
+    except ImportError:
+        return _Numpy()
+
+
+def engine_for(x):
+    """The framework adapter that computes x's statistics where x lives (numpy: torch on the CPU, float64)."""
+    if _is_torch(x):
+        return _Torch(x.device)
+    if _is_mlx(x):
+        return _MLX()
+    return _host_engine()
+
+
+# ---------------------------------------------------------------------------------------- the reference
+class RefCache:
+    """The reference taps (numpy float64) uploaded once per target device and sliced there; the reference's
+    top-1 / top-k sets per (tap, positions), computed once. One per comparison."""
+
+    def __init__(self, ref_taps: dict):
+        self.ref_taps = ref_taps
+        self._up: dict = {}
+        self._top: dict = {}
+        self._chunk: dict = {}
+        self.upload_s = 0.0
+
+    def get(self, ns, name: str, positions):
+        """(hi, lo) of the reference tap at ``positions`` on ns's device; lo is None in float64."""
+        key = (ns.key, name)
+        if key not in self._up:
+            t0 = time.perf_counter()
+            r = np.asarray(self.ref_taps[name], dtype=np.float64)
+            if ns.exact:
+                self._up[key] = (ns.up(r), None)
+            else:
+                with np.errstate(invalid="ignore", over="ignore"):
+                    hi = r.astype(np.float32)
+                    lo = (r - hi.astype(np.float64)).astype(np.float32)
+                self._up[key] = (ns.up(hi), ns.up(lo))
+            self.upload_s += time.perf_counter() - t0
+        hi, lo = self._up[key]
+        if positions is not None:
+            hi = hi[:, positions]
+            lo = lo[:, positions] if lo is not None else None
+        return hi, lo
+
+    def top(self, ns, name: str, positions, k: int, rows_per: int):
+        """Per row chunk, the reference's (argmax, top-k mask) on ns's device (float64 on the host where ns is a
+        float32 device, then uploaded)."""
+        key = (ns.key, name, None if positions is None else (positions.start, positions.stop), k, rows_per)
+        if key not in self._top:
+            r = np.asarray(self.ref_taps[name], dtype=np.float64)
+            if positions is not None:
+                r = r[:, positions]
+            calc = ns if ns.exact else _host_engine()
+            with calc.ctx():
+                rr = calc.rows(calc.up(r), r.shape[-1] if r.ndim else 1)
+                out = []
+                for s in range(0, rr.shape[0], rows_per):
+                    c = rr[s:s + rows_per]
+                    fast = _fast_top(calc, c, k) if calc.host_sync and calc.py(calc.count(~calc.isfinite(c))) == 0 \
+                        else None
+                    out.append(fast or (_argmax(calc, c), _topmask(calc, c, k)))
+            if calc is not ns:
+                out = [(_upload(ns, calc.host(a)), _upload(ns, calc.host(m))) for a, m in out]
+            self._top[key] = out
+        return self._top[key]
+
+    def chunk(self, ns, name: str, positions, rows_per: int, j: int, hc):
+        """(all finite, max|ref|, sum ref^2) of the reference's row chunk j (host engines' fast route), once."""
+        key = (ns.key, name, None if positions is None else (positions.start, positions.stop), rows_per, j)
+        if key not in self._chunk:
+            self._chunk[key] = (ns.py(ns.count(~ns.isfinite(hc))) == 0, ns.maxabs(hc), ns.dot(hc, hc))
+        return self._chunk[key]
+
+
+def _upload(ns, a):
+    """An integer or bool numpy array on ns's device, as it is (int32 for MLX)."""
+    if isinstance(ns, _Torch):
+        return ns._from(a).to(ns.device)
+    if isinstance(ns, _MLX):
+        return ns.mx.array(a.astype(np.int32) if a.dtype.kind in "iu" else a)
+    return a
+
+
+# ---------------------------------------------------------------------------------------- the statistics
+def _topmask(ns, y, k):
+    """Rows' top-k sets as masks, as numpy's stable argsort of -y: ties to the lower index, NaN below -inf."""
+    nan = ns.isnan(y)
+    y = ns.where(nan, -ns.inf, y)
+    kth = ns.kth(y, k)
+    gt = y > kth
+    eq = (y == kth) & ~nan
+    need = k - ns.rowsum(gt)
+    take = eq & (ns.cumsum(eq) <= need)
+    need2 = need - ns.rowsum(eq)
+    return gt | take | (nan & (ns.cumsum(nan) <= need2))
+
+
+def _fast_top(ns, y, k):
+    """(argmax, top-k mask) of NaN-free rows where no row has a tie at its k-th value (then the mask y >= kth is
+    the stable sort's set); None where one has (the general route then breaks the tie by index)."""
+    kth = ns.kth(y, k)
+    m = y >= kth
+    if ns.py(ns.count(m)) != y.shape[0] * k:
+        return None
+    return ns.argmax_first(y), m
+
+
+def _argmax(ns, y):
+    """np.argmax per row: the first NaN where the row has one, else the first maximum."""
+    nan = ns.isnan(y)
+    has = ns.rowsum(nan) > 0
+    ymax = ns.rowmax(ns.where(nan, -ns.inf, y))
+    return ns.first(ns.where(has, nan, y == ymax))
+
+
+def _chunk_stats(ns, x, hi, lo):
+    xn, xi, ri = ns.isnan(x), ns.isinf(x), ns.isinf(hi)
+    ints = [ns.count(xn), ns.count(xi), ns.count(xi != ri) + ns.count(xi & ri & (ns.sign(x) != ns.sign(hi)))]
+    fin = ns.isfinite(x) & ns.isfinite(hi)
+    d = x - hi if lo is None else (x - hi) - lo
+    d, r, xf = ns.where(fin, d, 0.0), ns.where(fin, hi, 0.0), ns.where(fin, x, 0.0)
+    fl = [ns.amax(ns.abs(d)), ns.amax(ns.abs(r)), ns.fsum(d * d), ns.fsum(r * r), ns.fsum(xf * xf), ns.fsum(xf * r)]
+    return fl, ints
+
+
+def _tap_stats(ns, refs, name, x, positions, k):
+    """(float vector [6], int vector [5], n rows) of one tap, still on the device."""
+    hi, lo = refs.get(ns, name, positions)
+    xs, rs = ns.shape(x), tuple(hi.shape)
+    if xs != rs:
+        raise ValueError(f"{name}: shape mismatch: reference {rs} vs {xs}")
+    L = xs[-1] if xs else 1
+    n = int(np.prod(xs[:-1])) if len(xs) > 1 else 1
+    size = int(np.prod(xs)) if xs else 1
+    if size == 0:
+        return ns.f(np.zeros(_F)), _upload(ns, np.zeros(_I, dtype=np.int64)), 0
+    rows_per = max(1, CHUNK // max(L, 1))
+    xr, hr, lr = ns.rows(ns.f(x), L), ns.rows(hi, L), (ns.rows(lo, L) if lo is not None else None)
+    top = refs.top(ns, name, positions, min(k, L), rows_per) if k else None
+    fls, ins = [], []
+    for j, s in enumerate(range(0, n, rows_per)):
+        c = slice(s, s + rows_per)
+        xc, hc, lc = xr[c], hr[c], (lr[c] if lr is not None else None)
+        fast = None
+        if ns.host_sync:     # on the CPU a branch on the data costs nothing: finite chunks take fewer passes
+            rfin, rscale, rsq = refs.chunk(ns, name, positions, rows_per, j, hc)
+            fast = rfin and ns.py(ns.count(~ns.isfinite(xc))) == 0
+        if fast:
+            d = xc - hc if lc is None else (xc - hc) - lc
+            fl = [ns.maxabs(d), rscale, ns.dot(d, d), rsq, ns.dot(xc, xc), ns.dot(xc, hc)]
+            it = [ns.count(xc[:0] > 0)] * 3
+        else:
+            fl, it = _chunk_stats(ns, xc, hc, lc)
+        if top is not None:
+            ra, rm = top[j]
+            xa, xm = (fast and _fast_top(ns, xc, min(k, L))) or (_argmax(ns, xc), _topmask(ns, xc, min(k, L)))
+            it += [ns.count(xa == ra), ns.count(xm & rm)]
+        fls.append(ns.stack(fl))
+        ins.append(ns.stack(it))
+    F, I = ns.stack(fls), ns.stack(ins)
+    i = I.sum(0)
+    if top is None:
+        i = ns.concat([i, _upload(ns, np.zeros(_I - 3, dtype=np.int64 if not isinstance(ns, _MLX) else np.int32))])
+    return ns.concat([ns.colmax(F[:, :2]), F[:, 2:].sum(0)]), i, n
+
+
+def _finish(f, i, n, k, logits: bool) -> dict:
+    """The metric dict of ``workbench.parity.metrics`` (and top1 / top5_overlap) from the device's sums."""
+    max_abs, scale, sdd, srr, sxx, sxr = (float(v) for v in f)
+    nan, inf, mism = int(i[0]), int(i[1]), int(i[2])
+    rel_max = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    l2r = math.sqrt(srr)
+    rel_l2 = math.sqrt(sdd) / l2r if l2r > 0 else (0.0 if max_abs == 0 else math.inf)
+    nmse = sdd / srr if srr > 0 else (0.0 if max_abs == 0 else math.inf)
+    den = math.sqrt(sxx) * l2r
+    cosine = sxr / den if den > 0 else (1.0 if max_abs == 0 else 0.0)
+    bad = nan > 0 or mism > 0
+    out = dict(max_abs=max_abs, ref_scale=scale, rel_max=rel_max if not bad else math.inf, rel_l2=rel_l2,
+               nmse=nmse, cosine=cosine, nan_count=nan, inf_count=inf, inf_mismatch=mism,
+               min_tol=rel_max if not bad else math.inf)
+    if logits:
+        out["top1"] = int(i[3]) / n if n else math.nan
+        out["top5_overlap"] = int(i[4]) / (n * k) if n else math.nan
+    return out
+
+
+def tap_metrics(ref_taps: dict, taps: dict, positions: slice | None = None, refs: RefCache | None = None,
+                k: int = 5, topk_taps=("logits",), engine=None) -> dict[str, dict]:
+    """{name: metrics} of every tap in ``taps`` (numpy, torch or MLX arrays) against ``ref_taps[name]`` (numpy,
+    sliced ``[:, positions]`` for decode steps), computed on each tap's device; the taps listed in ``topk_taps``
+    also get top1 / top5_overlap. One host transfer per framework/device for all taps."""
+    refs = refs if refs is not None else RefCache(ref_taps)
+    groups: dict = {}
+    for name, x in taps.items():
+        ns = engine if engine is not None else engine_for(x)
+        groups.setdefault(ns.key, (ns, []))[1].append((name, x))
+    out: dict[str, dict] = {}
+    for ns, items in groups.values():
+        with ns.ctx():
+            got = [(name, *_tap_stats(ns, refs, name, x, positions, k if name in topk_taps else 0))
+                   for name, x in items]
+            F = ns.floats([g[1] for g in got])
+            I = ns.ints([g[2] for g in got])
+        for j, (name, _, _, n) in enumerate(got):
+            out[name] = _finish(F[j], I[j], n, k, name in topk_taps)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- device taps
+def device_forward(m, ids, taps, cache=None):
+    """One forward of a LanguageModel's text decoder with the taps left on the device: {name: backend array},
+    "logits" included; None where that route does not apply (then the caller uses ``m.forward``)."""
+    from .model.gemma import Gemma
+    from .model.taps import Points
+    dec = getattr(m, "decoder", None)
+    if not isinstance(dec, Gemma) or dec.ops.framework not in ("torch", "mlx"):
+        return None
+
+    class _DevicePoints(Points):
+        def visit(self, ops, name, x, to_np=None, from_np=None):
+            if name in self.tapped and name not in self.hooked and to_np is None:
+                self.values[name] = x
+                return x
+            return super().visit(ops, name, x, to_np, from_np)
+
+    a = dec.check_ids(ids)
+    start = cache.offset if cache is not None else 0
+    pts = _DevicePoints(dec.config, taps, None)
+    logits = dec._forward(a, pts, cache, start, False)
+    if cache is not None:
+        cache.offset = start + a.shape[1]
+    got = dict(pts.values)
+    got["logits"] = logits
+    return got
+
+
+def ready(m, arrays) -> None:
+    """Wait until the device has computed ``arrays`` (so a forward's time is its own, not the metrics')."""
+    arrs = [a for a in arrays if _is_mlx(a)]
+    if arrs:
+        import mlx.core as mx
+        mx.eval(*arrs)
+    dec = getattr(m, "decoder", None)
+    if dec is not None and any(_is_torch(a) for a in arrays):
+        dec.ops.synchronize()
+
+
+def concat_steps(steps: list[dict]) -> dict:
+    """Decode steps' taps ([B, 1, ...] each) along the position axis, on their device."""
+    out = {}
+    for n in steps[0]:
+        xs = [s[n] for s in steps]
+        if _is_torch(xs[0]):
+            import torch
+            out[n] = torch.cat(xs, 1)
+        elif _is_mlx(xs[0]):
+            import mlx.core as mx
+            out[n] = mx.concatenate(xs, 1)
+        else:
+            out[n] = np.concatenate(xs, 1)
+    return out
+
+
+def to_numpy(m, x):
+    """A tap as numpy (the MoE routing taps, compared on the host)."""
+    if isinstance(x, np.ndarray):
+        return x
+    return m.decoder.ops.numpy(x)
+
+
+# ---------------------------------------------------------------------------------------- the run's cost
+class Laps:
+    """Wall time of a comparison's steps: ``laps("reference_s")`` closes the step that ran since the last lap."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+        self.start = self.t
+        self.laps: dict[str, float] = {}
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.t
+        self.t = now
+
+    def cost(self, per_target: dict) -> dict:
+        """meta["cost"]: the steps' seconds, the targets' own forward time against the parity work on their
+        outputs (``overhead_ratio`` = parity overhead / targets' forward), per target, and the total."""
+        fwd = sum(c["forward_s"] for c in per_target.values())
+        over = sum(c["metrics_s"] for c in per_target.values())
+        out = {k: round(v, 3) for k, v in self.laps.items()}
+        out.update(targets_forward_s=round(fwd, 3), parity_overhead_s=round(over, 3),
+                   targets_build_s=round(sum(c["build_s"] for c in per_target.values()), 3),
+                   overhead_ratio=round(over / fwd, 3) if fwd > 0 else None,
+                   total_s=round(time.perf_counter() - self.start, 3), per_target=per_target)
+        return out
+
+
+def cost_line(cost: dict) -> str:
+    """The summary's line on what the run cost (meta["cost"])."""
+    ratio = cost.get("overhead_ratio")
+    steps = ", ".join(f"{k[:-2].replace('_', ' ')} {cost[k]:.1f} s" for k in
+                      ("reference_s", "anchor_s", "budgets_s", "load_s", "independent_s") if cost.get(k))
+    return (f"cost: targets' own forward {cost['targets_forward_s']:.2f} s, parity overhead "
+            f"{cost['parity_overhead_s']:.2f} s" + (f" ({ratio:.2f}x the forward)" if ratio is not None else "")
+            + f"; target builds {cost['targets_build_s']:.1f} s" + (f", {steps}" if steps else "")
+            + f"; total {cost['total_s']:.1f} s")
