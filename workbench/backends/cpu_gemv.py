@@ -412,11 +412,21 @@ static inline float hsum_f8(__m256 x) {
     r = _mm_add_ss(r, _mm_movehdup_ps(r));
     return _mm_cvtss_f32(r);
 }
+/* AVX-512 VNNI (+VL, BW): vpdpbusd and byte masks on 256-bit registers (the same integer sums, one instruction) */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#define WQ_VNNI 1
+#else
+#define WQ_VNNI 0
+#endif
 /* 32 signed x 32 signed bytes -> 8 float sums of 4 products (llama.cpp's mul_sum_i8_pairs_float) */
 static inline __m256 mul_sum_i8(__m256i a, __m256i b) {
     __m256i ax = _mm256_sign_epi8(a, a), sy = _mm256_sign_epi8(b, a);
+#if WQ_VNNI
+    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy));
+#else
     __m256i dot = _mm256_maddubs_epi16(ax, sy);
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(dot, _mm256_set1_epi16(1)));
+#endif
 }
 static inline __m256i bytes_from_bits_32(const uint8_t *x) {
     uint32_t x32; memcpy(&x32, x, 4);
@@ -449,11 +459,21 @@ static float dot_q8_0(const uint8_t *w, const xq8_32 *y, int64_t nb) {
 }
 static float dot_q5_0(const uint8_t *w, const xq8_32 *y, int64_t nb) {
     __m256 acc = _mm256_setzero_ps();
+#if WQ_VNNI
+    const __m256i m4 = _mm256_set1_epi8(0xF), s16 = _mm256_set1_epi8(16), sh = _mm256_set_epi64x(4, 4, 0, 0);
+#endif
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *b = w + 22 * i;
+#if WQ_VNNI     /* the nibbles: 16 bytes in both halves, the upper half shifted by 4; bit 4 from a byte mask */
+        uint32_t qh; memcpy(&qh, b + 2, 4);
+        __m256i nib = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + 6)));
+        nib = _mm256_and_si256(_mm256_srlv_epi64(nib, sh), m4);
+        __m256i qx = _mm256_mask_mov_epi8(_mm256_sub_epi8(nib, s16), _cvtu32_mask32(qh), nib);
+#else
         __m256i qx = bytes_from_nibbles_32(b + 6);
         __m256i hi = _mm256_andnot_si256(bytes_from_bits_32(b + 2), _mm256_set1_epi8((char)0xF0));
         qx = _mm256_or_si256(qx, hi);          /* nibble | bit 4 << 4, minus 16, as signed bytes */
+#endif
         __m256 q = mul_sum_i8(qx, _mm256_loadu_si256((const __m256i *)y[i].qs));
         acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(rd16(b)) * y[i].d), q, acc);
     }
@@ -570,6 +590,10 @@ static float dot_q_generic(int t, const uint8_t *w, int bs, int qk, const void *
 #endif
 
 int wb_q_simd(void) { return WQ_SIMD; }
+#ifndef WQ_VNNI
+#define WQ_VNNI 0
+#endif
+int wb_q_vnni(void) { return WQ_VNNI; }
 
 typedef struct {
     int t, bs, qk, act8; const uint8_t *W; int64_t row_bytes, N, nb, rows; const float *x; const void *xq; float *y;
@@ -741,6 +765,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
                                      ctypes.c_int64, ctypes.c_int]
         lib.wb_q_dequant.restype = ctypes.c_int
         lib.wb_q_simd.restype = ctypes.c_int
+        lib.wb_q_vnni.restype = ctypes.c_int
         lib.wb_q_set_spin.argtypes = [ctypes.c_double]
         lib.wb_q_set_spin.restype = None
         vp, i64 = ctypes.c_void_p, ctypes.c_int64

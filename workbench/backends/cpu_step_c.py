@@ -40,8 +40,8 @@ typedef struct {
 typedef struct {
     wqs_model m;
     wqs_layer *layers;
-    int64_t maxN, maxK, maxS, nchunk_head;
-    float *x, *h, *y, *z, *a, *act, *sc, *pmax;
+    int64_t maxN, maxK, maxS, nchunk_max;
+    float *x, *h, *y, *z, *a, *act, *sc, *pmax, *pm, *pl, *pz;
     int64_t *pidx;
     xq8_32 *x32; xq8_k *xk;
     double t_prod, t_attn, t_other;           /* profile (wb_qstep_profile) */
@@ -69,48 +69,85 @@ static int wqs_check_mat(const wqs_mat *m, int64_t N, int64_t K) {
     return rows == N ? 0 : WQS_EROWS;
 }
 
-/* ---- a product y = W x on the pool (all segments one job), optional per-chunk argmax partials ---- */
+/* ---- a product y = W x on the pool (all segments one job) ----
+   Chunks: per segment, big ones first (~1/16 of a thread's share of the rows, so a 178 MB head is a few hundred
+   claims, not thousands) and ~32 KiB ones for the last quarter (the threads finish together). Optionally the
+   per-chunk argmax (the head) or a gated product: act[f] = gelu(gate row f . x) * (up row F + f . x), a chunk
+   owning both rows of each f (no second pass over 2F outputs). */
+typedef struct { int64_t c0, nbig, rbig, rsmall, r0, rows, base; } wqs_span;   /* a segment's chunks */
 typedef struct {
     const wqs_mat *m; int act8; const float *x; const xq8_32 *x32; const xq8_k *xk; float *y;
-    int64_t c0[WQS_MAXSEG + 1], rpc[WQS_MAXSEG], r0[WQS_MAXSEG];
+    int nspan; wqs_span sp[WQS_MAXSEG + 1];
     float *pmax; int64_t *pidx;
+    int64_t gated_F;                   /* > 0: y = act [F], rows f and F + f of m */
 } wqs_prod;
+
+static inline float wqs_row(const wqs_prod *j, int64_t r) {
+    const wqs_mat *m = j->m;
+    int s = 0;
+    while (r >= m->seg[s].rows) { r -= m->seg[s].rows; s++; }
+    const wqs_seg *g = &m->seg[s];
+    int qk = 0, bs = 0;
+    if (g->t) bs = qblock((int)g->t, &qk);
+    return wq_row_dot((int)g->t, g->w + r * g->row_bytes, bs, qk, g->t ? m->K / qk : 0, m->K, j->act8, j->x,
+                      qk == 32 ? (const void *)j->x32 : (const void *)j->xk);
+}
+
+/* GELU, tanh approximation, as torch's (0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))) */
+static inline float wqs_gelu_tanh(float x) {
+    const float kb = 0.7978845608028654f, kk = 0.044715f;
+    float inner = kb * (x + kk * x * x * x);
+    return 0.5f * x * (1.f + tanhf(inner));
+}
 
 static void wqs_prod_chunk(const void *jv, int64_t c) {
     const wqs_prod *j = (const wqs_prod *)jv;
     int s = 0;
-    while (c >= j->c0[s + 1]) s++;
-    const wqs_seg *g = &j->m->seg[s];
-    const int64_t K = j->m->K;
-    int64_t a = (c - j->c0[s]) * j->rpc[s], b = a + j->rpc[s] < g->rows ? a + j->rpc[s] : g->rows;
-    int qk = 0, bs = 0;
-    if (g->t) bs = qblock((int)g->t, &qk);
-    const int64_t nb = g->t ? K / qk : 0;
-    const void *xq = qk == 32 ? (const void *)j->x32 : (const void *)j->xk;
-    float *y = j->y + j->r0[s];
-    for (int64_t n = a; n < b; n++)
-        y[n] = wq_row_dot((int)g->t, g->w + n * g->row_bytes, bs, qk, nb, K, j->act8, j->x, xq);
+    while (s + 1 < j->nspan && c >= j->sp[s + 1].c0) s++;
+    const wqs_span *sp = &j->sp[s];
+    int64_t k = c - sp->c0, a, n;
+    if (k < sp->nbig) { a = k * sp->rbig; n = sp->rbig; }
+    else { a = sp->nbig * sp->rbig + (k - sp->nbig) * sp->rsmall; n = sp->rsmall; }
+    int64_t b = a + n < sp->rows ? a + n : sp->rows;
+    a += sp->base; b += sp->base;                 /* rows of the whole matrix (or f of a gated product) */
+    float *y = j->y;
+    if (j->gated_F) {
+        for (int64_t f = a; f < b; f++) y[f] = wqs_gelu_tanh(wqs_row(j, f)) * wqs_row(j, j->gated_F + f);
+        return;
+    }
+    for (int64_t r = a; r < b; r++) y[r] = wqs_row(j, r);
     if (j->pmax) {                  /* first maximum (NaN counts as the largest, as torch.argmax) */
         float best = y[a]; int64_t bi = a;
-        for (int64_t n = a + 1; n < b; n++) {
-            float v = y[n];
-            if (v > best || (v != v && best == best)) { best = v; bi = n; }
+        for (int64_t r = a + 1; r < b; r++) {
+            float v = y[r];
+            if (v > best || (v != v && best == best)) { best = v; bi = r; }
         }
-        j->pmax[c] = best; j->pidx[c] = j->r0[s] + bi;
+        j->pmax[c] = best; j->pidx[c] = bi;
     }
 }
 
-static int64_t wqs_layout(const wqs_mat *m, wqs_prod *j) {
+static int64_t wqs_span_of(wqs_span *sp, int64_t c0, int64_t base, int64_t rows, int64_t row_bytes, int nt) {
+    int64_t rs = 32768 / (row_bytes ? row_bytes : 1);
+    if (rs < 8) rs = 8;
+    int64_t rb = rows / (16 * (nt > 0 ? nt : 1));
+    if (rb < rs) rb = rs;
+    int64_t nbig = (rows * 3 / 4) / rb;
+    sp->c0 = c0; sp->nbig = nbig; sp->rbig = rb; sp->rsmall = rs; sp->base = base; sp->rows = rows;
+    return nbig + (rows - nbig * rb + rs - 1) / rs;
+}
+
+/* the job's chunk spans: one per segment, or (gated) one over f in [0, F) */
+static int64_t wqs_layout(const wqs_mat *m, wqs_prod *j, int64_t gated_F, int nt) {
     int64_t c = 0, r = 0;
-    for (int s = 0; s < m->nseg; s++) {
-        const wqs_seg *g = &m->seg[s];
-        int64_t rpc = 32768 / g->row_bytes;
-        if (rpc < 8) rpc = 8;
-        j->c0[s] = c; j->rpc[s] = rpc; j->r0[s] = r;
-        c += (g->rows + rpc - 1) / rpc; r += g->rows;
+    if (gated_F) {
+        j->nspan = 1;
+        return wqs_span_of(&j->sp[0], 0, 0, gated_F, m->seg[0].row_bytes * 2, nt);
     }
-    j->c0[m->nseg] = c;
-    for (int s = m->nseg + 1; s <= WQS_MAXSEG; s++) j->c0[s] = c;
+    j->nspan = (int)m->nseg;
+    for (int s = 0; s < m->nseg; s++) {
+        c += wqs_span_of(&j->sp[s], c, r, m->seg[s].rows, m->seg[s].row_bytes, nt);
+        r += m->seg[s].rows;
+    }
     return c;
 }
 
@@ -120,11 +157,14 @@ static int64_t wqs_bytes(const wqs_mat *m) {
     return b;
 }
 
-/* y = W x: x quantised once per block size the matrix's segments use (as wb_q_gemv does per segment) */
-static void wqs_gemv(wqs_state *st, const wqs_mat *m, const float *x, float *y, float *pmax, int64_t *pidx) {
+/* y = W x (or the gated act): x quantised once per block size the segments use (wb_q_gemv does it per segment,
+   with the same result); returns the number of chunks (the head's argmax partials) */
+static int64_t wqs_gemv(wqs_state *st, const wqs_mat *m, const float *x, float *y, float *pmax, int64_t *pidx,
+                        int64_t gated_F) {
     wqs_prod j;
     memset(&j, 0, sizeof j);
     j.m = m; j.act8 = (int)st->m.act8; j.x = x; j.y = y; j.x32 = st->x32; j.xk = st->xk; j.pmax = pmax; j.pidx = pidx;
+    j.gated_F = gated_F;
     if (j.act8) {
         int need32 = 0, needk = 0;
         for (int s = 0; s < m->nseg; s++) {
@@ -135,42 +175,76 @@ static void wqs_gemv(wqs_state *st, const wqs_mat *m, const float *x, float *y, 
         if (need32) quant_x32(x, st->x32, m->K / 32);
         if (needk) quant_xk(x, st->xk, m->K / 256);
     }
-    int64_t nc = wqs_layout(m, &j);
     int nt = (int)st->m.nthreads;
     if (wqs_bytes(m) < 65536) nt = 1;
+    int64_t nc = wqs_layout(m, &j, gated_F, (int)st->m.nthreads);
     wq_run(wqs_prod_chunk, &j, nc, nt);
+    return nc;
 }
 
-/* ---- attention of one query head over the layer's cache (a pool chunk per head) ---- */
-typedef struct { const wqs_layer *l; const float *q; float *z, *sc; int64_t pos, H; float softcap; } wqs_attn;
+/* ---- attention: a chunk per (KV head, block of keys), all the group's query heads at once (each key and value
+   row read once per group), partial softmax (max, sum, weighted values) merged afterwards (flash-decoding) ---- */
+#define WQS_NBLK 16
+typedef struct {
+    const wqs_layer *l; const float *q; float *sc, *pm, *pl, *pz; int64_t pos, H, S, nblk, blk; float softcap;
+} wqs_attn;
 
-static void wqs_attn_chunk(const void *jv, int64_t h) {
+static void wqs_attn_chunk(const void *jv, int64_t c) {
     const wqs_attn *j = (const wqs_attn *)jv;
     const wqs_layer *l = j->l;
-    const int64_t hd = l->hd, S = l->slots, g = h / (j->H / l->kvh), pos = j->pos, win = l->window;
-    const float *q = j->q + h * hd, *K = l->k + g * S * hd, *V = l->v + g * S * hd;
+    const int64_t hd = l->hd, S = l->slots, G = j->H / l->kvh, g = c / j->nblk, b = c % j->nblk;
+    const int64_t t0 = b * j->blk, t1 = t0 + j->blk < j->S ? t0 + j->blk : j->S, pos = j->pos, win = l->window;
+    const float *K = l->k + g * S * hd, *V = l->v + g * S * hd;
     const float scale = (float)l->scale;
-    float *s = j->sc + h * S, *z = j->z + h * hd;
-    float mx = -INFINITY;
-    for (int64_t t = 0; t < S; t++) {
+    float mx[64];
+    for (int64_t h = 0; h < G; h++) mx[h] = -INFINITY;
+    for (int64_t t = t0; t < t1; t++) {
         int64_t kp = l->kpos[t];
-        if (kp < 0 || kp > pos || (win > 0 && pos - kp >= win)) { s[t] = -INFINITY; continue; }
-        float v = dot_f32(q, K + t * hd, hd) * scale;
-        if (j->softcap > 0.f) v = tanhf(v / j->softcap) * j->softcap;
-        s[t] = v;
-        if (v > mx) mx = v;
+        int ok = !(kp < 0 || kp > pos || (win > 0 && pos - kp >= win));
+        for (int64_t h = 0; h < G; h++) {
+            float *s = j->sc + (g * G + h) * S;
+            if (!ok) { s[t] = -INFINITY; continue; }
+            float v = dot_f32(j->q + (g * G + h) * hd, K + t * hd, hd) * scale;
+            if (j->softcap > 0.f) v = tanhf(v / j->softcap) * j->softcap;
+            s[t] = v;
+            if (v > mx[h]) mx[h] = v;
+        }
     }
-    float sum = 0.f;
-    for (int64_t d = 0; d < hd; d++) z[d] = 0.f;
-    for (int64_t t = 0; t < S; t++) {
-        if (s[t] == -INFINITY) continue;
-        float e = expf(s[t] - mx);
-        sum += e;
-        const float *vr = V + t * hd;
-        for (int64_t d = 0; d < hd; d++) z[d] += e * vr[d];
+    for (int64_t h = 0; h < G; h++) {
+        const int64_t hh = g * G + h, pi = hh * j->nblk + b;
+        float *z = j->pz + pi * hd, *s = j->sc + hh * S;
+        for (int64_t d = 0; d < hd; d++) z[d] = 0.f;
+        float sum = 0.f;
+        if (mx[h] != -INFINITY)
+            for (int64_t t = t0; t < t1; t++) {
+                if (s[t] == -INFINITY) continue;
+                float e = expf(s[t] - mx[h]);
+                sum += e;
+                const float *vr = V + t * hd;
+                for (int64_t d = 0; d < hd; d++) z[d] += e * vr[d];
+            }
+        j->pm[pi] = mx[h]; j->pl[pi] = sum;
     }
-    float inv = 1.f / sum;
-    for (int64_t d = 0; d < hd; d++) z[d] *= inv;
+}
+
+/* z [H, hd] from the chunks' partials */
+static void wqs_attn_merge(const wqs_attn *j, float *z, int64_t hd) {
+    for (int64_t h = 0; h < j->H; h++) {
+        float M = -INFINITY, L = 0.f;
+        for (int64_t b = 0; b < j->nblk; b++) if (j->pm[h * j->nblk + b] > M) M = j->pm[h * j->nblk + b];
+        float *zo = z + h * hd;
+        for (int64_t d = 0; d < hd; d++) zo[d] = 0.f;
+        for (int64_t b = 0; b < j->nblk; b++) {
+            const int64_t pi = h * j->nblk + b;
+            if (j->pm[pi] == -INFINITY) continue;
+            float w = expf(j->pm[pi] - M);
+            L += w * j->pl[pi];
+            const float *pz = j->pz + pi * hd;
+            for (int64_t d = 0; d < hd; d++) zo[d] += w * pz[d];
+        }
+        float inv = 1.f / L;
+        for (int64_t d = 0; d < hd; d++) zo[d] *= inv;
+    }
 }
 
 /* RoPE, NeoX pairing (i, i + hd/2) as the torch ops' rope_apply: x * cos + rotate_half(x) * sin */
@@ -185,12 +259,6 @@ static void wqs_rope(float *x, const float *c, const float *s, int64_t hd) {
     }
 }
 
-/* GELU, tanh approximation, as torch's (0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))) */
-static inline float wqs_gelu_tanh(float x) {
-    const float kb = 0.7978845608028654f, kk = 0.044715f;
-    float inner = kb * (x + kk * x * x * x);
-    return 0.5f * x * (1.f + tanhf(inner));
-}
 
 static void wqs_embed_row(const wqs_mat *m, int64_t row, float *out) {
     int64_t r0 = 0;
@@ -211,7 +279,7 @@ void wb_qstep_free(void *hv) {
     wqs_state *st = (wqs_state *)hv;
     if (!st) return;
     free(st->layers); free(st->x); free(st->h); free(st->y); free(st->z); free(st->a); free(st->act); free(st->sc);
-    free(st->pmax); free(st->pidx); free(st->x32); free(st->xk);
+    free(st->pmax); free(st->pidx); free(st->x32); free(st->xk); free(st->pm); free(st->pl); free(st->pz);
     free(st);
 }
 
@@ -223,12 +291,14 @@ void *wb_qstep_new(const wqs_model *m, int *err, int64_t *where) {
     int e = 0;
     if (m->L < 1 || D < 1 || H < 1 || m->V < 1) { *err = WQS_ESHAPE; return NULL; }
     if ((e = wqs_check_mat(&m->embed, m->V, D)) || (e = wqs_check_mat(&m->head, m->V, D))) { *err = e; return NULL; }
-    int64_t maxN = m->V, maxK = D, maxS = 1, maxZ = D;
+    int64_t maxN = m->V, maxK = D, maxS = 1, maxZ = D, maxhd = 2;
     for (int64_t i = 0; i < m->L; i++) {
         const wqs_layer *l = &m->layers[i];
         *where = i;
         if (l->hd < 2 || l->hd % 2 || l->kvh < 1 || H % l->kvh || l->slots < 1 || l->F < 1 || !l->k || !l->v ||
-            !l->kpos || !l->cos || !l->sin || !l->input_norm || !l->pre_ff_norm) { *err = WQS_ESHAPE; return NULL; }
+            !l->kpos || !l->cos || !l->sin || !l->input_norm || !l->pre_ff_norm || H / l->kvh > 64) {
+            *err = WQS_ESHAPE; return NULL;
+        }
         if ((e = wqs_check_mat(&l->qkv, (H + 2 * l->kvh) * l->hd, D)) || (e = wqs_check_mat(&l->o, D, H * l->hd)) ||
             (e = wqs_check_mat(&l->gate_up, 2 * l->F, D)) || (e = wqs_check_mat(&l->down, D, l->F))) {
             *err = e; return NULL;
@@ -239,23 +309,30 @@ void *wb_qstep_new(const wqs_model *m, int *err, int64_t *where) {
         if (l->F > maxK) maxK = l->F;
         if (H * l->hd > maxZ) maxZ = H * l->hd;
         if (l->slots > maxS) maxS = l->slots;
+        if (l->hd > maxhd) maxhd = l->hd;
     }
     *where = -1;
     wqs_state *st = (wqs_state *)calloc(1, sizeof *st);
     if (!st) { *err = WQS_ENOMEM; return NULL; }
     st->m = *m;
     st->layers = (wqs_layer *)malloc(sizeof(wqs_layer) * m->L);
-    wqs_prod tmp;
-    st->nchunk_head = wqs_layout(&m->head, &tmp);
+    st->nchunk_max = 1;                         /* the head's chunks, at most (all small ones) */
+    for (int s = 0; s < m->head.nseg; s++) {
+        int64_t rs = 32768 / m->head.seg[s].row_bytes;
+        if (rs < 8) rs = 8;
+        st->nchunk_max += m->head.seg[s].rows / rs + 1;
+    }
     st->maxN = maxN; st->maxK = maxK; st->maxS = maxS;
     st->x = (float *)malloc(4 * D); st->h = (float *)malloc(4 * (D > maxK ? D : maxK));
     st->y = (float *)malloc(4 * maxN); st->z = (float *)malloc(4 * maxZ); st->a = (float *)malloc(4 * D);
     st->act = (float *)malloc(4 * maxK); st->sc = (float *)malloc(4 * H * maxS);
-    st->pmax = (float *)malloc(4 * st->nchunk_head); st->pidx = (int64_t *)malloc(8 * st->nchunk_head);
+    st->pmax = (float *)malloc(4 * st->nchunk_max); st->pidx = (int64_t *)malloc(8 * st->nchunk_max);
+    st->pm = (float *)malloc(4 * H * WQS_NBLK); st->pl = (float *)malloc(4 * H * WQS_NBLK);
+    st->pz = (float *)malloc(4 * H * WQS_NBLK * maxhd);
     st->x32 = (xq8_32 *)malloc(sizeof(xq8_32) * (maxK / 32 + 1));
     st->xk = (xq8_k *)malloc(sizeof(xq8_k) * (maxK / 256 + 1));
     if (!st->layers || !st->x || !st->h || !st->y || !st->z || !st->a || !st->act || !st->sc || !st->pmax ||
-        !st->pidx || !st->x32 || !st->xk) { wb_qstep_free(st); *err = WQS_ENOMEM; return NULL; }
+        !st->pidx || !st->x32 || !st->xk || !st->pm || !st->pl || !st->pz) { wb_qstep_free(st); *err = WQS_ENOMEM; return NULL; }
     memcpy(st->layers, m->layers, sizeof(wqs_layer) * m->L);
     st->m.layers = st->layers;
     return st;
@@ -302,7 +379,7 @@ int wb_qstep(void *hv, const int64_t *tok, const int64_t *posp, float *logits, i
         const int64_t hd = l->hd, kvh = l->kvh, F = l->F;
         rms_row_f32(x, l->input_norm, h, D, eps);
         WQS_T1(t_other);
-        wqs_gemv(st, &l->qkv, h, y, NULL, NULL);
+        wqs_gemv(st, &l->qkv, h, y, NULL, NULL, 0);
         WQS_T1(t_prod);
         float *q = y, *k = y + H * hd, *v = y + (H + kvh) * hd;
         const float *c = l->cos + pos * hd, *s = l->sin + pos * hd;
@@ -319,20 +396,22 @@ int wb_qstep(void *hv, const int64_t *tok, const int64_t *posp, float *logits, i
         }
         l->kpos[slot] = pos;
         WQS_T1(t_other);
-        wqs_attn aj = { l, q, z, st->sc, pos, H, (float)m->attn_softcap };
-        int64_t work = l->slots * hd * kvh * 8;
-        wq_run(wqs_attn_chunk, &aj, H, work < 65536 ? 1 : (int)m->nthreads);
+        /* keys that can be valid: a full-length cache holds positions 0..pos in slots 0..pos */
+        const int64_t S = l->ring ? l->slots : pos + 1;
+        int64_t nblk = (S + 31) / 32;
+        if (nblk > WQS_NBLK) nblk = WQS_NBLK;
+        wqs_attn aj = { l, q, st->sc, st->pm, st->pl, st->pz, pos, H, S, nblk, (S + nblk - 1) / nblk,
+                        (float)m->attn_softcap };
+        wq_run(wqs_attn_chunk, &aj, kvh * nblk, S * hd * kvh * 8 < 65536 ? 1 : (int)m->nthreads);
+        wqs_attn_merge(&aj, z, hd);
         WQS_T1(t_attn);
-        wqs_gemv(st, &l->o, z, a, NULL, NULL);
+        wqs_gemv(st, &l->o, z, a, NULL, NULL, 0);
         WQS_T1(t_prod);
         wqs_add_normed(x, a, l->post_attn_norm, D, eps);
         rms_row_f32(x, l->pre_ff_norm, h, D, eps);
         WQS_T1(t_other);
-        wqs_gemv(st, &l->gate_up, h, y, NULL, NULL);
-        WQS_T1(t_prod);
-        for (int64_t f = 0; f < F; f++) act[f] = wqs_gelu_tanh(y[f]) * y[F + f];
-        WQS_T1(t_other);
-        wqs_gemv(st, &l->down, act, a, NULL, NULL);
+        wqs_gemv(st, &l->gate_up, h, act, NULL, NULL, F);      /* act = gelu(gate) * up */
+        wqs_gemv(st, &l->down, act, a, NULL, NULL, 0);
         WQS_T1(t_prod);
         wqs_add_normed(x, a, l->post_ff_norm, D, eps);
         if (capture) memcpy(capture + i * D, x, 4 * D);
@@ -340,7 +419,7 @@ int wb_qstep(void *hv, const int64_t *tok, const int64_t *posp, float *logits, i
     rms_row_f32(x, m->final_norm, h, D, eps);
     WQS_T1(t_other);
     const float cap = (float)m->final_softcap;
-    wqs_gemv(st, &m->head, h, logits, next && cap <= 0.f ? st->pmax : NULL, st->pidx);
+    const int64_t nc = wqs_gemv(st, &m->head, h, logits, next && cap <= 0.f ? st->pmax : NULL, st->pidx, 0);
     WQS_T1(t_prod);
     if (cap > 0.f)
         for (int64_t n = 0; n < m->V; n++) logits[n] = tanhf(logits[n] / cap) * cap;
@@ -354,7 +433,7 @@ int wb_qstep(void *hv, const int64_t *tok, const int64_t *posp, float *logits, i
             *next = bi;
         } else {                    /* the chunks' partial maxima, in row order: the first maximum overall */
             float best = st->pmax[0]; int64_t bi = st->pidx[0];
-            for (int64_t c2 = 1; c2 < st->nchunk_head; c2++) {
+            for (int64_t c2 = 1; c2 < nc; c2++) {
                 float v = st->pmax[c2];
                 if (v > best || (v != v && best == best)) { best = v; bi = st->pidx[c2]; }
             }

@@ -180,7 +180,9 @@ def available() -> str | None:
 def describe(act8: bool) -> str:
     how = "8-bit activations, integer block dot products (llama.cpp's method)" if act8 else \
         "float32 activations, weight blocks dequantised in L1 (exact)"
-    simd = "AVX2" if cpu_gemv.kernel() is not None and cpu_gemv.kernel().wb_q_simd() else "portable C"
+    lib = cpu_gemv.kernel()
+    simd = "portable C" if lib is None or not lib.wb_q_simd() else \
+        "AVX2 + AVX-512 VNNI" if lib.wb_q_vnni() else "AVX2"
     return f"GGUF blocks kept quantised ({simd}; {how}; several-row products dequantise {_CHUNK_BYTES >> 20} MiB " \
            "chunks for torch's GEMM)"
 
