@@ -78,6 +78,7 @@ def cases():
     lr = np.round(rng.standard_normal((1, 12, 700)) * 4, 0)
     lr += rng.standard_normal(lr.shape) * 1e-3      # the reference: distinct values
     lx = np.round(lr * 2) / 2                        # the target: coarse, so ties everywhere
+    out["logits_ties"] = (lr, lx.astype(np.float32).copy())     # finite: the host engines' fast route + tied rows
     lx[0, 3, :] = lx[0, 3].max()                     # a row that is all one value
     lx[0, 4, 10] = np.nan                            # NaN in a row (its argmax is that NaN, as numpy's)
     lx[0, 5, 3:] = np.nan                            # fewer than k numbers: NaNs complete the top-5 by index
@@ -128,14 +129,19 @@ def test_device_metrics_equal_numpy_metrics(ename, make, chunk, monkeypatch):
     e = make()
     cs = cases()
     ref_taps = {k: r for k, (r, _) in cs.items()}
-    got = M.tap_metrics(ref_taps, {k: _as(e, x) for k, (_, x) in cs.items()}, engine=e, topk_taps=("logits",))
+    top = ("logits", "logits_ties")
+    got = M.tap_metrics(ref_taps, {k: _as(e, x) for k, (_, x) in cs.items()}, engine=e, topk_taps=top)
     for k, (r, x) in cs.items():
-        _check(f"{ename}/{k}", got[k], _want(r, x, k == "logits"), r.size, e.exact)
+        _check(f"{ename}/{k}", got[k], _want(r, x, k in top), r.size, e.exact)
     # the cases do what they claim: NaN and an inf mismatch fail, the fault shows, the ties are there
     assert got["nan"]["nan_count"] == 2 and got["nan"]["rel_max"] == math.inf
     assert got["inf"]["inf_mismatch"] == 3 and got["inf"]["rel_max"] == math.inf
     assert got["fault"]["rel_max"] > 50 * got["clean"]["rel_max"]
-    assert 0 < got["logits"]["top1"] < 1 and 0 < got["logits"]["top5_overlap"] < 1
+    for k in top:
+        assert 0 < got[k]["top1"] < 1 and 0 < got[k]["top5_overlap"] < 1
+    lx = cs["logits_ties"][1].reshape(-1, 700)
+    kth = np.sort(lx, -1)[:, -5:-4]
+    assert ((lx >= kth).sum(-1) > 5).sum() >= 3       # rows with a tie at the 5th value (the tie-break matters)
 
 
 def test_decode_positions_and_reference_upload_once():

@@ -21,7 +21,6 @@ below -inf), and the argmax of a row with a NaN is its first NaN, as ``np.argmax
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 
@@ -34,14 +33,62 @@ _I = 5                   # counts: NaN, inf, inf mismatches, top-1 agreements, t
 
 # ---------------------------------------------------------------------------------------- frameworks
 class _Numpy:
-    """Host float64 (the fallback where torch is not importable)."""
+    """Host float64 (the fallback where torch is not importable). The elementwise functions come from ``xp``
+    (numpy, torch or mlx.core: the same names); the adapters below differ where the frameworks do."""
     key = ("numpy",)
     exact = True
     host_sync = True     # the arrays are on the host: a data-dependent branch costs no transfer
     inf = math.inf
+    xp = np
+
+    def isnan(self, x):
+        return self.xp.isnan(x)
+
+    def isinf(self, x):
+        return self.xp.isinf(x)
+
+    def isfinite(self, x):
+        return self.xp.isfinite(x)
+
+    def sign(self, x):
+        return self.xp.sign(x)
+
+    def abs(self, x):
+        return self.xp.abs(x)
+
+    def where(self, m, a, b):
+        return self.xp.where(m, a, b)
+
+    def shape(self, x):
+        return tuple(x.shape)
+
+    def rows(self, x, L):
+        return x.reshape(-1, L)
 
     def py(self, v):
         return v.item() if hasattr(v, "item") else v
+
+    def amax(self, x):
+        return x.max()
+
+    def fsum(self, x):
+        return x.sum()
+
+    def count(self, m):
+        return m.sum()
+
+    def stack(self, xs):
+        return self.xp.stack(xs)
+
+    def ctx(self):
+        return np.errstate(invalid="ignore", over="ignore")     # inf - inf where both are inf: masked out after
+
+    # numpy's own
+    def up(self, a):
+        return np.asarray(a, dtype=np.float64)
+
+    def f(self, x):
+        return np.asarray(x, dtype=np.float64)
 
     def maxabs(self, d):
         return max(d.max(), -d.min())
@@ -52,54 +99,34 @@ class _Numpy:
     def argmax_first(self, y):
         return np.argmax(y, -1)
 
-    def ctx(self):
-        return contextlib.nullcontext()
+    def allfinite(self, x):
+        return bool(self.py(self.xp.all(self.xp.isfinite(x))))
 
-    def up(self, a):
-        return np.asarray(a, dtype=np.float64)
+    def fix_rows(self, m, bad, fn):
+        """m with the rows where ``bad`` is set replaced by fn(those rows' indices)."""
+        rows = self.xp.where(bad.reshape(-1))[0]
+        m[rows] = fn(rows)
+        return m
 
-    def f(self, x):
-        return np.asarray(x, dtype=np.float64)
-
-    def shape(self, x):
-        return tuple(x.shape)
-
-    def rows(self, x, L):
-        return x.reshape(-1, L)
-
-    isnan, isinf, isfinite, sign, abs, where = (staticmethod(np.isnan), staticmethod(np.isinf),
-                                                 staticmethod(np.isfinite), staticmethod(np.sign),
-                                                 staticmethod(np.abs), staticmethod(np.where))
-
-    def amax(self, x):
-        return x.max()
+    keep = {"keepdims": True}     # torch spells it keepdim
 
     def colmax(self, x):
-        return x.max(0)
-
-    def fsum(self, x):
-        return x.sum()
-
-    def count(self, m):
-        return np.int64(m.sum())
+        return self.xp.amax(x, 0)
 
     def rowsum(self, m):
-        return m.sum(-1, keepdims=True)
+        return m.sum(-1, **self.keep)
 
     def rowmax(self, x):
-        return x.max(-1, keepdims=True)
+        return self.xp.amax(x, -1, **self.keep)
 
     def cumsum(self, m):
-        return np.cumsum(m, -1)
+        return self.xp.cumsum(m, -1)
 
     def kth(self, y, k):
         return np.partition(y, y.shape[-1] - k, axis=-1)[:, y.shape[-1] - k:y.shape[-1] - k + 1]
 
     def first(self, m):
         return np.argmax(m, -1)
-
-    def stack(self, xs):
-        return np.stack(xs)
 
     def concat(self, xs):
         return np.concatenate(xs)
@@ -108,18 +135,26 @@ class _Numpy:
         return np.asarray(x)
 
     def floats(self, xs):
-        return np.stack([np.asarray(v, dtype=np.float64) for v in xs])
+        """Scalars on the device -> one float64 numpy vector (one transfer)."""
+        return np.asarray(self.host(self.stack([self.tofloat(v) for v in xs])), dtype=np.float64)
 
     def ints(self, xs):
-        return np.stack([np.asarray(v, dtype=np.int64) for v in xs])
+        return np.asarray(self.host(self.stack([self.toint(v) for v in xs])), dtype=np.int64)
+
+    def tofloat(self, v):
+        return np.asarray(v, dtype=np.float64)
+
+    def toint(self, v):
+        return np.asarray(v, dtype=np.int64)
 
 
 class _Torch(_Numpy):
     """torch on the tensor's device: float64 on cpu/cuda, compensated float32 on mps."""
+    keep = {"keepdim": True}
 
     def __init__(self, device, exact: bool | None = None):
         import torch
-        self.t = torch
+        self.t = self.xp = torch
         self.device = torch.device(device)
         self.exact = self.device.type != "mps" if exact is None else exact     # exact=False: tests of float32
         self.host_sync = self.device.type == "cpu"
@@ -140,63 +175,6 @@ class _Torch(_Numpy):
             x = self._from(x)
         return x.detach().to(self.device, self.fd)
 
-    def isnan(self, x):
-        return self.t.isnan(x)
-
-    def isinf(self, x):
-        return self.t.isinf(x)
-
-    def isfinite(self, x):
-        return self.t.isfinite(x)
-
-    def sign(self, x):
-        return self.t.sign(x)
-
-    def abs(self, x):
-        return x.abs()
-
-    def where(self, m, a, b):
-        return self.t.where(m, a, b)
-
-    def count(self, m):
-        return m.sum()
-
-    def cumsum(self, m):
-        return self.t.cumsum(m, -1)
-
-    def kth(self, y, k):
-        return self.t.topk(y, k, dim=-1).values[:, -1:]
-
-    def first(self, m):
-        return m.to(self.t.uint8).argmax(-1)     # the first maximal value (torch documents it)
-
-    def stack(self, xs):
-        return self.t.stack(xs)
-
-    def concat(self, xs):
-        return self.t.cat(xs)
-
-    def floats(self, xs):
-        return self.t.stack([v.to(self.fd) for v in xs]).cpu().numpy().astype(np.float64)
-
-    def ints(self, xs):
-        return self.t.stack([v.to(self.t.int64) for v in xs]).cpu().numpy()
-
-    def host(self, x):
-        return x.cpu().numpy()
-
-    def rowsum(self, m):
-        return m.sum(-1, keepdim=True)
-
-    def rowmax(self, x):
-        return x.max(-1, keepdim=True).values
-
-    def amax(self, x):
-        return x.max()
-
-    def colmax(self, x):
-        return x.amax(0)
-
     def maxabs(self, d):
         return self.t.linalg.vector_norm(d, float("inf"))
 
@@ -206,13 +184,32 @@ class _Torch(_Numpy):
     def argmax_first(self, y):
         return y.argmax(-1)      # the first maximal value (torch documents it)
 
+    def kth(self, y, k):
+        return self.t.topk(y, k, dim=-1).values[:, -1:]
+
+    def first(self, m):
+        return m.to(self.t.uint8).argmax(-1)     # the first maximal value (torch documents it)
+
+    def concat(self, xs):
+        return self.t.cat(xs)
+
+    def host(self, x):
+        return x.cpu().numpy()
+
+    def tofloat(self, v):
+        return v.to(self.fd)
+
+    def toint(self, v):
+        return v.to(self.t.int64)
+
 
 class _MLX(_Numpy):
     """MLX: float64 on the CPU stream (mlx:cpu), compensated float32 on the GPU (mlx:gpu has no float64)."""
+    fix_rows = None      # no row assignment by index: rows with a tie take every row the general route
 
     def __init__(self, device=None, exact: bool | None = None):
         import mlx.core as mx
-        self.mx = mx
+        self.mx = self.xp = mx
         dev = device if device is not None else mx.default_device()
         self.dev = dev
         self.exact = dev == mx.cpu if exact is None else exact     # exact=False on the CPU: tests of float32
@@ -230,30 +227,6 @@ class _MLX(_Numpy):
         if isinstance(x, np.ndarray):
             return self.up(x)
         return x.astype(self.fd)
-
-    def isnan(self, x):
-        return self.mx.isnan(x)
-
-    def isinf(self, x):
-        return self.mx.isinf(x)
-
-    def isfinite(self, x):
-        return self.mx.isfinite(x)
-
-    def sign(self, x):
-        return self.mx.sign(x)
-
-    def abs(self, x):
-        return self.mx.abs(x)
-
-    def where(self, m, a, b):
-        return self.mx.where(m, a, b)
-
-    def amax(self, x):
-        return self.mx.max(x)
-
-    def fsum(self, x):
-        return self.mx.sum(x)
 
     def py(self, v):
         return v.item()
@@ -276,6 +249,9 @@ class _MLX(_Numpy):
     def rowmax(self, x):
         return self.mx.max(x, axis=-1, keepdims=True)
 
+    def colmax(self, x):
+        return self.mx.max(x, axis=0)
+
     def cumsum(self, m):
         return self.mx.cumsum(m.astype(self.mx.int32), axis=-1)
 
@@ -286,21 +262,17 @@ class _MLX(_Numpy):
         L = m.shape[-1]
         return self.mx.min(self.mx.where(m, self.mx.arange(L), L), axis=-1)
 
-    def stack(self, xs):
-        return self.mx.stack(xs)
-
     def concat(self, xs):
         return self.mx.concatenate(xs)
 
-    def floats(self, xs):
-        a = self.mx.stack([v.astype(self.fd) for v in xs])
-        return np.array(a).astype(np.float64)
-
-    def ints(self, xs):
-        return np.array(self.mx.stack([v.astype(self.mx.int32) for v in xs])).astype(np.int64)
-
     def host(self, x):
         return np.array(x)
+
+    def tofloat(self, v):
+        return v.astype(self.fd)
+
+    def toint(self, v):
+        return v.astype(self.mx.int32)
 
 
 def _is_torch(x) -> bool:
@@ -373,8 +345,7 @@ class RefCache:
                 out = []
                 for s in range(0, rr.shape[0], rows_per):
                     c = rr[s:s + rows_per]
-                    fast = _fast_top(calc, c, k) if calc.host_sync and calc.py(calc.count(~calc.isfinite(c))) == 0 \
-                        else None
+                    fast = _fast_top(calc, c, k) if calc.host_sync and calc.allfinite(c) else None
                     out.append(fast or (_argmax(calc, c), _topmask(calc, c, k)))
             if calc is not ns:
                 out = [(_upload(ns, calc.host(a)), _upload(ns, calc.host(m))) for a, m in out]
@@ -385,7 +356,7 @@ class RefCache:
         """(all finite, max|ref|, sum ref^2) of the reference's row chunk j (host engines' fast route), once."""
         key = (ns.key, name, None if positions is None else (positions.start, positions.stop), rows_per, j)
         if key not in self._chunk:
-            self._chunk[key] = (ns.py(ns.count(~ns.isfinite(hc))) == 0, ns.maxabs(hc), ns.dot(hc, hc))
+            self._chunk[key] = (ns.allfinite(hc), ns.maxabs(hc), ns.dot(hc, hc))
         return self._chunk[key]
 
 
@@ -413,13 +384,17 @@ def _topmask(ns, y, k):
 
 
 def _fast_top(ns, y, k):
-    """(argmax, top-k mask) of NaN-free rows where no row has a tie at its k-th value (then the mask y >= kth is
-    the stable sort's set); None where one has (the general route then breaks the tie by index)."""
+    """(argmax, top-k mask) of NaN-free rows on a host engine: where a row has no tie at its k-th value the mask
+    y >= kth is the stable sort's set; the rows with one (common in bfloat16) take the general route (ties by
+    index) — only those rows where the framework indexes rows by a host list, else None (all rows general)."""
     kth = ns.kth(y, k)
     m = y >= kth
-    if ns.py(ns.count(m)) != y.shape[0] * k:
+    cnt = ns.rowsum(m)
+    if ns.py(ns.count(cnt != k)) == 0:
+        return ns.argmax_first(y), m
+    if ns.fix_rows is None:
         return None
-    return ns.argmax_first(y), m
+    return ns.argmax_first(y), ns.fix_rows(m, cnt != k, lambda rows: _topmask(ns, y[rows], k))
 
 
 def _argmax(ns, y):
@@ -461,7 +436,7 @@ def _tap_stats(ns, refs, name, x, positions, k):
         fast = None
         if ns.host_sync:     # on the CPU a branch on the data costs nothing: finite chunks take fewer passes
             rfin, rscale, rsq = refs.chunk(ns, name, positions, rows_per, j, hc)
-            fast = rfin and ns.py(ns.count(~ns.isfinite(xc))) == 0
+            fast = rfin and ns.allfinite(xc)
         if fast:
             d = xc - hc if lc is None else (xc - hc) - lc
             fl = [ns.maxabs(d), rscale, ns.dot(d, d), rsq, ns.dot(xc, xc), ns.dot(xc, hc)]
