@@ -84,10 +84,13 @@ def main():
     t0 = time.perf_counter()
     eng.run(5, n)
     tot = (time.perf_counter() - t0) / n
-    prod, attn, rest = (v / n for v in k.profile(False))
-    print(f"profile (load {os.getloadavg()[0]:.1f}): {tot * 1e3:.2f} ms/step ({1 / tot:.1f} tok/s): products "
-          f"{prod * 1e3:.2f} ms (head included), attention {attn * 1e3:.2f}, the rest in C {rest * 1e3:.2f}, "
-          f"outside the C step (Python, engine) {(tot - prod - attn - rest) * 1e3:.2f}")
+    prod, attn, rest, hd = (v / n for v in k.profile(False))
+    print(f"profile (load {os.getloadavg()[0]:.1f}): {tot * 1e3:.2f} ms/step ({1 / tot:.1f} tok/s): head "
+          f"{hd * 1e3:.2f} ms, the layers' products {prod * 1e3:.2f}, attention {attn * 1e3:.2f}, the rest in C "
+          f"{rest * 1e3:.2f}, outside the C step (Python, engine) {(tot - prod - attn - rest - hd) * 1e3:.2f}")
+    nt, t1, tn = k.threads()
+    print(f"  threads of the last step: {nt} (average step: 1 thread {t1 or float('nan'):.2f} ms, "
+          f"all {tn or float('nan'):.2f} ms)")
     head = m.decoder.decode_plan(eng.cache).head
     x = np.random.default_rng(0).standard_normal(head.K).astype(np.float32)
     y = np.empty(head.N, np.float32)

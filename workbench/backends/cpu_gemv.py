@@ -777,6 +777,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         lib.wb_qstep.restype = ctypes.c_int
         lib.wb_qstep_set_threads.argtypes = [vp, i64]
         lib.wb_qstep_set_threads.restype = None
+        lib.wb_qstep_threads.argtypes = [vp, vp]
+        lib.wb_qstep_threads.restype = i64
         lib.wb_qstep_profile.argtypes = [vp, i64, vp]
         lib.wb_qstep_profile.restype = None
         threads = "OpenMP" if "-fopenmp" in flags else "1 thread"

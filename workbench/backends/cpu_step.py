@@ -8,7 +8,9 @@ embedding row, every layer, the final norm, the head and (greedy) the argmax —
 :mod:`cpu_step_c`, compiled with :mod:`cpu_gemv`'s kernels into one library), which reads the
 :class:`~workbench.decode.plan.DecodePlan`'s weights and cache buffers in place: the same block dot products and
 8-bit activation quantisation per product as ``wb_q_gemv``, float32 for everything else, and the pool's helpers
-kept busy from one product to the next.
+kept busy from one product to the next. Each step runs on 1 thread or on all (the CPUs this process may use),
+whichever its measured step times say is faster: on a shared CPU a helper that is often descheduled makes two
+threads slower than one (:meth:`CpuQuantStep.threads` reports the choice).
 
 It runs Gemma 1-3 text models (what :func:`base.fused_decode_unsupported` allows) at batch 1 in float32 with
 weights that are GGUF blocks (``QuantWeight``, up to 4 row segments) or float32 tensors; anything else keeps
@@ -241,8 +243,14 @@ class CpuQuantStep:
         self._run(tok, pos, self._tp, capture)
         return self.token
 
-    def profile(self, on: bool = True) -> tuple[float, float, float]:
-        """(products, attention, the rest) seconds since the last call; on: keep timing the steps."""
-        out = (ctypes.c_double * 3)()
+    def threads(self) -> tuple[int, float | None, float | None]:
+        """(threads of the last step, average step ms with 1 thread, with all): the step picks the faster."""
+        out = (ctypes.c_double * 2)()
+        n = self.lib.wb_qstep_threads(self._h, out)
+        return int(n), *(None if v < 0 else v / 1e3 for v in out)
+
+    def profile(self, on: bool = True) -> tuple[float, float, float, float]:
+        """(the layers' products, attention, the rest, the head) seconds since the last call; on: keep timing."""
+        out = (ctypes.c_double * 4)()
         self.lib.wb_qstep_profile(self._h, int(on), out)
         return tuple(out)

@@ -44,7 +44,13 @@ typedef struct {
     float *x, *h, *y, *z, *a, *act, *sc, *pmax, *pm, *pl, *pz;
     int64_t *pidx;
     xq8_32 *x32; xq8_k *xk;
-    double t_prod, t_attn, t_other;           /* profile (wb_qstep_profile) */
+    double t_prod, t_attn, t_other, t_head;   /* profile (wb_qstep_profile) */
+    /* threads per step, chosen from measured step times: on a shared CPU a helper that is often descheduled
+       makes two threads slower than one (measured here under another job's load: 22.7 vs 19.3 ms/step), so
+       the step keeps a moving average of its time with 1 and with nthreads threads, runs the faster, and
+       tries the other now and then (every 16th step, every 64th when one is clearly ahead) */
+    int nt;                                  /* threads of this step */
+    double ema[2]; int64_t steps, ntsteps[2];
     int64_t profile;
 } wqs_state;
 
@@ -175,9 +181,9 @@ static int64_t wqs_gemv(wqs_state *st, const wqs_mat *m, const float *x, float *
         if (need32) quant_x32(x, st->x32, m->K / 32);
         if (needk) quant_xk(x, st->xk, m->K / 256);
     }
-    int nt = (int)st->m.nthreads;
+    int nt = st->nt;
     if (wqs_bytes(m) < 65536) nt = 1;
-    int64_t nc = wqs_layout(m, &j, gated_F, (int)st->m.nthreads);
+    int64_t nc = wqs_layout(m, &j, gated_F, st->nt);
     wq_run(wqs_prod_chunk, &j, nc, nt);
     return nc;
 }
@@ -338,13 +344,24 @@ void *wb_qstep_new(const wqs_model *m, int *err, int64_t *where) {
     return st;
 }
 
-void wb_qstep_set_threads(void *hv, int64_t n) { ((wqs_state *)hv)->m.nthreads = n < 1 ? 1 : n; }
-
-/* seconds spent since the last call in products / attention / the rest (profile = 1 turns timing on) */
-void wb_qstep_profile(void *hv, int64_t on, double *out3) {
+void wb_qstep_set_threads(void *hv, int64_t n) {
     wqs_state *st = (wqs_state *)hv;
-    if (out3) { out3[0] = st->t_prod; out3[1] = st->t_attn; out3[2] = st->t_other; }
-    st->t_prod = st->t_attn = st->t_other = 0.0;
+    st->m.nthreads = n < 1 ? 1 : n;
+    st->ntsteps[0] = st->ntsteps[1] = 0;
+}
+/* out2: the moving averages of the step time (us) with 1 and with nthreads threads; returns this step's threads */
+int64_t wb_qstep_threads(void *hv, double *out2) {
+    wqs_state *st = (wqs_state *)hv;
+    if (out2) { out2[0] = st->ntsteps[0] ? st->ema[0] : -1.0; out2[1] = st->ntsteps[1] ? st->ema[1] : -1.0; }
+    return st->nt;
+}
+
+/* seconds spent since the last call in the layers' products / attention / the rest / the head (with its argmax
+   partials); on = 1 turns timing on */
+void wb_qstep_profile(void *hv, int64_t on, double *out4) {
+    wqs_state *st = (wqs_state *)hv;
+    if (out4) { out4[0] = st->t_prod; out4[1] = st->t_attn; out4[2] = st->t_other; out4[3] = st->t_head; }
+    st->t_prod = st->t_attn = st->t_other = st->t_head = 0.0;
     st->profile = on;
 }
 
@@ -369,6 +386,18 @@ int wb_qstep(void *hv, const int64_t *tok, const int64_t *posp, float *logits, i
         const wqs_layer *l = &st->layers[i];
         if (pos < 0 || pos >= l->rope_len || (!l->ring && pos >= l->slots)) return WQS_EPOS;
     }
+    /* threads for this step: the faster of 1 and nthreads so far, the other tried now and then */
+    const int many = (int)(m->nthreads > 1 ? m->nthreads : 1);
+    int pick = 1;
+    if (many == 1) pick = 0;
+    else if (st->ntsteps[0] < 2 || st->ntsteps[1] < 2) pick = st->ntsteps[1] <= st->ntsteps[0];
+    else {
+        pick = st->ema[1] <= st->ema[0];
+        double lo = st->ema[pick], hi = st->ema[!pick];
+        if (st->steps % (hi > 1.3 * lo ? 64 : 16) == 15) pick = !pick;
+    }
+    st->nt = pick ? many : 1;
+    const double t_step = now_us();
     WQS_T0();
     float *x = st->x, *h = st->h, *y = st->y, *z = st->z, *a = st->a, *act = st->act;
     wqs_embed_row(&m->embed, token, x);
@@ -402,7 +431,7 @@ int wb_qstep(void *hv, const int64_t *tok, const int64_t *posp, float *logits, i
         if (nblk > WQS_NBLK) nblk = WQS_NBLK;
         wqs_attn aj = { l, q, st->sc, st->pm, st->pl, st->pz, pos, H, S, nblk, (S + nblk - 1) / nblk,
                         (float)m->attn_softcap };
-        wq_run(wqs_attn_chunk, &aj, kvh * nblk, S * hd * kvh * 8 < 65536 ? 1 : (int)m->nthreads);
+        wq_run(wqs_attn_chunk, &aj, kvh * nblk, S * hd * kvh * 8 < 65536 ? 1 : st->nt);
         wqs_attn_merge(&aj, z, hd);
         WQS_T1(t_attn);
         wqs_gemv(st, &l->o, z, a, NULL, NULL, 0);
@@ -420,7 +449,7 @@ int wb_qstep(void *hv, const int64_t *tok, const int64_t *posp, float *logits, i
     WQS_T1(t_other);
     const float cap = (float)m->final_softcap;
     const int64_t nc = wqs_gemv(st, &m->head, h, logits, next && cap <= 0.f ? st->pmax : NULL, st->pidx, 0);
-    WQS_T1(t_prod);
+    WQS_T1(t_head);
     if (cap > 0.f)
         for (int64_t n = 0; n < m->V; n++) logits[n] = tanhf(logits[n] / cap) * cap;
     if (next) {
@@ -441,6 +470,12 @@ int wb_qstep(void *hv, const int64_t *tok, const int64_t *posp, float *logits, i
         }
     }
     WQS_T1(t_other);
+    if (many > 1) {
+        double dt = now_us() - t_step;
+        st->ema[pick] = st->ntsteps[pick] ? 0.75 * st->ema[pick] + 0.25 * dt : dt;
+        st->ntsteps[pick]++;
+    }
+    st->steps++;
     return 0;
 }
 """
