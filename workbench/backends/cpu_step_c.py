@@ -188,6 +188,103 @@ static int64_t wqs_gemv(wqs_state *st, const wqs_mat *m, const float *x, float *
     return nc;
 }
 
+/* s[t] = exp(s[t] - m) (0 where s[t] is -inf), returns their sum. AVX2: Cephes' expf polynomial on 8 lanes
+   (range reduction by ln 2, degree 5; within 2 ulp of expf over the softmax's range, x <= 0) */
+#if defined(__AVX2__) && defined(__FMA__)
+static inline __m256 wqs_exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+static float wqs_exp_shift(float *s, int64_t n, float m) {
+    int64_t t = 0;
+    float sum = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc = _mm256_setzero_ps(), mv = _mm256_set1_ps(m), ninf = _mm256_set1_ps(-INFINITY);
+    for (; t + 8 <= n; t += 8) {
+        __m256 v = _mm256_loadu_ps(s + t);
+        __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(v, ninf, _CMP_EQ_OQ), wqs_exp8(_mm256_sub_ps(v, mv)));
+        _mm256_storeu_ps(s + t, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = hsum_f8(acc);
+#endif
+    for (; t < n; t++) {
+        float e = s[t] == -INFINITY ? 0.f : expf(s[t] - m);
+        s[t] = e;
+        sum += e;
+    }
+    return sum;
+}
+
+/* out[u] = q_u . k for nh <= 4 query rows q_u = q + u * hd (one pass over k: four independent FMA chains) */
+static inline void wqs_dots4(const float *q, int64_t hd, int64_t nh, const float *k, float *out) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (hd % 8 == 0) {
+        const float *q1 = q + (nh > 1 ? 1 : 0) * hd, *q2 = q + (nh > 2 ? 2 : 0) * hd, *q3 = q + (nh > 3 ? 3 : 0) * hd;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t d = 0; d < hd; d += 8) {
+            __m256 kv = _mm256_loadu_ps(k + d);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), kv, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + d), kv, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + d), kv, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + d), kv, a3);
+        }
+        __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        __m128 r = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        float o[4];
+        _mm_storeu_ps(o, r);
+        for (int64_t u = 0; u < nh; u++) out[u] = o[u];
+        return;
+    }
+#endif
+    for (int64_t u = 0; u < nh; u++) out[u] = dot_f32(q + u * hd, k, hd);
+}
+
+/* z[u][d] += sum over t in [t0, t1) of e[u][t] * V[t][d], for nh <= 4 weight rows (z[u] zeroed before): each
+   value row read once for the group, the sums held in registers over a 16-wide slice of d */
+static inline void wqs_weighted_rows4(const float *const *e, int64_t nh, const float *V, int64_t hd, int64_t t0,
+                                      int64_t t1, float *const *z) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (hd % 16 == 0) {
+        for (int64_t d = 0; d < hd; d += 16) {
+            __m256 a[4][2];
+            for (int u = 0; u < 4; u++) a[u][0] = a[u][1] = _mm256_setzero_ps();
+            for (int64_t t = t0; t < t1; t++) {
+                const __m256 v0 = _mm256_loadu_ps(V + t * hd + d), v1 = _mm256_loadu_ps(V + t * hd + d + 8);
+                for (int u = 0; u < 4; u++) {
+                    const __m256 w = _mm256_broadcast_ss(e[u] + t);
+                    a[u][0] = _mm256_fmadd_ps(w, v0, a[u][0]);
+                    a[u][1] = _mm256_fmadd_ps(w, v1, a[u][1]);
+                }
+            }
+            for (int64_t u = 0; u < nh; u++) {
+                _mm256_storeu_ps(z[u] + d, _mm256_add_ps(_mm256_loadu_ps(z[u] + d), a[u][0]));
+                _mm256_storeu_ps(z[u] + d + 8, _mm256_add_ps(_mm256_loadu_ps(z[u] + d + 8), a[u][1]));
+            }
+        }
+        return;
+    }
+#endif
+    for (int64_t t = t0; t < t1; t++)
+        for (int64_t u = 0; u < nh; u++) {
+            const float w = e[u][t];
+            if (w == 0.f) continue;
+            for (int64_t d = 0; d < hd; d++) z[u][d] += w * V[t * hd + d];
+        }
+}
+
 /* ---- attention: a chunk per (KV head, block of keys), all the group's query heads at once (each key and value
    row read once per group), partial softmax (max, sum, weighted values) merged afterwards (flash-decoding) ---- */
 #define WQS_NBLK 16
@@ -207,29 +304,46 @@ static void wqs_attn_chunk(const void *jv, int64_t c) {
     for (int64_t t = t0; t < t1; t++) {
         int64_t kp = l->kpos[t];
         int ok = !(kp < 0 || kp > pos || (win > 0 && pos - kp >= win));
-        for (int64_t h = 0; h < G; h++) {
-            float *s = j->sc + (g * G + h) * S;
-            if (!ok) { s[t] = -INFINITY; continue; }
-            float v = dot_f32(j->q + (g * G + h) * hd, K + t * hd, hd) * scale;
-            if (j->softcap > 0.f) v = tanhf(v / j->softcap) * j->softcap;
-            s[t] = v;
-            if (v > mx[h]) mx[h] = v;
+        const float *kr = K + t * hd;
+        for (int64_t h0 = 0; h0 < G; h0 += 4) {
+            const int64_t nh = G - h0 < 4 ? G - h0 : 4;
+            float v4[4];
+            if (ok) wqs_dots4(j->q + (g * G + h0) * hd, hd, nh, kr, v4);
+            for (int64_t u = 0; u < nh; u++) {
+                const int64_t h = h0 + u;
+                float *s = j->sc + (g * G + h) * S;
+                if (!ok) { s[t] = -INFINITY; continue; }
+                float v = v4[u] * scale;
+                if (j->softcap > 0.f) v = tanhf(v / j->softcap) * j->softcap;
+                s[t] = v;
+                if (v > mx[h]) mx[h] = v;
+            }
         }
     }
+    /* the weights e = exp(s - max) in place (0 where masked), then each value row once for all the heads */
+    float sum[64];
     for (int64_t h = 0; h < G; h++) {
-        const int64_t hh = g * G + h, pi = hh * j->nblk + b;
-        float *z = j->pz + pi * hd, *s = j->sc + hh * S;
+        float *s = j->sc + (g * G + h) * S;
+        sum[h] = 0.f;
+        if (mx[h] == -INFINITY) { for (int64_t t = t0; t < t1; t++) s[t] = 0.f; }
+        else sum[h] = wqs_exp_shift(s + t0, t1 - t0, mx[h]);
+        float *z = j->pz + ((g * G + h) * j->nblk + b) * hd;
         for (int64_t d = 0; d < hd; d++) z[d] = 0.f;
-        float sum = 0.f;
-        if (mx[h] != -INFINITY)
-            for (int64_t t = t0; t < t1; t++) {
-                if (s[t] == -INFINITY) continue;
-                float e = expf(s[t] - mx[h]);
-                sum += e;
-                const float *vr = V + t * hd;
-                for (int64_t d = 0; d < hd; d++) z[d] += e * vr[d];
-            }
-        j->pm[pi] = mx[h]; j->pl[pi] = sum;
+    }
+    for (int64_t h0 = 0; h0 < G; h0 += 4) {
+        const int64_t nh = G - h0 < 4 ? G - h0 : 4;
+        const float *e[4];
+        float *z[4];
+        for (int64_t u = 0; u < 4; u++) {
+            const int64_t h = h0 + (u < nh ? u : 0);
+            e[u] = j->sc + (g * G + h) * S;
+            z[u] = j->pz + ((g * G + h) * j->nblk + b) * hd;
+        }
+        wqs_weighted_rows4(e, nh, V, hd, t0, t1, z);
+    }
+    for (int64_t h = 0; h < G; h++) {
+        const int64_t pi = (g * G + h) * j->nblk + b;
+        j->pm[pi] = mx[h]; j->pl[pi] = sum[h];
     }
 }
 
