@@ -74,6 +74,7 @@ def cases():
     x[0, 5:8] *= 1.01                             # a planted 1% fault on three positions
     out["fault"] = (ref, x)
     out["zeros"] = (np.zeros((1, 3, 8)), np.zeros((1, 3, 8), np.float32))
+    out["empty"] = (np.zeros((1, 0, 8)), np.zeros((1, 0, 8), np.float32))
     # logits: bfloat16-like values (many exact ties, ties at the top-k boundary and at the max), a NaN row
     lr = np.round(rng.standard_normal((1, 12, 700)) * 4, 0)
     lr += rng.standard_normal(lr.shape) * 1e-3      # the reference: distinct values
@@ -126,6 +127,7 @@ def test_device_metrics_equal_numpy_metrics(ename, make, chunk, monkeypatch):
     """Every case through one tap_metrics call per engine (one host transfer) equals the numpy definitions;
     chunk=100 splits every tap into several row chunks (the logits one row per chunk)."""
     monkeypatch.setattr(M, "CHUNK", chunk)
+    monkeypatch.setattr(M, "CHUNK_HOST", chunk)
     e = make()
     cs = cases()
     ref_taps = {k: r for k, (r, _) in cs.items()}
