@@ -634,6 +634,8 @@ static void wq_dequant_chunk(const void *jv, int64_t c) {
         for (int64_t i = 0; i < j->nb; i++) deq_block(j->t, j->W + r * j->row_bytes + i * j->bs, j->y + (r * j->nb + i) * j->qk);
 }
 
+#define WQ_GEMM_MAX 16       /* rows of x wb_q_gemm takes (more: chunks dequantised for torch's GEMM) */
+
 /* rows per chunk: ~32 KiB of weights (at least 8 rows); a product under 64 KiB runs on the caller alone */
 static int64_t wq_rows(int64_t N, int64_t row_bytes, int *nthreads) {
     if (N * row_bytes < 65536) *nthreads = 1;
@@ -658,6 +660,39 @@ int wb_q_gemv(int t, const uint8_t *restrict W, int64_t row_bytes, const float *
     j.rows = wq_rows(N, row_bytes, &nthreads);
     wq_run(wq_gemv_chunk, &j, (N + j.rows - 1) / j.rows, nthreads);
     free(xq);
+    return 0;
+}
+
+/* a few rows of x at once (prefill of a short prompt): Y[m, n] = sum_k W[n, k] X[m, k] for m < M, each weight block
+   dequantised once into L1 and dotted with every row of X in float32 (per row the same sums as the exact one-row
+   product); ldy: Y's row stride */
+typedef struct { const wq_job *j; const float *X; float *Y; int64_t M, ldy; } wq_gemm_job;
+static void wq_gemm_chunk(const void *jv, int64_t c) {
+    const wq_gemm_job *g = (const wq_gemm_job *)jv;
+    const wq_job *j = g->j;
+    int64_t n0 = c * j->rows, n1 = n0 + j->rows < j->N ? n0 + j->rows : j->N;
+    const int64_t K = j->nb * j->qk;
+    float buf[256] __attribute__((aligned(32)));
+    float acc[WQ_GEMM_MAX];
+    for (int64_t n = n0; n < n1; n++) {
+        for (int64_t m = 0; m < g->M; m++) acc[m] = 0.f;
+        const uint8_t *w = j->W + n * j->row_bytes;
+        for (int64_t i = 0; i < j->nb; i++) {
+            deq_block(j->t, w + i * j->bs, buf);
+            for (int64_t m = 0; m < g->M; m++) acc[m] += dot_f32(buf, g->X + m * K + i * j->qk, j->qk);
+        }
+        for (int64_t m = 0; m < g->M; m++) g->Y[m * g->ldy + n] = acc[m];
+    }
+}
+int wb_q_gemm(int t, const uint8_t *restrict W, int64_t row_bytes, const float *restrict X, float *restrict Y,
+              int64_t N, int64_t K, int64_t M, int64_t ldy, int nthreads) {
+    int qk, bs = qblock(t, &qk);
+    if (!bs || K % qk || row_bytes != (K / qk) * bs) return -1;
+    if (M < 1 || M > WQ_GEMM_MAX) return -2;
+    wq_job j = { t, bs, qk, 0, W, row_bytes, N, K / qk, 0, NULL, NULL, NULL };
+    j.rows = wq_rows(N, row_bytes, &nthreads);
+    wq_gemm_job g = { &j, X, Y, M, ldy };
+    wq_run(wq_gemm_chunk, &g, (N + j.rows - 1) / j.rows, nthreads);
     return 0;
 }
 
@@ -761,6 +796,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         lib.wb_q_gemv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
         lib.wb_q_gemv.restype = ctypes.c_int
+        lib.wb_q_gemm.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        lib.wb_q_gemm.restype = ctypes.c_int
         lib.wb_q_dequant.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                      ctypes.c_int64, ctypes.c_int]
         lib.wb_q_dequant.restype = ctypes.c_int
