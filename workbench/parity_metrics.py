@@ -343,12 +343,14 @@ class RefCache:
         float32 device, then uploaded)."""
         key = (ns.key, name, None if positions is None else (positions.start, positions.stop), k, rows_per)
         if key not in self._top:
-            r = np.asarray(self.ref_taps[name], dtype=np.float64)
-            if positions is not None:
-                r = r[:, positions]
             calc = ns if ns.exact else _host_engine()
+            if calc is ns:       # the reference already on this device (``get``)
+                src = self.get(ns, name, positions)[0]
+            else:
+                src = np.asarray(self.ref_taps[name], dtype=np.float64)
+                src = calc.up(src[:, positions] if positions is not None else src)
             with calc.ctx():
-                rr = calc.rows(calc.up(r), r.shape[-1] if r.ndim else 1)
+                rr = calc.rows(src, src.shape[-1] if len(src.shape) else 1)
                 out = []
                 for s in range(0, rr.shape[0], rows_per):
                     c = rr[s:s + rows_per]
