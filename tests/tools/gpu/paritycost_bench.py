@@ -10,9 +10,9 @@
   torch:cuda:0 — the one card named twice — x bfloat16 / float32), anchor and same-dtype budgets off (they are
   HF runs on the CPU, not the parity machinery; --anchor turns the anchor on), store=False. Printed from the
   run's own meta["cost"]: per target the build, its own forward (prefill + the decode route's prefill and steps,
-  device synchronised) and the parity overhead (reference upload, statistics on the device, the scalars' transfer, the rows), the
-  ratio overhead / forward, the reference's and the whole run's wall time. Run twice when the budget allows
-  (cold: first CUDA kernels; warm: the same again).
+  device synchronised) and the parity overhead (reference upload, statistics on the device, the scalars'
+  transfer, the rows), the ratio overhead / forward, the reference's and the whole run's wall time. Run twice
+  when the budget allows (cold: first CUDA kernels; warm: the same again).
 * The old host route for comparison, on the bfloat16 CUDA target's prefill taps only, where time is left:
   ``m.forward``'s numpy taps (device -> host per tap) and ``parity.metrics`` per tap, ``_topk_agree`` on the
   logits (numpy argsort over the vocabulary).
