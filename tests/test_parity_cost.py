@@ -178,7 +178,8 @@ def test_topk_agree_is_the_stable_sort_definition():
 
 
 def _forward_rows_numpy(src, backend, dtype, ids, taps, fault, decode_steps):
-    """The rows' statistics the old way: m.forward's numpy taps and parity.metrics, prefill and decode."""
+    """The rows' statistics the old way: m.forward's numpy taps and parity.metrics, prefill and decode:
+    {(phase, tap name): (metrics, size)}."""
     import workbench as wb
     ref = wb.load(src, backend="torch:cpu", dtype="float64", progress=False)
     ro = ref.forward(ids, taps=taps)
@@ -187,7 +188,7 @@ def _forward_rows_numpy(src, backend, dtype, ids, taps, fault, decode_steps):
     if fault:
         m.perturb = P._make_fault(fault)
     o = m.forward(ids, taps=taps)
-    want = {("prefill", k): _want(rt[k], v, k == "logits") for k, v in dict(o.taps, logits=o.logits).items()}
+    want = {("prefill", k): (_want(rt[k], v, k == "logits"), v.size) for k, v in dict(o.taps, logits=o.logits).items()}
     T = ids.shape[1]
     Pn = T - decode_steps
     cache = m.new_cache(batch=1, max_len=T)
@@ -196,7 +197,7 @@ def _forward_rows_numpy(src, backend, dtype, ids, taps, fault, decode_steps):
     dec = {n: np.concatenate([s.taps[n] for s in steps], 1) for n in steps[0].taps}
     dec["logits"] = np.concatenate([s.logits for s in steps], 1)
     for k, v in dec.items():
-        want[("decode", k)] = _want(rt[k][:, Pn:], v, k == "logits")
+        want[("decode", k)] = (_want(rt[k][:, Pn:], v, k == "logits"), v.size)
     return want
 
 
@@ -208,15 +209,15 @@ def test_compare_rows_equal_numpy_metrics_with_a_planted_fault(backend, tmp_db):
     import workbench as wb
     src = str(fixture_dir("gemma3_text"))
     ids = np.random.default_rng(0).integers(1, 200, (1, 20))
-    taps = ["blocks.*.hook_resid_post", "blocks.*.hook_mlp_out"]
+    taps = ["blocks.*.hook_resid_post", "blocks.*.hook_mlp_out", "blocks.*.attn.hook_q"]   # hook_q: numpy layout route
     fault = {"backend": backend, "layer": 1, "tap": "hook_mlp_out", "scale": 1e-2}
     rep = wb.compare(src, backends=[backend], dtypes=["float32"], prompt=ids[0].tolist(), taps=taps, decode_steps=3,
                      anchor=False, fault=fault, db=tmp_db, progress=False)
     want = _forward_rows_numpy(src, backend, "float32", ids, taps, fault, 3)
     names = {(r["phase"], r["tap"] if r["layer"] is None else P._tap_name(r["tap"], r["layer"])): r for r in rep.rows}
     assert set(names) == set(want)
-    for key, w in want.items():
-        _check(str(key), names[key], w, 20 * 64, True)
+    for key, (w, n) in want.items():
+        _check(str(key), names[key], w, n, True)
     fd = rep.first_divergence
     assert not rep.passed and (fd["tap"], fd["layer"]) == ("hook_mlp_out", 1)
     cost = rep.meta["cost"]
