@@ -48,7 +48,7 @@ typedef struct {
     /* threads per step, chosen from measured step times: on a shared CPU a helper that is often descheduled
        makes two threads slower than one (measured here under another job's load: 22.7 vs 19.3 ms/step), so
        the step keeps a moving average of its time with 1 and with nthreads threads, runs the faster, and
-       tries the other now and then (every 16th step, every 64th when one is clearly ahead) */
+       tries the other now and then (every 16th step, every 64th when one is ahead by more than 15 %) */
     int nt;                                  /* threads of this step */
     double ema[2]; int64_t steps, ntsteps[2];
     int64_t profile;
@@ -508,7 +508,7 @@ int wb_qstep(void *hv, const int64_t *tok, const int64_t *posp, float *logits, i
     else {
         pick = st->ema[1] <= st->ema[0];
         double lo = st->ema[pick], hi = st->ema[!pick];
-        if (st->steps % (hi > 1.3 * lo ? 64 : 16) == 15) pick = !pick;
+        if (st->steps % (hi > 1.15 * lo ? 64 : 16) == 15) pick = !pick;
     }
     st->nt = pick ? many : 1;
     const double t_step = now_us();
