@@ -190,10 +190,16 @@ def main(argv=None) -> int:
             f"{args.tokens} tokens, targets {backends} x {dtypes}, anchor {'on' if args.anchor else 'off'}")
         RESULT.update(card=db.card(), torch=torch.__version__, tokens=args.tokens, backends=backends, dtypes=dtypes)
         if torch.cuda.is_available():
-            sc = self_check()
-            RESULT["self_check"] = sc
-            say(f"\ndevice self-check (CUDA float64 statistics vs numpy metrics()): max rel deviation "
-                f"{sc['max_rel_dev']:.1e} -> {'OK' if sc['ok'] else 'MISMATCH ' + json.dumps(sc['bad'])}")
+            try:
+                sc = self_check()
+                RESULT["self_check"] = sc
+                say(f"\ndevice self-check (CUDA float64 statistics vs numpy metrics()): max rel deviation "
+                    f"{sc['max_rel_dev']:.1e} -> {'OK' if sc['ok'] else 'MISMATCH ' + json.dumps(sc['bad'])}")
+            except OutOfTime:
+                raise
+            except Exception:   # noqa: BLE001 - say what broke and go on to the compare
+                RESULT["self_check"] = dict(ok=False, error=traceback.format_exc())
+                say("\ndevice self-check FAILED:\n```\n" + traceback.format_exc() + "```")
         ck = db.make("gemma3-270m", pathlib.Path(args.work) / "g270m")
         say(f"<!-- {time.perf_counter() - T0:.0f} s so far -->")
         ids = [int(i) for i in np.random.default_rng(1).integers(100, 262000, size=args.tokens)]
