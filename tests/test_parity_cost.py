@@ -239,3 +239,9 @@ def test_nan_target_fails_through_the_device_route():
     x[0, 2, 3] = float("nan")
     rows = P._rows_for(ref, {"blocks.0.hook_resid_post": x}, "torch:cpu", "bfloat16", "torch:cpu", "prefill", 1.0, {})
     assert len(rows) == 1 and not rows[0]["passed"] and rows[0]["nan_count"] == 1 and rows[0]["rel_max"] == math.inf
+
+
+def test_host_metrics_equal_numpy_metrics():
+    """host_metrics (the anchor's noise floor, the same-dtype budgets): parity.metrics' numbers on numpy arrays."""
+    for name, (r, x) in cases().items():
+        _check(name, M.host_metrics(r, x), P.metrics(r, x), r.size, True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import backends as _bk
+from . import parity_metrics as _pm
 from .progress import Progress as _Progress  # noqa: F401 - workbench.distributed uses P._Progress
 
 # Relative max error (max|Δ| / max|ref|) allowed per tap, by (backend kind, dtype), against the float64
@@ -307,8 +308,7 @@ class ParityReport:
             lines.append(f"precision hazard on {k}: first NaN/inf at {r['tap']}"
                          + (f" layer {r['layer']}" if r['layer'] is not None else "") + f" ({r['phase']})")
         if self.meta.get("cost"):
-            from .parity_metrics import cost_line
-            lines.append(cost_line(self.meta["cost"]))
+            lines.append(_pm.cost_line(self.meta["cost"]))
         lines.append(f"Overall: {'PASSED' if self.passed else 'FAILED'}")
         return "\n".join(lines)
 
@@ -451,7 +451,6 @@ def _rows_for(ref_taps: dict, taps: dict, backend: str, dtype: str, kind: str, p
     ``ref_taps`` (at ``positions`` for decode steps). The statistics are ``metrics`` / ``_topk_agree``'s,
     computed where the arrays live (workbench.parity_metrics; float64 where the device has it), only the
     numbers come to the host; ``refs``: the comparison's RefCache (the reference uploaded once per device)."""
-    from . import parity_metrics as _pm
     names = [n for n in taps if n in ref_taps]
     stats = _pm.tap_metrics(ref_taps, {n: taps[n] for n in names}, positions, refs)
     rows = []
@@ -550,7 +549,7 @@ def _anchor_verdict(got, ref_taps, noise_taps, order_of, tolerances, against: st
         if override is not None:
             tol, src = override, "override"
         else:
-            noise = metrics(ref_taps[name], noise_taps[name])["rel_max"] if name in noise_taps else ANCHOR_CAP
+            noise = _pm.host_metrics(ref_taps[name], noise_taps[name])["rel_max"] if name in noise_taps else ANCHOR_CAP
             noise = noise if math.isfinite(noise) else ANCHOR_CAP / ANCHOR_K
             tol, src = min(max(ANCHOR_K * noise, ANCHOR_FLOOR), ANCHOR_CAP), ANCHOR_RULE
         rows += _rows_for(ref_taps, {name: x}, "hf", "float64", "anchor", "anchor", tol, order_of)
@@ -689,10 +688,10 @@ def _same_dtype_errors(path, dtype, ids_arr, ref_taps, P, T):
     for name, x in got.items():
         if name not in ref_taps:
             continue
-        m = metrics(ref_taps[name], x)
+        m = _pm.host_metrics(ref_taps[name], x)     # parity.metrics' numbers, computed the fast way
         out["prefill"][name] = (m["rel_max"], m["rel_l2"])
         if P < T:
-            m = metrics(ref_taps[name][:, P:T], x[:, P:T])
+            m = _pm.host_metrics(ref_taps[name][:, P:T], x[:, P:T])
             out["decode"][name] = (m["rel_max"], m["rel_l2"])
     return out, f"HF transformers {version} {dtype}"
 
@@ -806,7 +805,6 @@ def compare(source="gemma3-270m", backends=None, dtypes=None, reference: str = "
     low = sorted({d for _, d in targets if d in UNIT_ROUNDOFF}) if budgets else []
     prog = _Progress(progress, 2 + len(low) + len(targets) + len(refs))
     prog.note(f"loading {source}")
-    from . import parity_metrics as _pm
     laps = _pm.Laps()     # the run's cost, by step (meta["cost"], the summary's cost line)
     cfg, tensors, path, tok = read_source(source, dtype="float64", progress=prog.prints)
     laps("load_s")
@@ -1028,7 +1026,6 @@ def target_rows(build, targets, ids_arr, taps, ref_taps, order_of, *, decode_ste
     device and the statistics are computed there (workbench.parity_metrics); ``cost`` (a dict) gets, per target,
     {build_s, forward_s (its own forwards: prefill, and the decode route's prefill + steps), metrics_s (the
     parity work on its outputs: reference upload, statistics, the scalars' transfer, the rows)}."""
-    from . import parity_metrics as _pm
     refs = _pm.RefCache(ref_taps)
     on_device = make_ops is None     # sharded (tensor-parallel) ops: their taps come gathered through numpy
     rows: list[dict] = []
@@ -1075,7 +1072,6 @@ def _prefill_rows(m, spec, d, tol, ids_arr, taps, ref_taps, order_of, forward_kw
                   on_device=False, clock=None):
     """A target's prefill rows, and its MoE routing flips against the reference (from ``extra_taps``).
     on_device: the taps stay on the target's device (text prompts); clock: {forward_s, metrics_s} accumulated."""
-    from . import parity_metrics as _pm
     t0 = time.perf_counter()
     want = list(taps) + list(extra_taps)
     got = _pm.device_forward(m, ids_arr, want) if on_device and not forward_kw else None
@@ -1101,7 +1097,6 @@ def _decode_rows(m, spec, d, tol, ids_arr, decode_steps, taps, ref_taps, order_o
     """The last ``decode_steps`` prompt tokens one by one through the KV cache (teacher-forced), rows against the
     reference at those positions; each row carries its route ("plain", or the fast engine's). on_device / clock:
     as ``_prefill_rows`` (the plain route's taps stay on the device, concatenated there)."""
-    from . import parity_metrics as _pm
     T = ids_arr.shape[1]
     P = T - decode_steps
     t0 = time.perf_counter()

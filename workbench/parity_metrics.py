@@ -507,6 +507,12 @@ def tap_metrics(ref_taps: dict, taps: dict, positions: slice | None = None, refs
     return out
 
 
+def host_metrics(ref, x) -> dict:
+    """``parity.metrics(ref, x)``'s numbers (no top-k) for one pair of arrays, through the engine of x's framework
+    (numpy: torch on the CPU in float64): the anchor's noise floor and the same-dtype budgets use it."""
+    return tap_metrics({"x": ref}, {"x": x}, topk_taps=())["x"]
+
+
 # ---------------------------------------------------------------------------------------- device taps
 def device_forward(m, ids, taps, cache=None):
     """One forward of a LanguageModel's text decoder with the taps left on the device: {name: backend array},
