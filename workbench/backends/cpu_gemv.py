@@ -27,9 +27,11 @@ Three routes, best first:
 * the framework's own kernel otherwise (float16, no compiler).
 
 GGUF blocks kept quantised (``wb.load(gguf, quant="keep")``, :mod:`workbench.backends.quant`): ``wb_q_gemv``
-(Q8_0, Q5_0, Q4_0, Q4_K, Q6_K; 8-bit activations as llama.cpp's CPU kernels, or exact float32 x) and
+(Q8_0, Q5_0, Q4_0, Q4_K, Q6_K; 8-bit activations as llama.cpp's CPU kernels — with AVX-512 VNNI where the CPU has
+it, bit-identical to the AVX2 code — or exact float32 x), ``wb_q_gemm`` (a short prompt's few rows) and
 ``wb_q_dequant``, on a small pthread pool whose chunks are claimed by CAS (OpenMP's barrier waits for a
-descheduled thread: 5x slower decode on this shared box at load 6).
+descheduled thread: 5x slower decode on this shared box at load 6). The same library holds the fused decode step
+of :mod:`workbench.backends.cpu_step` (source: :mod:`workbench.backends.cpu_step_c`).
 
 ``WORKBENCH_CPU_GEMV`` = ``auto`` (default: all of the above on x86-64, the frameworks' kernels elsewhere —
 only x86-64 was measured), ``kernel`` (the C kernel on any CPU), ``blas`` (no C kernel) or ``off`` (the
