@@ -80,6 +80,8 @@ SLOW = {
     "workbench bench --model gemma3-270m --backends torch:cpu,mlx:cpu --dtypes float32,bfloat16 --peers":
         "the README's CPU throughput table: 4 targets and 5 peers, pp128/tg64 x 3: ~15 minutes",
     "<python snippet 1>": "the real 270M loaded on two backends, compare in two dtypes and wb.bench with peers",
+    "workbench bench --model gemma3-270m --backends torch:cpu --dtypes float32 --quant keep --peers":
+        "the README's kept-quantised row: the real 270M GGUF kept quantised, HF float32 and llama.cpp: ~1 minute",
 }
 SLOW.update({c: "needs a GPU; minutes" for c in NEEDS})
 # expected outcome other than exit code 0: (normalised command) -> dict(rc=..., out=[substrings of the output])
