@@ -170,6 +170,7 @@ def main(argv=None) -> int:
     ap.add_argument("--anchor", action="store_true", help="run the HF float64 anchor too (CPU; slow at 600 tokens)")
     ap.add_argument("--budget", type=float, default=130.0,
                     help="hard wall-clock limit in seconds (the coordinator allows 150; a long C call delays SIGALRM)")
+    ap.add_argument("--profile", action="store_true", help="a third compare under cProfile (instead of the old route)")
     ap.add_argument("--work", default="/tmp/wb-decode")
     ap.add_argument("--out", default=os.environ.get("OUT", str(db.ROOT / "out")))
     args = ap.parse_args(argv)
@@ -214,7 +215,19 @@ def main(argv=None) -> int:
             dump(out)
         else:
             say(f"\n(no warm run: {left(args.budget):.0f} s left)")
-        if torch.cuda.is_available() and left(args.budget) > 30:
+        if args.profile and left(args.budget) > 1.5 * r1["compare_wall_s"] + 5:
+            import cProfile
+            import io
+            import pstats
+            pr = cProfile.Profile()
+            pr.enable()
+            one_compare(ck, ids, backends, dtypes, args.anchor)
+            pr.disable()
+            for key in ("tottime", "cumulative"):
+                buf = io.StringIO()
+                pstats.Stats(pr, stream=buf).sort_stats(key).print_stats(28)
+                say(f"\n### cProfile of a third (warm) compare, by {key}\n```\n" + buf.getvalue()[-7000:] + "```")
+        if torch.cuda.is_available() and left(args.budget) > 30 and not args.profile:
             lg = legacy(ck, ids, args.budget)
             RESULT["legacy_bf16_prefill"] = lg
             say("\n### the old host route beside the device route (torch:cuda bfloat16, prefill taps only, warm)\n")
