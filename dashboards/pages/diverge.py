@@ -18,8 +18,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
-from dashboards import _diverge as D  # noqa: E402
-from dashboards import _logic as L  # noqa: E402
+from dashboards._imports import LOCK  # noqa: E402
+
+with LOCK:        # the pages' script threads import the workbench one at a time (see dashboards/_imports.py)
+    import workbench  # noqa: E402,F401
+    from dashboards import _diverge as D  # noqa: E402
+    from dashboards import _logic as L  # noqa: E402
 
 st.set_page_config(page_title="Gemma Workbench — divergence", layout="wide")
 st.title("Divergence over a generation")
