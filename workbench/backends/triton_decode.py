@@ -728,7 +728,10 @@ class TritonDecodeStep:
         if sampler is None or not check:
             return None
         err = None
+        tuned = _tune("sample")
         for tune in (None, TritonSampler.PLAIN):     # the tuned selection kernel, else its plainest variant
+            if tune is not None and tuple(tune) == tuple(tuned):
+                break                                # (the same kernel: it failed already)
             sampler.tune = tune
             try:
                 tok = torch.zeros((1, 1), dtype=torch.long, device=self.ops.device)
