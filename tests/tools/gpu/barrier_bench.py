@@ -46,16 +46,17 @@ def say(s=""):
 
 
 @triton.jit
-def _chain_gemv(W, X, Y, N, K: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr):
+def _chain_gemv(W, X, Y, N, K: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr, KP: tl.constexpr):
     if PDL:
         _go()
     pid = tl.program_id(0)
     rows = pid * BN + tl.arange(0, BN)
-    ko = tl.arange(0, K)
-    w = tl.load(W + rows[:, None] * K + ko[None, :], mask=(rows < N)[:, None], other=0.0).to(tl.float32)
+    ko = tl.arange(0, KP)
+    km = ko < K
+    w = tl.load(W + rows[:, None] * K + ko[None, :], mask=(rows < N)[:, None] & km[None, :], other=0.0).to(tl.float32)
     if PDL:
         _wait()
-    x = tl.load(X + ko).to(tl.float32)
+    x = tl.load(X + ko, mask=km, other=0.0).to(tl.float32)
     tl.store(Y + rows, tl.sum(w * x[None, :], 1).to(Y.dtype.element_ty), mask=rows < N)
 
 
@@ -77,21 +78,23 @@ def _barrier(BAR, target, POLL: tl.constexpr):
 
 @triton.jit
 def _persist_gemv(W, XA, XB, BAR, P, N, NPROG, K: tl.constexpr, BN: tl.constexpr, TPP: tl.constexpr,
-                  POLL: tl.constexpr):
+                  POLL: tl.constexpr, KP: tl.constexpr):
     """Phase p: rows of tile t = pid + j * NPROG (j < TPP) of y_p = W_p x; x alternates XA -> XB -> XA ..."""
     pid = tl.program_id(0)
-    ko = tl.arange(0, K)
+    ko = tl.arange(0, KP)
+    km = ko < K
     for p in range(P):
         src = XA if p % 2 == 0 else XB
         dst = XB if p % 2 == 0 else XA
         for j in tl.static_range(TPP):
             rows = (pid + j * NPROG) * BN + tl.arange(0, BN)
             rm = rows < N
-            w = tl.load(W + p * N * K + rows[:, None] * K + ko[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
+            w = tl.load(W + p * N * K + rows[:, None] * K + ko[None, :], mask=rm[:, None] & km[None, :],
+                        other=0.0).to(tl.float32)
             if j == 0:
                 if p > 0:
                     _barrier(BAR, p * NPROG, POLL)
-            x = tl.load(src + ko, cache_modifier=".cg").to(tl.float32)
+            x = tl.load(src + ko, mask=km, other=0.0, cache_modifier=".cg").to(tl.float32)
             tl.store(dst + rows, tl.sum(w * x[None, :], 1).to(dst.dtype.element_ty), mask=rm)
 
 
@@ -159,7 +162,7 @@ def main(argv=None) -> int:
                     bufs = (xa, xb)
                     for p in range(P):
                         src, dst = bufs[p % 2], bufs[(p + 1) % 2]
-                        _chain_gemv[(triton.cdiv(N, BN),)](W[p], src, dst, N, K=K, BN=BN, PDL=pdl, num_warps=4,
+                        _chain_gemv[(triton.cdiv(N, BN),)](W[p], src, dst, N, K=K, BN=BN, PDL=pdl, KP=triton.next_power_of_2(K), num_warps=4,
                                                            **kw)
                 us = graph_us(chain, P)
                 fin = (xa if P % 2 == 0 else xb).float()
@@ -180,7 +183,7 @@ def main(argv=None) -> int:
                     def persist(nprog=nprog, poll=poll, BN=BN, tpp=tpp, bar=bar):
                         xa.copy_(x0)
                         bar.zero_()
-                        _persist_gemv[(nprog,)](W, xa, xb, bar, P, N, nprog, K=K, BN=BN, TPP=tpp, POLL=poll,
+                        _persist_gemv[(nprog,)](W, xa, xb, bar, P, N, nprog, K=K, BN=BN, TPP=tpp, POLL=poll, KP=triton.next_power_of_2(K),
                                                 num_warps=8)
                     try:
                         us = graph_us(persist, P)
