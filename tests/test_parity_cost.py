@@ -160,7 +160,88 @@ def test_decode_positions_and_reference_upload_once():
         got = M.tap_metrics(ref, {k: _as(e, v) for k, v in x.items()}, positions=slice(6, 10), refs=refs, engine=e)
         for k in ref:
             _check(k, got[k], _want(ref[k][:, 6:], x[k], k == "logits"), x[k].size, True)
-    assert sorted(k[1] for k in refs._up) == ["a", "logits"]
+    # logits one by one (uploaded whole, sliced on the device); "a" in a run: its [1, N] stack at 6:10, once
+    assert sorted(k[1] for k in refs._up) == ["logits"]
+    assert [(k[1], k[2]) for k in refs._stack] == [(("a",), (6, 10))]
+
+
+def _mixed():
+    """(ref, target) taps of three sizes, float32 (bfloat16-valued where marked): a NaN in one row of one tap, an
+    inf (matched, mismatched) in another, a planted fault, and clean neighbours between them."""
+    rng = np.random.default_rng(11)
+    out = {}
+    for i, shape in enumerate([(1, 12, 64)] * 5 + [(1, 7, 32)] * 3 + [(1, 12, 64), (1, 1, 5)]):
+        r = rng.standard_normal(shape) * (1 + i)
+        out[f"t{i}"] = [r, (r + 1e-4 * rng.standard_normal(shape)).astype(np.float32)]
+    out["t1"][1][0, 4, :] = np.nan                 # NaN in one row
+    out["t1"][1][0, 6, 2] = np.nan
+    out["t3"][0][0, 2, 7] = np.inf                 # inf: matched, against -inf, missing in the target, unexpected
+    out["t3"][1][0, 2, 7] = np.inf
+    out["t3"][0][0, 3, 1] = -np.inf
+    out["t3"][1][0, 3, 1] = np.inf
+    out["t3"][0][0, 5, 5] = np.inf
+    out["t3"][1][0, 9, 9] = -np.inf
+    out["t6"][1][0, 2:4] *= 1.01                   # a planted fault beside a NaN-free neighbour
+    out["t7"][1][0, 0, 0] = np.nan                 # NaN in the second size too
+    return {k: tuple(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("ename,make", engines(), ids=[e for e, _ in engines()])
+@pytest.mark.parametrize("chunk", [1 << 24, 64 * 12 * 4])
+def test_batched_runs_equal_the_one_tap_route(ename, make, chunk, monkeypatch):
+    """The batched route (runs of one size, one reduction per statistic and run) gives each tap the numbers of the
+    one-tap route and of numpy's metrics(); a NaN or inf in one tap stays in its own row (its neighbours' numbers
+    are those they have alone). chunk=3072: the six taps of 768 elements in runs of 4 and 2."""
+    monkeypatch.setattr(M, "CHUNK", chunk)
+    monkeypatch.setattr(M, "CHUNK_HOST", chunk)
+    calls = {"run": [], "one": 0}
+    grp, one = M._group_stats, M._tap_stats
+    monkeypatch.setattr(M, "_group_stats", lambda ns, refs, run, pos: calls["run"].append(len(run)) or grp(ns, refs, run, pos))
+    monkeypatch.setattr(M, "_tap_stats", lambda *a, **kw: calls.__setitem__("one", calls["one"] + 1) or one(*a, **kw))
+    e = make()
+    cs = _mixed()
+    ref = {k: r for k, (r, _) in cs.items()}
+    xs = {k: _as(e, x) for k, (_, x) in cs.items()}
+    got = M.tap_metrics(ref, xs, engine=e)
+    assert calls["one"] == 0 and sum(calls["run"]) == len(cs)
+    assert calls["run"] == ([6, 3, 1] if chunk == 1 << 24 else [4, 2, 3, 1])     # sizes 768 x6, 224 x3, 5 x1
+    calls["run"].clear()
+    alone = M.tap_metrics(ref, xs, engine=e, batch=False)
+    assert calls["run"] == [] and calls["one"] == len(cs)
+    for k, (r, x) in cs.items():
+        _check(f"{ename}/{k} batched vs numpy", got[k], P.metrics(r, x), r.size, e.exact)
+        _check(f"{ename}/{k} batched vs one-tap", got[k], alone[k], r.size, e.exact)
+        solo = M.tap_metrics({k: r}, {k: xs[k]}, engine=e)[k]     # a run of one: nothing beside it
+        _check(f"{ename}/{k} batched vs solo", got[k], solo, r.size, e.exact)
+    assert got["t1"]["nan_count"] == 65 and got["t1"]["rel_max"] == math.inf
+    assert got["t3"]["inf_count"] == 3 and got["t3"]["inf_mismatch"] == 3 and got["t3"]["rel_max"] == math.inf
+    assert got["t7"]["nan_count"] == 1
+    for k in ("t0", "t2", "t4", "t5", "t6", "t8", "t9"):   # the neighbours: no NaN, no inf, a finite verdict
+        assert got[k]["nan_count"] == got[k]["inf_count"] == got[k]["inf_mismatch"] == 0, k
+        assert math.isfinite(got[k]["rel_max"]) and got[k]["rel_max"] < 1e-3 * (50 if k == "t6" else 1), k
+    assert got["t6"]["rel_max"] > 50 * got["t5"]["rel_max"]
+
+
+def test_batched_bfloat16_and_the_device_route():
+    """torch bfloat16 taps: the run's stack is cast to float64 in its one copy, as one-tap's .to(float64); the
+    device route (no host branches, as on a GPU) and the host route agree with numpy on the same values."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    ref = {f"b{i}": rng.standard_normal((1, 9, 48)) for i in range(4)}
+    xs = {k: torch.from_numpy(v + 1e-2 * rng.standard_normal(v.shape)).to(torch.bfloat16) for k, v in ref.items()}
+    xs["b2"][0, 3, 3] = float("nan")
+    for e in (M._Torch("cpu"), _general(M._Torch("cpu"))):
+        got = M.tap_metrics(ref, xs, engine=e)
+        for k in ref:
+            _check(k, got[k], P.metrics(ref[k], xs[k].double().numpy()), ref[k].size, True)
+        assert got["b2"]["nan_count"] == 1 and got["b1"]["nan_count"] == 0 and math.isfinite(got["b3"]["rel_max"])
+
+
+def test_batched_shape_mismatch_names_the_tap():
+    pytest.importorskip("torch")
+    ref = {"a": np.zeros((1, 4, 8)), "b": np.zeros((1, 4, 8))}
+    with pytest.raises(ValueError, match=r"b: shape mismatch: reference \(1, 4, 8\) vs \(1, 4, 9\)"):
+        M.tap_metrics(ref, {"a": np.zeros((1, 4, 8), np.float32), "b": np.zeros((1, 4, 9), np.float32)})
 
 
 def test_topk_agree_is_the_stable_sort_definition():
