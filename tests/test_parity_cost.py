@@ -196,8 +196,16 @@ def test_batched_runs_equal_the_one_tap_route(ename, make, chunk, monkeypatch):
     monkeypatch.setattr(M, "CHUNK_HOST", chunk)
     calls = {"run": [], "one": 0}
     grp, one = M._group_stats, M._tap_stats
-    monkeypatch.setattr(M, "_group_stats", lambda ns, refs, run, pos: calls["run"].append(len(run)) or grp(ns, refs, run, pos))
-    monkeypatch.setattr(M, "_tap_stats", lambda *a, **kw: calls.__setitem__("one", calls["one"] + 1) or one(*a, **kw))
+
+    def group_spy(ns, refs, run, pos):
+        calls["run"].append(len(run))
+        return grp(ns, refs, run, pos)
+
+    def one_spy(*a, **kw):
+        calls["one"] += 1
+        return one(*a, **kw)
+    monkeypatch.setattr(M, "_group_stats", group_spy)
+    monkeypatch.setattr(M, "_tap_stats", one_spy)
     e = make()
     cs = _mixed()
     ref = {k: r for k, (r, _) in cs.items()}
