@@ -5,7 +5,8 @@
 
 * A random checkpoint of the Gemma 3 270M config (decode_bench's ``make``: ``workbench make-random gemma3-270m``).
 * A device self-check first: ``workbench.parity_metrics.tap_metrics`` on CUDA tensors (float64 there) against the
-  numpy definitions ``parity.metrics`` / ``parity._topk_agree`` on the same arrays (NaN, inf, ties included).
+  numpy definitions ``parity.metrics`` / ``parity._topk_agree`` on the same arrays (NaN, inf, ties included), and
+  the runs of same-size taps against the one-tap route (``batch=False``).
 * ``wb.compare`` of a --tokens-token prompt (random ids), 4 decode steps, 4 targets (default torch:cuda and
   torch:cuda:0 — the one card named twice — x bfloat16 / float32), anchor and same-dtype budgets off (they are
   HF runs on the CPU, not the parity machinery; --anchor turns the anchor on), store=False. Printed from the
@@ -13,6 +14,9 @@
   device synchronised) and the parity overhead (reference upload, statistics on the device, the scalars'
   transfer, the rows), the ratio overhead / forward, the reference's and the whole run's wall time. Run twice
   when the budget allows (cold: first CUDA kernels; warm: the same again).
+* Statistics per phase on one target (torch:cuda bfloat16), where time is left: ``tap_metrics`` the one-tap way
+  (``batch=False``: the route before the runs of same-size taps) against the runs, first call (reference upload)
+  and warm, prefill and decode, with and without the logits.
 * The old host route for comparison, on the bfloat16 CUDA target's prefill taps only, where time is left:
   ``m.forward``'s numpy taps (device -> host per tap) and ``parity.metrics`` per tap, ``_topk_agree`` on the
   logits (numpy argsort over the vocabulary).
@@ -68,13 +72,28 @@ def self_check(device: str = "cuda") -> dict:
     rng = np.random.default_rng(0)
     ref = {"a": rng.standard_normal((1, 64, 640)) * 3, "logits": np.round(rng.standard_normal((1, 16, 4096)) * 8)
            + rng.standard_normal((1, 16, 4096)) * 1e-3}
+    for k in "bcd":                                       # a run of four same-size taps (the batched route)
+        ref[k] = rng.standard_normal((1, 64, 640)) * 2
+    ref["e"] = rng.standard_normal((1, 5, 32))            # a second size
     x = {k: (v + 1e-3 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in ref.items()}
     x["a"][0, 3, 4] = np.nan
     x["a"][0, 5, 6] = np.inf
+    x["c"][0, 9, :] = np.nan                              # a NaN row beside clean taps
     x["logits"] = np.round(x["logits"] * 2) / 2          # ties everywhere
-    got = M.tap_metrics(ref, {k: torch.from_numpy(v).to(device) for k, v in x.items()})
+    xs = {k: torch.from_numpy(v).to(device) for k, v in x.items()}
+    for k in "fg":                                        # a bfloat16 run: its stack cast to float64 in one copy
+        ref[k] = rng.standard_normal((1, 64, 640))
+        xs[k] = torch.from_numpy(ref[k] + 1e-2 * rng.standard_normal(ref[k].shape)).to(device, torch.bfloat16)
+        x[k] = xs[k].double().cpu().numpy()
+    xs["g"][0, 1, 2] = float("inf")
+    x["g"][0, 1, 2] = np.inf
+    got = M.tap_metrics(ref, xs)
+    one = M.tap_metrics(ref, xs, batch=False)            # every tap on its own: the same numbers
     worst = {}
     for k in ref:
+        for key, g1 in one[k].items():
+            g = got[k][key]
+            worst[f"{k}.{key} (runs vs one-tap)"] = 0.0 if g == g1 else abs(g - g1) / max(abs(g1), 1e-300)
         w = P.metrics(ref[k], x[k])
         if k == "logits":
             w["top1"], w["top5_overlap"] = P._topk_agree(ref[k], x[k])
@@ -161,6 +180,46 @@ def legacy(ck, ids, budget: float, backend: str = "torch:cuda") -> dict:
     return out
 
 
+def phase_stats(ck, ids, backend: str = "torch:cuda", dtype: str = "bfloat16") -> dict:
+    """One target's statistics per phase (prefill: every tap at --tokens positions; decode: the 4 steps' taps),
+    taps left on the device: ``tap_metrics`` the one-tap way (``batch=False``, the route before the runs) and in
+    runs, the first call of a comparison (the reference's upload, RefCache.upload_s) and warm (best of 3)."""
+    import numpy as np
+
+    import workbench as wb
+    from workbench import parity as P
+    from workbench import parity_metrics as M
+    a = np.asarray(ids)[None]
+    T, D = a.shape[1], 4
+    ref = wb.load(str(ck), backend="torch:cpu", dtype="float64", progress=False)
+    ro = ref.forward(a, taps=P.DEFAULT_TAPS)
+    rt = dict(ro.taps, logits=ro.logits)
+    del ref
+    m = wb.load(str(ck), backend=backend, dtype=dtype, progress=False)
+    pre = M.device_forward(m, a, P.DEFAULT_TAPS)
+    cache = m.new_cache(batch=1, max_len=T)
+    M.device_forward(m, a[:, :T - D], [], cache)
+    dec = M.concat_steps([M.device_forward(m, a[:, t:t + 1], P.DEFAULT_TAPS, cache) for t in range(T - D, T)])
+    M.ready(m, list(pre.values()) + list(dec.values()))
+    out = {}
+    for batch in (False, True):
+        refs = M.RefCache(rt)
+        for phase, taps, pos in (("prefill", pre, None), ("decode", dec, slice(T - D, T))):
+            for part, tp in (("all", taps), ("no logits", {k: v for k, v in taps.items() if k != "logits"})):
+                u0 = refs.upload_s
+                t = time.perf_counter()
+                M.tap_metrics(rt, tp, positions=pos, refs=refs, batch=batch)
+                first = time.perf_counter() - t
+                best = math.inf
+                for _ in range(3):
+                    t = time.perf_counter()
+                    M.tap_metrics(rt, tp, positions=pos, refs=refs, batch=batch)
+                    best = min(best, time.perf_counter() - t)
+                out[f"{'runs' if batch else 'one-tap'}|{phase}|{part}"] = dict(
+                    first_s=first, upload_s=refs.upload_s - u0, warm_s=best, taps=len(tp))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=600)
@@ -227,6 +286,17 @@ def main(argv=None) -> int:
                 buf = io.StringIO()
                 pstats.Stats(pr, stream=buf).sort_stats(key).print_stats(28)
                 say(f"\n### cProfile of a third (warm) compare, by {key}\n```\n" + buf.getvalue()[-7000:] + "```")
+        if torch.cuda.is_available() and left(args.budget) > 30:
+            ps = phase_stats(ck, ids)
+            RESULT["phase_stats_bf16"] = ps
+            say("\n### statistics per phase, one target (torch:cuda bfloat16), taps on the device: one-tap route "
+                "(before the runs) vs runs\n")
+            say("| route | phase | taps | first call s (of it reference upload s) | warm s |\n|---|---|---|---|---|")
+            for key, v in ps.items():
+                route, phase, part = key.split("|")
+                say(f"| {route} | {phase} ({part}) | {v['taps']} | {v['first_s']:.4f} ({v['upload_s']:.4f}) | "
+                    f"{v['warm_s']:.4f} |")
+            dump(out)
         if torch.cuda.is_available() and left(args.budget) > 30 and not args.profile:
             lg = legacy(ck, ids, args.budget)
             RESULT["legacy_bf16_prefill"] = lg
