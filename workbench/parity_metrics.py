@@ -253,8 +253,9 @@ class _Torch(_Numpy):
 
     def upstack(self, rs):
         """Each host array copied into its row of one device tensor: no host-side concatenation (a pass over the
-        reference: 34 ms for 56 taps x 600 tokens x 640 here), a few microseconds of setup per row's transfer."""
-        if not self.exact:
+        reference: 34 ms for 56 taps x 600 tokens x 640 here), a few microseconds of setup per row's transfer. On
+        the CPU numpy's row copies (3x faster here than torch's copy_)."""
+        if not self.exact or self.device.type == "cpu":
             return self.up(_rows(rs))
         out = self.t.empty((len(rs), rs[0].size), dtype=self.fd, device=self.device)
         for i, a in enumerate(rs):

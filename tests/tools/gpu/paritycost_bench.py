@@ -201,7 +201,7 @@ def phase_stats(ck, ids, backend: str = "torch:cuda", dtype: str = "bfloat16") -
     M.device_forward(m, a[:, :T - D], [], cache)
     dec = M.concat_steps([M.device_forward(m, a[:, t:t + 1], P.DEFAULT_TAPS, cache) for t in range(T - D, T)])
     M.ready(m, list(pre.values()) + list(dec.values()))
-    out = {}
+    out = {"upload_ways": upload_ways(rt)} if pre["logits"].device.type == "cuda" else {}
     for batch in (False, True):
         refs = M.RefCache(rt)
         for phase, taps, pos in (("prefill", pre, None), ("decode", dec, slice(T - D, T))):
@@ -217,6 +217,50 @@ def phase_stats(ck, ids, backend: str = "torch:cuda", dtype: str = "bfloat16") -
                     best = min(best, time.perf_counter() - t)
                 out[f"{'runs' if batch else 'one-tap'}|{phase}|{part}"] = dict(
                     first_s=first, upload_s=refs.upload_s - u0, warm_s=best, taps=len(tp))
+    return out
+
+
+def upload_ways(rt: dict, device: str = "cuda") -> dict:
+    """The first target's reference upload, three ways (seconds, synchronised): the 56 same-size taps copied
+    into the rows of one device tensor (what RefCache.stacked does), concatenated on the host then one transfer,
+    and per tap; the logits (float64) from pageable memory, and through a pinned copy (its pinning counted)."""
+    import numpy as np
+    import torch
+    names = [k for k in rt if k != "logits"]
+    rs = [np.ascontiguousarray(rt[k], dtype=np.float64) for k in names]
+    N = rs[0].size
+    out = {}
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def timed(fn):
+        sync()
+        t = time.perf_counter()
+        r = fn()
+        sync()
+        return time.perf_counter() - t, r
+
+    def rows():
+        o = torch.empty((len(rs), N), dtype=torch.float64, device=device)
+        for i, a in enumerate(rs):
+            o[i].copy_(torch.from_numpy(a).reshape(-1))
+        return o
+
+    def host_cat():
+        h = np.empty((len(rs), N))
+        for i, a in enumerate(rs):
+            h[i] = a.reshape(-1)
+        return torch.from_numpy(h).to(device)
+
+    for _ in range(2):      # the second time: the allocator warm
+        out["taps_rows_s"], _ = timed(rows)
+        out["taps_host_concat_s"], _ = timed(host_cat)
+        out["taps_per_tap_s"], _ = timed(lambda: [torch.from_numpy(a).to(device) for a in rs])
+    lg = np.ascontiguousarray(rt["logits"], dtype=np.float64)
+    out["taps_bytes"], out["logits_bytes"] = sum(a.nbytes for a in rs), lg.nbytes
+    out["logits_pageable_s"], _ = timed(lambda: torch.from_numpy(lg).to(device))
+    if device.startswith("cuda"):
+        out["logits_pinned_s"], _ = timed(lambda: torch.from_numpy(lg).pin_memory().to(device, non_blocking=True))
     return out
 
 
@@ -292,10 +336,17 @@ def main(argv=None) -> int:
             say("\n### statistics per phase, one target (torch:cuda bfloat16), taps on the device: one-tap route "
                 "(before the runs) vs runs\n")
             say("| route | phase | taps | first call s (of it reference upload s) | warm s |\n|---|---|---|---|---|")
+            up = ps.pop("upload_ways", None)
             for key, v in ps.items():
                 route, phase, part = key.split("|")
                 say(f"| {route} | {phase} ({part}) | {v['taps']} | {v['first_s']:.4f} ({v['upload_s']:.4f}) | "
                     f"{v['warm_s']:.4f} |")
+            if up:
+                RESULT["upload_ways"] = up
+                say(f"\nreference upload ({up['taps_bytes'] / 1e6:.0f} MB of 56 taps): rows of one device tensor "
+                    f"{up['taps_rows_s']:.4f} s, host concatenation + one transfer {up['taps_host_concat_s']:.4f} s, "
+                    f"per tap {up['taps_per_tap_s']:.4f} s; logits ({up['logits_bytes'] / 1e6:.0f} MB float64): "
+                    f"pageable {up['logits_pageable_s']:.4f} s, pinned copy first {up['logits_pinned_s']:.4f} s")
             dump(out)
         if torch.cuda.is_available() and left(args.budget) > 30 and not args.profile:
             lg = legacy(ck, ids, args.budget)
