@@ -390,7 +390,7 @@ class MLXCudaPersistentStep:
     """``step(tok [1, 1], pos [1]) -> logits [1, V]`` on mlx:gpu (CUDA): one launch a token (module doc).
     ``token`` after a call: the step's greedy token [1] (int32, the first row on ties), computed in the launch."""
 
-    def __init__(self, plan, blocks: int | None = None):
+    def __init__(self, plan, blocks: int | None = None, chain: bool = True):
         import mlx.core as mx
         self.mx = mx
         self.plan = plan
@@ -420,6 +420,7 @@ class MLXCudaPersistentStep:
         self.one = mx.zeros((1,), dtype=f32)
         mx.eval(self.ts, self.fs, self.is_, self.seq, self.one)
         self.token = None
+        self.chain = chain      # each launch waits on the last one's seq (False: the caller orders them)
         self._kernel = None
 
     def _names(self):
@@ -514,7 +515,8 @@ class MLXCudaPersistentStep:
             grid=(self.nb * NT, 1, 1), threadgroup=(NT, 1, 1),
             output_shapes=[(V,), (self.L, self.D), (1,), (1,)],
             output_dtypes=[self.dt, self.dt, mx.int32, mx.int32])
-        self.seq = seq                    # the next launch waits on this one (module doc)
+        if self.chain:
+            self.seq = seq                # the next launch waits on this one (module doc)
         self.token = token
         if capture is not None:
             capture.extend(resid[i] for i in range(self.L))

@@ -117,8 +117,9 @@ def _capture_kernels(model, cache, ids_arr, P, rt, plan_fault):
         lg = ops.numpy(lbuf)
     else:
         import mlx.core as mx
-        from ..backends import mlx_cuda_decode
-        step = mlx_cuda_decode.MLXCudaDecodeStep(plan)
+        from ..backends import mlx_cuda_decode, mlx_cuda_persist
+        step = (mlx_cuda_persist.MLXCudaPersistentStep(plan) if rt.name == "mlx-cuda persistent"
+                else mlx_cuda_decode.MLXCudaDecodeStep(plan))
         rs, ls = [], []
         for t in range(P, T):
             cap: list = []

@@ -147,15 +147,22 @@ class DecodeEngine:
         if not cache.static:
             cache.begin_static()
         kstep = None
+        persist = False
         if self.route.kind == "mlx-cuda":
-            from ..backends import mlx_cuda_decode
+            from ..backends import mlx_cuda_decode, mlx_cuda_persist
             self.plan = model.decode_plan(cache)
-            kstep = mlx_cuda_decode.MLXCudaDecodeStep(self.plan)
+            persist = self.route.name == "mlx-cuda persistent"
+            # (the persistent step's launches are ordered by the token each feeds the next: no seq chain)
+            kstep = (mlx_cuda_persist.MLXCudaPersistentStep(self.plan, chain=False) if persist
+                     else mlx_cuda_decode.MLXCudaDecodeStep(self.plan))
 
         def mstep(state, tok, pos, prm):
-            # functional: the cache arrays come in and go out, so mx.compile can fuse the whole step
+            # functional: the cache arrays come in and go out, so mx.compile can fuse the whole step (the
+            # persistent kernel writes them in place and hands the same arrays back)
             cache.set_static_state(state)
             logits = kstep(tok, pos) if kstep is not None else model.decode_step(tok, pos, cache)
+            if persist and greedy:                 # the kernel's own argmax (first on ties, as mx.argmax)
+                return kstep.token.reshape(1, 1), pos + 1, cache.static_state()
             return pick(logits, pos, prm), pos + 1, cache.static_state()
         self._fn = mx.compile(mstep) if self.compile else mstep
 

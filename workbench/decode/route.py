@@ -14,7 +14,9 @@ module that reads them:
                             (:mod:`workbench.backends.cpu_step`), ``0``: the eager static step over the same kernels.
 
 Routes: ``triton step`` (torch: the Triton kernels of :mod:`workbench.backends.triton_decode`, in a CUDA graph),
-``mlx-cuda kernels`` (:mod:`workbench.backends.mlx_cuda_decode` under mx.compile), ``cpu quant step`` (kept-quantised
+``mlx-cuda persistent`` (one CUDA kernel a token: :mod:`workbench.backends.mlx_cuda_persist`, under mx.compile; off with
+``WORKBENCH_MLX_PERSIST=0``), ``mlx-cuda kernels`` (five a layer: :mod:`workbench.backends.mlx_cuda_decode`, where the
+persistent step declines), ``cpu quant step`` (kept-quantised
 GGUF blocks on torch:cpu: :mod:`workbench.backends.cpu_step`, the whole step in one C call), ``compiled`` (the generic
 static step under torch.compile + CUDA graph or mx.compile — Gemma 4 and whatever the kernels decline), ``cpu gemv`` /
 ``static`` (the eager static step; on the CPU its products run the C GEMV kernel), ``mlx queued`` (MLX's plain
@@ -121,8 +123,14 @@ def pick(model, cache=None, compile: bool | None = None, sw: Switches | None = N
             from ..backends import mlx_cuda_decode
             why_not = mlx_cuda_decode.unsupported(model.config, model.ops, cache)
             if why_not is None:
-                return Route("mlx-cuda", "mlx-cuda kernels", "custom CUDA kernels (5 per layer) under mx.compile",
-                             compile=True)
+                from ..backends import mlx_cuda_persist
+                why_p = mlx_cuda_persist.unsupported(model.config, model.ops, cache)
+                if why_p is None:
+                    return Route("mlx-cuda", "mlx-cuda persistent",
+                                 f"one persistent CUDA kernel a token ({mlx_cuda_persist.sm_count()} blocks, grid "
+                                 "barriers between a layer's phases) under mx.compile", compile=True)
+                return Route("mlx-cuda", "mlx-cuda kernels", "custom CUDA kernels (5 per layer) under mx.compile; "
+                             f"no persistent step: {why_p}", compile=True)
         else:
             why_not = "WORKBENCH_MLX_KERNELS=0"
         return Route("compiled", "compiled", f"mx.compile of the generic static step; no custom kernels: {why_not}",
