@@ -147,13 +147,6 @@ class _Numpy:
     def host(self, x):
         return np.asarray(x)
 
-    def floats(self, xs):
-        """Scalars on the device -> one float64 numpy vector (one transfer)."""
-        return np.asarray(self.host(self.stack([self.tofloat(v) for v in xs])), dtype=np.float64)
-
-    def ints(self, xs):
-        return np.asarray(self.host(self.stack([self.toint(v) for v in xs])), dtype=np.int64)
-
     def tofloat(self, v):
         return np.asarray(v, dtype=np.float64)
 
@@ -174,12 +167,6 @@ class _Numpy:
 
     def stack1(self, xs):
         return self.xp.stack(xs, 1)
-
-    def amax1(self, x):
-        return x.max(1)
-
-    def fsum1(self, x):
-        return x.sum(1)
 
     def count1(self, m):
         return m.sum(1)
@@ -270,9 +257,6 @@ class _Torch(_Numpy):
         except (RuntimeError, TypeError):
             return self.t.stack([x.reshape(-1) for x in xs]).to(self.device, self.fd)
 
-    def amax1(self, x):
-        return x.amax(1)
-
     def maxabs1(self, d):
         return d.abs().amax(1)       # (vector_norm(inf, dim=1) is 6x slower on the CPU)
 
@@ -361,12 +345,6 @@ class _MLX(_Numpy):
 
     def stack1(self, xs):
         return self.mx.stack(xs, axis=1)
-
-    def amax1(self, x):
-        return self.mx.max(x, axis=1)
-
-    def fsum1(self, x):
-        return self.mx.sum(x, axis=1)
 
     def count1(self, m):
         return self.mx.sum(m.astype(self.mx.int32), axis=1)
