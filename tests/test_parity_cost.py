@@ -232,16 +232,25 @@ def test_batched_runs_equal_the_one_tap_route(ename, make, chunk, monkeypatch):
 
 def test_batched_bfloat16_and_the_device_route():
     """torch bfloat16 taps: the run's stack is cast to float64 in its one copy, as one-tap's .to(float64); the
-    device route (no host branches, as on a GPU) and the host route agree with numpy on the same values."""
+    logits' top-1 / top-k taken in bfloat16 itself; the device route (no host branches, as on a GPU) and the host
+    route agree with numpy on the same values."""
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(2)
     ref = {f"b{i}": rng.standard_normal((1, 9, 48)) for i in range(4)}
     xs = {k: torch.from_numpy(v + 1e-2 * rng.standard_normal(v.shape)).to(torch.bfloat16) for k, v in ref.items()}
     xs["b2"][0, 3, 3] = float("nan")
+    lr = rng.standard_normal((1, 6, 300)) * 3
+    ref["logits"] = lr
+    xs["logits"] = torch.from_numpy(lr).to(torch.bfloat16)     # bfloat16 logits: ties (top-k in bfloat16 itself)
+    xs["logits"][0, 2, 7] = float("nan")
     for e in (M._Torch("cpu"), _general(M._Torch("cpu"))):
         got = M.tap_metrics(ref, xs, engine=e)
         for k in ref:
-            _check(k, got[k], P.metrics(ref[k], xs[k].double().numpy()), ref[k].size, True)
+            w = _want(ref[k], xs[k].double().numpy(), k == "logits")
+            _check(k, got[k], w, ref[k].size, True)
+        lx = xs["logits"].double().numpy().reshape(-1, 300)
+        assert (np.sort(lx, -1)[:, -5] == np.sort(lx, -1)[:, -6]).any()     # a tie at the 5th value
+        assert got["logits"]["nan_count"] == 1 and 0 < got["logits"]["top1"] < 1
         assert got["b2"]["nan_count"] == 1 and got["b1"]["nan_count"] == 0 and math.isfinite(got["b3"]["rel_max"])
 
 
