@@ -95,11 +95,46 @@ def rate(m, ids, kind, n, max_len):
     return n / (time.perf_counter() - t0)
 
 
+def queued_us(m, ids, blocks, parts, n=200):
+    """µs a launch of the one-launch step (or a part of it: (layers, head)), n launches queued back to back (the
+    same token: no host round trip between them), evaluated at the end."""
+    import mlx.core as mx
+
+    from workbench.backends import mlx_cuda_persist
+    c = m.new_cache(max_len=1024)
+    m.forward(ids, cache=c, last_only=True)
+    c.begin_static()
+    st = mlx_cuda_persist.MLXCudaPersistentStep(m.decode_plan(c), blocks=blocks)
+    st._parts = parts
+    P = ids.shape[1]
+    tok = mx.array([[7]], dtype=mx.int32)
+    fn = mx.compile(lambda t, p: st(t, p))
+    pos = mx.array([P], dtype=mx.int32)
+    for _ in range(3):
+        mx.eval(fn(tok, pos))
+    t0 = time.perf_counter()
+    outs = [fn(tok, pos) for _ in range(n)]
+    mx.eval(outs)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def part_split(m, d, ids):
+    rows = []
+    for blocks in (132, 264):
+        for parts in ((18, True), (18, False), (0, True), (1, False), (0, False)):
+            try:
+                rows.append(f"{queued_us(m, ids, blocks, parts):.0f}")
+            except Exception as e:  # noqa: BLE001
+                rows.append(f"ERR {type(e).__name__}")
+        say(f"| {d} | {blocks} | " + " | ".join(rows[-5:]) + " |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="out")
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--parts", default="forced,split")
     args = ap.parse_args(argv)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,6 +153,12 @@ def main(argv=None) -> int:
             m = wb.load(str(ckpt), backend="mlx:gpu", dtype=d, progress=False)
             why = mp.unsupported(m.config, m.ops)
             say(f"## {d}: unsupported() -> {why}")
+            if "split" in args.parts:
+                say("\nµs a launch, 200 queued (prompt 512; compiled call): | dtype | blocks | whole step | 18 layers, "
+                    "no head | head only | 1 layer | empty (launch + tail) |\n|---|---|---|---|---|---|---|")
+                part_split(m, d, np.random.default_rng(0).integers(100, 262000, size=(1, 512)))
+            if "forced" not in args.parts:
+                continue
             t = time.perf_counter()
             G, _, _, kvG = run_forced(m, ids, "generic", toks, 512)
             F, capF, _, kvF = run_forced(m, ids, "five", toks, 512)
