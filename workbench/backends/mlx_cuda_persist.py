@@ -403,7 +403,10 @@ class MLXCudaPersistentStep:
         self.D = plan.hidden
         self.F = max(lp.intermediate for lp in lay)
         self.nq = (self.H + 2 * self.kvh) * self.hd
-        self.nb = int(blocks or min(sm_count() or 16, 1024))
+        # one block per SM at most: 256 threads x ~130 registers leave no room for a second block on an SM, and a
+        # block that is not resident would never reach the barrier the others spin on
+        sms = sm_count()
+        self.nb = int(min(blocks or sms or 16, sms or blocks or 16))
         # chunks of slots a head (attention items H x nsplit, at most one per block), per layer
         self.split = []
         for lp in lay:
