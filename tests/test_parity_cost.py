@@ -166,8 +166,8 @@ def test_decode_positions_and_reference_upload_once():
 
 
 def _mixed():
-    """(ref, target) taps of three sizes, float32 (bfloat16-valued where marked): a NaN in one row of one tap, an
-    inf (matched, mismatched) in another, a planted fault, and clean neighbours between them."""
+    """(ref, target) float32 taps of three sizes (two of the sizes' taps interleaved in order): a NaN row in one
+    tap, inf (matched, of the other sign, missing, unexpected) in another, a planted fault, clean neighbours."""
     rng = np.random.default_rng(11)
     out = {}
     for i, shape in enumerate([(1, 12, 64)] * 5 + [(1, 7, 32)] * 3 + [(1, 12, 64), (1, 1, 5)]):
