@@ -124,7 +124,7 @@ def test_persistent_kernel_source_compiles(tmp_path, dtype):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     # every layer's five phases end in a grid barrier
-    assert st._source()[1].count("grid_sync(bar, gen);") == 5 * m.config.num_hidden_layers
+    assert st._source()[1].count("grid_sync(bar, gen, errf);") == 5 * m.config.num_hidden_layers
 
 
 @pytest.mark.gpu

@@ -46,14 +46,25 @@ __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
-// every block arrives (release) and waits until all have (acquire); gen counts the arrivals expected so far
-__device__ __forceinline__ void grid_sync(unsigned* bar, unsigned& gen) {
+__device__ __forceinline__ unsigned long long gtimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+// every block arrives (release) and waits until all have (acquire); gen counts the arrivals expected so far.
+// Never a hang: a wait past 0.2 s (some block is not running — two launches at once) sets the sticky error flag,
+// and every block then stops waiting; the host raises (MLXCudaPersistentStep.check).
+__device__ __forceinline__ void grid_sync(unsigned* bar, unsigned& gen, int* err) {
   __syncthreads();
   gen += gridDim.x;
   if (threadIdx.x == 0) {
     __threadfence();
     atomicAdd(bar, 1u);
-    while (ld_acquire(bar) < gen) { }
+    const unsigned long long t0 = gtimer();
+    while (ld_acquire(bar) < gen) {
+      if (*reinterpret_cast<volatile int*>(err)) break;
+      if (gtimer() - t0 > 200000000ull) { atomicExch(err, 1); break; }
+    }
   }
   __syncthreads();
 }
@@ -316,6 +327,7 @@ _BODY_HEAD = r"""
   int* exitc = is + 1;
   int* cnt = is + 2;
   int* BIDX = cnt + H_;
+  int* errf = BIDX + gridDim.x;          // sticky: a barrier timed out (never reset here)
   unsigned gen = 0;
   const int p = static_cast<int>(pos[0]);
   const int tk = static_cast<int>(tok[0]);
@@ -418,7 +430,7 @@ class MLXCudaPersistentStep:
         f32, i32 = mx.float32, mx.int32
         self.ts = mx.zeros((self.nq + 4 * self.D + self.F + self.H * self.hd,), dtype=self.dt)
         self.fs = mx.zeros((self.nsplit * self.H * (self.hd + 2) + self.nb,), dtype=f32)
-        self.is_ = mx.zeros((2 + self.H + self.nb,), dtype=i32)
+        self.is_ = mx.zeros((3 + self.H + self.nb,), dtype=i32)     # counters, block argmax rows, error flag
         self.seq = mx.zeros((1,), dtype=i32)
         self.one = mx.zeros((1,), dtype=f32)
         mx.eval(self.ts, self.fs, self.is_, self.seq, self.one)
@@ -426,6 +438,20 @@ class MLXCudaPersistentStep:
         self.chain = chain      # each launch waits on the last one's seq (False: the caller orders them)
         self._parts = (self.L, True)
         self._kernel = None
+
+    def check(self):
+        """Raise if a launch of this step timed out at a grid barrier (its outputs are then garbage): launches must
+        run one after another — eagerly (each takes the last one's ``seq``), or each fed the last one's token (the
+        engine). The counters are reset, so the step can be used again."""
+        import numpy as np
+        mx = self.mx
+        mx.synchronize()
+        if int(np.array(self.is_)[-1]):
+            self.is_ = mx.zeros(self.is_.shape, dtype=mx.int32)
+            mx.eval(self.is_)
+            raise RuntimeError("mlx_cuda_persist: a grid barrier of the one-launch decode step timed out (two launches "
+                               "ran at once, or a block never started); its outputs are invalid. Order the calls "
+                               "(eager calls, or feed each step the last one's token) or set WORKBENCH_MLX_PERSIST=0")
 
     def _names(self):
         n = ["tok", "pos", "SEQ_IN", "TS", "FS", "IS", "EMB", "HEADW", "FNORM"]
@@ -456,21 +482,21 @@ class MLXCudaPersistentStep:
   // ---- layer {i}
   build_x<T_, D_, {hy}, {post_y}, {emb}>({R}, {Y or 'yd'}, {PW or 'npf0'}, nin{i}, {pb}, xs, red, EPS_, ESC_);
   gemv_rows<T_, D_, 2, false, false>(qkv{i}, NQ_, xs, qkvb, 0.f, best, bi);
-  grid_sync(bar, gen);
+  grid_sync(bar, gen, errf);
   attn_phase<T_, HD_, H_, HKV_, {'true' if qkn else 'false'}>(qkvb, qn{i}, kn{i}, cs{i}, sn{i},
       kc{i}, vc{i}, kp{i},
       {lp.kv.slots}, {int(lp.window or 0)}, {'true' if lp.kv.ring else 'false'}, {float(lp.scale)!r}f, {capa!r}f, EPS_, p,
       {ns}, {chunk}, OP, MP, LP, cnt, z, sq, sk, sv, red, wm, wl, wacc, flag);
-  grid_sync(bar, gen);
+  grid_sync(bar, gen, errf);
   load_x<T_, {HQ}>(z, xs);
   gemv_rows<T_, {HQ}, 1, false, false>(ow{i}, D_, xs, yo, 0.f, best, bi);
-  grid_sync(bar, gen);
+  grid_sync(bar, gen, errf);
   build_x<T_, D_, true, {P}, false>({pb}, yo, npa{i}, npre{i}, mid, xs, red, EPS_, 1.f);
   gemv_rows<T_, D_, 2, true, false>(gu{i}, {Fi}, xs, act, 0.f, best, bi);
-  grid_sync(bar, gen);
+  grid_sync(bar, gen, errf);
   load_x<T_, {Fi}>(act, xs);
   gemv_rows<T_, {Fi}, 1, false, false>(dn{i}, D_, xs, yd, 0.f, best, bi);
-  grid_sync(bar, gen);
+  grid_sync(bar, gen, errf);
 """)
             R, Y, PW = "mid", "yd", f"npf{i}"
         if with_head and n_lay == self.L:

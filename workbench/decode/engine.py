@@ -148,6 +148,7 @@ class DecodeEngine:
             cache.begin_static()
         kstep = None
         persist = False
+        self._kcheck = None
         if self.route.kind == "mlx-cuda":
             from ..backends import mlx_cuda_decode, mlx_cuda_persist
             self.plan = model.decode_plan(cache)
@@ -155,6 +156,7 @@ class DecodeEngine:
             # (the persistent step's launches are ordered by the token each feeds the next: no seq chain)
             kstep = (mlx_cuda_persist.MLXCudaPersistentStep(self.plan, chain=False) if persist
                      else mlx_cuda_decode.MLXCudaDecodeStep(self.plan))
+            self._kcheck = kstep.check if persist else None
 
         def mstep(state, tok, pos, prm):
             # functional: the cache arrays come in and go out, so mx.compile can fuse the whole step (the
@@ -322,7 +324,10 @@ class DecodeEngine:
                 cache.set_static_state(state)
                 done += c
                 cache.offset = start + done
-                yield [int(t.item()) for t in got]
+                toks = [int(t.item()) for t in got]
+                if self._kcheck is not None:
+                    self._kcheck()             # the one-launch step's barrier flag: raise, never a silent hang
+                yield toks
 
     def _chunks_mlx_queued(self, first, n):
         # as mlx-lm does it: the plain cached step (mx.fast.rope at an int offset, in-place slice writes), the

@@ -159,17 +159,20 @@ def part_parity(ckpt, backends, args):
             m = wb.load(str(ckpt), backend=b, dtype="float32", progress=False)
             got, route = capture_decode(m, ids, P)
             e, lg = errs(got)
-            ok = max(e) <= 1e-4 and lg <= 1e-4 and all(np.isfinite(e))
+            # the parity table's float32 tolerance: mlx:gpu's prefill (which fills the cache) is TF32-grade
+            tol = 1e-2 if b.startswith("mlx:gpu") else 1e-4
+            ok = max(e) <= tol and lg <= tol and all(np.isfinite(e))
             say(f"- {b} float32, route **{route}**: resid_post max rel err per layer "
-                f"{', '.join(f'{x:.1e}' for x in e)}; logits {lg:.1e} -> {'PASS' if ok else 'FAIL'} (tol 1e-4)")
+                f"{', '.join(f'{x:.1e}' for x in e)}; logits {lg:.1e} -> {'PASS' if ok else 'FAIL'} (tol {tol:g})")
             for label, fault, layer in (("RoPE sign flipped in layer 5's plan", lambda p: p.flip_rope(5), 5),
                                         ("layer 9 gate/up weights x1.05 in the plan",
                                          lambda p: p.scale_weight(9, "gate_up", 1.05), 9)):
                 g2, _ = capture_decode(m, ids, P, plan_fault=fault)
                 e2, _ = errs(g2)
-                first = next((i for i, x in enumerate(e2) if x > 1e-4), None)
+                # located: the first layer whose error jumps past 10x the clean run's there (and past 1e-4)
+                first = next((i for i, (x, x0) in enumerate(zip(e2, e)) if x > max(1e-4, 10 * x0)), None)
                 there = e2[first] if first is not None else 0.0
-                say(f"  - fault: {label}: first layer over 1e-4 = {first} "
+                say(f"  - fault: {label}: first layer over max(1e-4, 10x clean) = {first} "
                     f"({'located' if first == layer else 'NOT located'}; error there {there:.1e})")
             del m
         except Exception as e:

@@ -96,8 +96,8 @@ def rate(m, ids, kind, n, max_len):
 
 
 def queued_us(m, ids, blocks, parts, n=200):
-    """µs a launch of the one-launch step (or a part of it: (layers, head)), n launches queued back to back (the
-    same token: no host round trip between them), evaluated at the end."""
+    """µs a launch of the one-launch step (or a part of it: (layers, head)), n launches queued back to back (each
+    fed the last one's token, so MLX orders them; no host round trip between them), evaluated at the end."""
     import mlx.core as mx
 
     from workbench.backends import mlx_cuda_persist
@@ -108,14 +108,55 @@ def queued_us(m, ids, blocks, parts, n=200):
     st._parts = parts
     P = ids.shape[1]
     tok = mx.array([[7]], dtype=mx.int32)
-    fn = mx.compile(lambda t, p: st(t, p))
+    st.chain = False
+
+    def f(t, p):
+        st(t, p)
+        return st.token.reshape(1, 1)
+    fn = mx.compile(f)
     pos = mx.array([P], dtype=mx.int32)
     for _ in range(3):
-        mx.eval(fn(tok, pos))
+        tok = fn(tok, pos)
+        mx.eval(tok)
     t0 = time.perf_counter()
-    outs = [fn(tok, pos) for _ in range(n)]
+    outs = []
+    for _ in range(n):
+        tok = fn(tok, pos)
+        outs.append(tok)
     mx.eval(outs)
-    return (time.perf_counter() - t0) / n * 1e6
+    dt = (time.perf_counter() - t0) / n * 1e6
+    st.check()
+    return dt
+
+
+def part_hazard(m, d, ids):
+    """Launches MLX may run at once (compiled, the same token, nothing ordering them): the step must not hang —
+    its barriers time out, check() raises — and then work again."""
+    import mlx.core as mx
+
+    from workbench.backends import mlx_cuda_persist
+    c = m.new_cache(max_len=1024)
+    m.forward(ids, cache=c, last_only=True)
+    c.begin_static()
+    st = mlx_cuda_persist.MLXCudaPersistentStep(m.decode_plan(c))
+    fn = mx.compile(lambda t, p: st(t, p))
+    tok, pos = mx.array([[7]], dtype=mx.int32), mx.array([ids.shape[1]], dtype=mx.int32)
+    t0 = time.perf_counter()
+    mx.eval([fn(tok, pos) for _ in range(8)])
+    try:
+        st.check()
+        verdict = "no timeout (MLX ran them one after another)"
+    except RuntimeError as e:
+        verdict = f"check() raised: {str(e)[:90]}..."
+    dt = time.perf_counter() - t0
+    st2 = mlx_cuda_persist.MLXCudaPersistentStep(m.decode_plan(c))
+    lg = st(tok, pos)
+    lg2 = st2(tok, pos)
+    mx.eval(lg, lg2)
+    st.check()
+    same = bool(mx.array_equal(lg, lg2).item())
+    say(f"| {d} | 8 unordered compiled launches: {verdict} ({dt:.1f} s) | the same step afterwards = a fresh step's "
+        f"logits: {same} |")
 
 
 def part_split(m, d, ids):
@@ -157,6 +198,8 @@ def main(argv=None) -> int:
                 say("\nµs a launch, 200 queued (prompt 512; compiled call): | dtype | blocks | whole step | 18 layers, "
                     "no head | head only | 1 layer | empty (launch + tail) |\n|---|---|---|---|---|---|---|")
                 part_split(m, d, np.random.default_rng(0).integers(100, 262000, size=(1, 512)))
+            if "hazard" in args.parts:
+                part_hazard(m, d, np.random.default_rng(0).integers(100, 262000, size=(1, 128)))
             if "forced" not in args.parts:
                 continue
             t = time.perf_counter()
