@@ -161,7 +161,7 @@ def part_hazard(m, d, ids):
 
 def part_split(m, d, ids):
     rows = []
-    for blocks in (132, 66):
+    for blocks in (132,):
         for parts in ((18, True), (18, False), (0, True), (1, False), (0, False)):
             try:
                 rows.append(f"{queued_us(m, ids, blocks, parts):.0f}")
