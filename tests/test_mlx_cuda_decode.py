@@ -94,7 +94,7 @@ def _translation_unit(step, tok, pos) -> str:
     names = step._names()
     assert len(ins) == len(names)
     sig = [f"const {ct[a.dtype]}* {n}" for n, a in zip(names, ins)]
-    sig += [f"{ct[step.dt]}* logits", f"{ct[step.dt]}* resid", "int32_t* token", "int32_t* seq"]
+    sig += [f"{ct[step.dt]}* logits", f"{ct[step.dt]}* resid", "int32_t* token", "int32_t* seq", "int64_t* stamps"]
     return ('#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cuda/std/limits>\n#include <cstdint>\n'
             + head + "#define ESC_ 1.0f\nnamespace mlx::core::cu {\n__global__ void k(" + ", ".join(sig) + ") {\n"
             + f"  using T_ = {ct[step.dt]};\n" + body + "\n}\n}\n")
@@ -118,6 +118,7 @@ def test_persistent_kernel_source_compiles(tmp_path, dtype):
     m.forward(np.array([[5, 6, 7]]), cache=c, last_only=True)
     c.begin_static()
     st = mp.MLXCudaPersistentStep(m.decode_plan(c), blocks=132)
+    st._stamps = dtype == "float32"          # (the profiling variant too)
     src = tmp_path / "k.cu"
     src.write_text(_translation_unit(st, mx.array([[5]], dtype=mx.int32), mx.array([3], dtype=mx.int32)))
     r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-c", str(src), "-o", str(tmp_path / "k.o")],

@@ -175,7 +175,7 @@ template <typename T, int HD, int H, int HKV, bool QKN, typename TQ, typename TC
 __device__ __noinline__ void attn_phase(const T* qkv, const TQ* qw, const TQ* kw, const TC* cs, const TC* sn, const T* Kc_in,
                            const T* Vc_in, const TK* kpos_in, int S, int WIN, bool ring, float scale, float capa, float eps, int p, int nsplit,
                            int chunk, float* OP, float* MP, float* LP, int* cnt, T* z, float* sq, float* sk,
-                           float* sv, float* red, float* wm, float* wl, float* wacc, int* flag) {
+                           float* sv, float* red, float* wm, float* wl, float* wacc, int* flag, float* cbuf) {
   constexpr int NTB = 256, NWARP = 8, G = H / HKV, HALF = HD / 2, PL = HD / 32;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int slot = p % S;
@@ -225,30 +225,39 @@ __device__ __noinline__ void attn_phase(const T* qkv, const TQ* qw, const TQ* kw
     #pragma unroll
     for (int i = 0; i < PL; ++i) { ql[i] = sq[lane + 32 * i]; acc[i] = 0.f; }
     float m = -INFINITY, l = 0.f;
-    for (int s = start + warp; s < end; s += NWARP) {
-      const int kp = (s == slot) ? p : static_cast<int>(kpos[s]);
-      const bool ok = kp >= 0 && kp <= p && (WIN == 0 || p - kp < WIN);
-      if (!ok) continue;
-      float dot = 0.f;
-      if (s == slot) {
-        #pragma unroll
-        for (int i = 0; i < PL; ++i) dot += ql[i] * sk[lane + 32 * i];
-      } else {
-        #pragma unroll
-        for (int i = 0; i < PL; ++i) dot += ql[i] * static_cast<float>(Kc[base + (size_t)s * HD + lane + 32 * i]);
-      }
-      dot = warp_sum(dot) * scale;
-      if (capa > 0.f) dot = tanh_f(dot / capa) * capa;
-      const float mn = fmaxf(m, dot);
-      const float alpha = expf(m - mn), pr = expf(dot - mn);
-      l = l * alpha + pr;
+    constexpr int U = 4;                               // a warp's slots U at a time: every load issued first
+    for (int s0 = start + warp; s0 < end; s0 += NWARP * U) {
+      float kk[U][PL], vv[U][PL];
+      int kps[U];
       #pragma unroll
-      for (int i = 0; i < PL; ++i) {
-        const float v = (s == slot) ? sv[lane + 32 * i]
-                                    : static_cast<float>(Vc[base + (size_t)s * HD + lane + 32 * i]);
-        acc[i] = acc[i] * alpha + pr * v;
+      for (int u = 0; u < U; ++u) {
+        const int s = s0 + u * NWARP;
+        const bool in = s < end, cur = s == slot;
+        kps[u] = !in ? -1 : cur ? p : static_cast<int>(kpos[s]);
+        #pragma unroll
+        for (int i = 0; i < PL; ++i) {
+          const size_t o = base + (size_t)s * HD + lane + 32 * i;
+          kk[u][i] = (!in || cur) ? sk[lane + 32 * i] : static_cast<float>(Kc[o]);
+          vv[u][i] = (!in || cur) ? sv[lane + 32 * i] : static_cast<float>(Vc[o]);
+        }
       }
-      m = mn;
+      #pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int kp = kps[u];
+        const bool ok = kp >= 0 && kp <= p && (WIN == 0 || p - kp < WIN);
+        float dot = 0.f;
+        #pragma unroll
+        for (int i = 0; i < PL; ++i) dot += ql[i] * kk[u][i];
+        dot = warp_sum(dot) * scale;
+        if (capa > 0.f) dot = tanh_f(dot / capa) * capa;
+        if (!ok) continue;
+        const float mn = fmaxf(m, dot);
+        const float alpha = expf(m - mn), pr = expf(dot - mn);
+        l = l * alpha + pr;
+        #pragma unroll
+        for (int i = 0; i < PL; ++i) acc[i] = acc[i] * alpha + pr * vv[u][i];
+        m = mn;
+      }
     }
     if (lane == 0) { wm[warp] = m; wl[warp] = l; }
     #pragma unroll
@@ -276,19 +285,21 @@ __device__ __noinline__ void attn_phase(const T* qkv, const TQ* qw, const TQ* kw
     __syncthreads();
     if (flag[0]) {                                      // the last chunk of head h: combine
       __threadfence();
+      float* cm = cbuf;
+      float* ce = cbuf + nsplit;
+      float* cl = cbuf + 2 * nsplit;
+      for (int j = tid; j < nsplit; j += NTB) { cm[j] = __ldcg(MP + j * H + h); cl[j] = __ldcg(LP + j * H + h); }
+      __syncthreads();
       float MM = -INFINITY;
-      for (int j = 0; j < nsplit; ++j) MM = fmaxf(MM, __ldcg(MP + j * H + h));
+      for (int j = 0; j < nsplit; ++j) MM = fmaxf(MM, cm[j]);
+      for (int j = tid; j < nsplit; j += NTB) ce[j] = (cm[j] == -INFINITY) ? 0.f : expf(cm[j] - MM);
+      __syncthreads();
       float den = 0.f;
-      for (int j = 0; j < nsplit; ++j) {
-        const float mj = __ldcg(MP + j * H + h);
-        den += (mj == -INFINITY) ? 0.f : expf(mj - MM) * __ldcg(LP + j * H + h);
-      }
+      for (int j = 0; j < nsplit; ++j) den += ce[j] * cl[j];
       for (int d = tid; d < HD; d += NTB) {
         float num = 0.f;
-        for (int j = 0; j < nsplit; ++j) {
-          const float mj = __ldcg(MP + j * H + h);
-          if (mj != -INFINITY) num += expf(mj - MM) * __ldcg(OP + (size_t)(j * H + h) * HD + d);
-        }
+        #pragma unroll 8
+        for (int j = 0; j < nsplit; ++j) num += ce[j] * __ldcg(OP + (size_t)(j * H + h) * HD + d);
         z[h * HD + d] = static_cast<T>(num / den);
       }
       if (tid == 0) cnt[h] = 0;
@@ -309,6 +320,7 @@ _BODY_HEAD = r"""
   __shared__ float bb[NWARP];
   __shared__ int bbi[NWARP];
   __shared__ int flag[1];
+  __shared__ float cbuf[3 * NSPLIT_];
   T_* ts = const_cast<T_*>(TS);
   T_* qkvb = ts;
   T_* yo = qkvb + NQ_;
@@ -437,6 +449,7 @@ class MLXCudaPersistentStep:
         self.token = None
         self.chain = chain      # each launch waits on the last one's seq (False: the caller orders them)
         self._parts = (self.L, True)
+        self._stamps = False    # (profiling: block 0's clock after every barrier -> the stamps output)
         self._kernel = None
 
     def check(self):
@@ -469,10 +482,18 @@ class MLXCudaPersistentStep:
         D, F, HQ = self.D, self.F, self.H * self.hd
         P = "true" if post else "false"
         src = [_BODY_HEAD]
+        ns = [0]
+
+        def stamp():
+            if not self._stamps:
+                return ""
+            ns[0] += 1
+            return f"  if (blockIdx.x == 0 && threadIdx.x == 0) stamps[{ns[0] - 1}] = (int64_t)gtimer();\n"
+        src.append(stamp())
         R, Y, PW = "EMB + (size_t)tk * D_", None, None
         n_lay, with_head = self._parts          # (timing runs only: the first n layers, the head or not)
         for i, lp in enumerate(plan.layers[:n_lay]):
-            ns, chunk = self.split[i]
+            nsp, chunk = self.split[i]
             pb = "p0" if i == 0 else f"(resid + {(i - 1) * D})"
             emb = "true" if i == 0 else "false"
             hy = "false" if Y is None else "true"
@@ -483,28 +504,28 @@ class MLXCudaPersistentStep:
   build_x<T_, D_, {hy}, {post_y}, {emb}>({R}, {Y or 'yd'}, {PW or 'npf0'}, nin{i}, {pb}, xs, red, EPS_, ESC_);
   gemv_rows<T_, D_, 2, false, false>(qkv{i}, NQ_, xs, qkvb, 0.f, best, bi);
   grid_sync(bar, gen, errf);
-  attn_phase<T_, HD_, H_, HKV_, {'true' if qkn else 'false'}>(qkvb, qn{i}, kn{i}, cs{i}, sn{i},
+{stamp()}  attn_phase<T_, HD_, H_, HKV_, {'true' if qkn else 'false'}>(qkvb, qn{i}, kn{i}, cs{i}, sn{i},
       kc{i}, vc{i}, kp{i},
       {lp.kv.slots}, {int(lp.window or 0)}, {'true' if lp.kv.ring else 'false'}, {float(lp.scale)!r}f, {capa!r}f, EPS_, p,
-      {ns}, {chunk}, OP, MP, LP, cnt, z, sq, sk, sv, red, wm, wl, wacc, flag);
+      {nsp}, {chunk}, OP, MP, LP, cnt, z, sq, sk, sv, red, wm, wl, wacc, flag, cbuf);
   grid_sync(bar, gen, errf);
-  load_x<T_, {HQ}>(z, xs);
+{stamp()}  load_x<T_, {HQ}>(z, xs);
   gemv_rows<T_, {HQ}, 1, false, false>(ow{i}, D_, xs, yo, 0.f, best, bi);
   grid_sync(bar, gen, errf);
-  build_x<T_, D_, true, {P}, false>({pb}, yo, npa{i}, npre{i}, mid, xs, red, EPS_, 1.f);
+{stamp()}  build_x<T_, D_, true, {P}, false>({pb}, yo, npa{i}, npre{i}, mid, xs, red, EPS_, 1.f);
   gemv_rows<T_, D_, 2, true, false>(gu{i}, {Fi}, xs, act, 0.f, best, bi);
   grid_sync(bar, gen, errf);
-  load_x<T_, {Fi}>(act, xs);
+{stamp()}  load_x<T_, {Fi}>(act, xs);
   gemv_rows<T_, {Fi}, 1, false, false>(dn{i}, D_, xs, yd, 0.f, best, bi);
   grid_sync(bar, gen, errf);
-""")
+{stamp()}""")
             R, Y, PW = "mid", "yd", f"npf{i}"
         if with_head and n_lay == self.L:
             src.append(f"""
   // ---- the last residual update, final norm, head with each warp's argmax
   build_x<T_, D_, true, {P}, false>(mid, yd, {PW}, FNORM, resid + {(self.L - 1) * D}, xs, red, EPS_, 1.f);
   gemv_rows<T_, D_, 4, false, true>(HEADW, V_, xs, logits, {fcap!r}f, best, bi);
-""")
+{stamp()}""")
         elif with_head:          # (timing: the head alone, on whatever the scratch holds)
             src.append(f"""
   load_x<T_, D_>(mid, xs);
@@ -524,7 +545,7 @@ class MLXCudaPersistentStep:
         head += f"#define ESC_ {esc!r}f\n"
         name = f"wb_persist_{abs(hash((head, body))) % 10**10}"
         self._kernel = mx.fast.cuda_kernel(name=name, input_names=self._names(),
-                                           output_names=["logits", "resid", "token", "seq"], source=body,
+                                           output_names=["logits", "resid", "token", "seq", "stamps"], source=body,
                                            header=head)
 
     def _inputs(self, tok, pos):
@@ -547,11 +568,12 @@ class MLXCudaPersistentStep:
         if self._kernel is None:
             self._build()
         V = self.plan.head.shape[0]
-        logits, resid, token, seq = self._kernel(
+        logits, resid, token, seq, stamps = self._kernel(
             inputs=self._inputs(tok, pos), template=[("T_", self.dt)],
             grid=(self.nb * NT, 1, 1), threadgroup=(NT, 1, 1),
-            output_shapes=[(V,), (self.L, self.D), (1,), (1,)],
-            output_dtypes=[self.dt, self.dt, mx.int32, mx.int32])
+            output_shapes=[(V,), (self.L, self.D), (1,), (1,), (5 * self.L + 2,)],
+            output_dtypes=[self.dt, self.dt, mx.int32, mx.int32, mx.int64])
+        self.stamps = stamps              # (written only when built with _stamps: block 0's clock, ns)
         if self.chain:
             self.seq = seq                # the next launch waits on this one (module doc)
         self.token = token

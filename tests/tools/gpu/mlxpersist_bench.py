@@ -138,7 +138,7 @@ def part_hazard(m, d, ids):
     c = m.new_cache(max_len=1024)
     m.forward(ids, cache=c, last_only=True)
     c.begin_static()
-    st = mlx_cuda_persist.MLXCudaPersistentStep(m.decode_plan(c))
+    st = mlx_cuda_persist.MLXCudaPersistentStep(m.decode_plan(c), chain=False)
     fn = mx.compile(lambda t, p: st(t, p))
     tok, pos = mx.array([[7]], dtype=mx.int32), mx.array([ids.shape[1]], dtype=mx.int32)
     t0 = time.perf_counter()
@@ -150,6 +150,7 @@ def part_hazard(m, d, ids):
         verdict = f"check() raised: {str(e)[:90]}..."
     dt = time.perf_counter() - t0
     st2 = mlx_cuda_persist.MLXCudaPersistentStep(m.decode_plan(c))
+    st.chain = True
     lg = st(tok, pos)
     lg2 = st2(tok, pos)
     mx.eval(lg, lg2)
@@ -157,6 +158,36 @@ def part_hazard(m, d, ids):
     same = bool(mx.array_equal(lg, lg2).item())
     say(f"| {d} | 8 unordered compiled launches: {verdict} ({dt:.1f} s) | the same step afterwards = a fresh step's "
         f"logits: {same} |")
+
+
+def part_profile(m, d, ids, reps=20):
+    """Block 0's clock after every grid barrier (the step built with _stamps): µs per phase kind, median of reps
+    steps (eager, ordered)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from workbench.backends import mlx_cuda_persist
+    c = m.new_cache(max_len=1024)
+    m.forward(ids, cache=c, last_only=True)
+    c.begin_static()
+    st = mlx_cuda_persist.MLXCudaPersistentStep(m.decode_plan(c))
+    st._stamps = True
+    tok, pos = mx.array([[7]], dtype=mx.int32), mx.array([ids.shape[1]], dtype=mx.int32)
+    rows = []
+    for _ in range(reps + 2):
+        st(tok, pos)
+        mx.eval(st.stamps)
+        rows.append(np.array(st.stamps).astype(np.int64))
+    a = np.stack(rows[2:])
+    dif = np.diff(a, axis=1) / 1e3                    # µs, [reps, 5L + 1]
+    L = (a.shape[1] - 2) // 5
+    kinds = ["qkv", "attn", "o", "gu", "down"]
+    per = {k: float(np.median(dif[:, i:5 * L:5].sum(1))) for i, k in enumerate(kinds)}
+    per["head"] = float(np.median(dif[:, 5 * L]))
+    tot = float(np.median((a[:, -1] - a[:, 0]) / 1e3))
+    say(f"| {d} | block 0's clock, µs a step (sum over {L} layers): " + ", ".join(f"{k} {v:.1f}" for k, v in per.items())
+        + f"; first stamp to head end {tot:.1f} µs |")
+    st.check()
 
 
 def part_split(m, d, ids):
@@ -198,6 +229,7 @@ def main(argv=None) -> int:
                 say("\nµs a launch, 200 queued (prompt 512; compiled call): | dtype | blocks | whole step | 18 layers, "
                     "no head | head only | 1 layer | empty (launch + tail) |\n|---|---|---|---|---|---|---|")
                 part_split(m, d, np.random.default_rng(0).integers(100, 262000, size=(1, 512)))
+                part_profile(m, d, np.random.default_rng(0).integers(100, 262000, size=(1, 512)))
             if "hazard" in args.parts:
                 part_hazard(m, d, np.random.default_rng(0).integers(100, 262000, size=(1, 128)))
             if "forced" not in args.parts:
