@@ -225,12 +225,12 @@ def main(argv=None) -> int:
             m = wb.load(str(ckpt), backend="mlx:gpu", dtype=d, progress=False)
             why = mp.unsupported(m.config, m.ops)
             say(f"## {d}: unsupported() -> {why}")
-            if "split" in args.parts:
+            if "split" in args.parts and d == args.dtypes.split(",")[0]:
                 say("\nµs a launch, 200 queued (prompt 512; compiled call): | dtype | blocks | whole step | 18 layers, "
                     "no head | head only | 1 layer | empty (launch + tail) |\n|---|---|---|---|---|---|---|")
                 part_split(m, d, np.random.default_rng(0).integers(100, 262000, size=(1, 512)))
                 part_profile(m, d, np.random.default_rng(0).integers(100, 262000, size=(1, 512)))
-            if "hazard" in args.parts:
+            if "hazard" in args.parts and d == args.dtypes.split(",")[0]:
                 part_hazard(m, d, np.random.default_rng(0).integers(100, 262000, size=(1, 128)))
             if "forced" not in args.parts:
                 continue
