@@ -11,7 +11,7 @@ Layers, lowest first; a module may import its own layer and those below, never o
 
 and one rule across layers: faces use ``workbench.backends`` (the package, ``base``, ``protocol``) but never a
 backend's implementation modules (``torch``, ``mlx``, their ``*_media`` mixins, ``triton_decode``,
-``mlx_cuda_decode``, ``cpu_gemv``).
+``mlx_cuda_decode``, ``mlx_cuda_persist``, ``cpu_gemv``).
 
 And the model code (``model/``, ``multimodal/``) is framework-free: no torch/mlx import, no branch on
 ``ops.framework`` — it is written against ``workbench/backends/protocol.py``.
@@ -89,7 +89,8 @@ LAYER_OF = [
 
 # a backend's implementation modules: nothing in faces may import them
 BACKEND_INTERNALS = ("workbench.backends.torch", "workbench.backends.mlx", "workbench.backends.triton_decode",
-                     "workbench.backends.mlx_cuda_decode", "workbench.backends.cpu_gemv",
+                     "workbench.backends.mlx_cuda_decode", "workbench.backends.mlx_cuda_persist",
+                     "workbench.backends.cpu_gemv",
                      "workbench.backends.torch_media", "workbench.backends.mlx_media")
 
 # (importer, imported): why it is there today. Fix the import, then delete the line.
