@@ -175,3 +175,30 @@ def test_persistent_step_matches_generic_on_cuda(g270m, dtype):
         assert np.abs(a - b).max() <= tol * max(np.abs(b).max(), 1e-6)
     if dtype == "float32":      # the same roundings as the five-kernel step, float32 sums in another order
         assert max(np.abs(a - b).max() / np.abs(b).max() for a, b in zip(caps[2], caps[1])) < 1e-5
+
+
+def test_five_kernel_attention_source_compiles(tmp_path):
+    """The five-kernel step's attention kernel (which shares the q/k norm + RoPE device function with the one-launch
+    step) compiles for sm_90 with nvcc, in bfloat16 with q/k norms and in float32 without."""
+    import shutil
+    import subprocess
+
+    from workbench.backends import mlx_cuda_decode as mk
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc (the CUDA toolkit) is not installed: the kernel source can't be compiled here")
+    for T, qkn in (("__nv_bfloat16", 1), ("float", 0)):
+        ins = [f"const {T}* qkv", "const float* qw", "const float* kw", f"const {T}* cs", f"const {T}* sn",
+               "const int32_t* pos", f"const {T}* Kc", f"const {T}* Vc", "const int32_t* kpos"]
+        outs = [f"{T}* z", f"{T}* knew", f"{T}* vnew"]
+        consts = (f"  using T_ = {T};\n  constexpr int H_ = 4, HKV_ = 1, HD_ = 256, G_ = 4, S_ = 96, QKN_ = {qkn}, "
+                  "WIN_ = 0;\n")
+        src = ('#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cuda/std/limits>\n#include <cstdint>\n'
+               + mk._HEADER + "#define EPS_ 1e-6f\n#define CAP_ 0.0f\n#define SCALE_ 0.0625f\n"
+               + "namespace mlx::core::cu {\n__global__ void k(" + ", ".join(ins + outs) + ") {\n" + consts
+               + mk._ATTN + "\n}\n}\n")
+        f = tmp_path / f"attn_{qkn}.cu"
+        f.write_text(src)
+        r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-c", str(f), "-o", str(tmp_path / "a.o")],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]

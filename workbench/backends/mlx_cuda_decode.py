@@ -55,6 +55,34 @@ __device__ __forceinline__ void load8(const float* p, float* f) {
   f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
 }
 __device__ __forceinline__ float tanh_f(float x) { return tanhf(x); }
+// the new token's q (one head) and k (its kv head) in shared memory: RMSNorm with their weights (QKN), then RoPE
+// from row p of the tables, rounded as the plain path rounds; all NT threads of the block take part
+template <typename T, int HD, int NT, bool QKN, typename TQ, typename TC>
+__device__ __forceinline__ void qk_norm_rope(float* q, float* k, const TQ* qw, const TQ* kw, const TC* cs,
+                                             const TC* sn, int p, float* red, float eps) {
+  constexpr int HALF = HD / 2;
+  const int tid = threadIdx.x;
+  if (QKN) {
+    float a = 0.f, b = 0.f;
+    for (int d = tid; d < HD; d += NT) { a += q[d] * q[d]; b += k[d] * k[d]; }
+    const float qr = rsqrtf(block_sum<NT>(a, red) / HD + eps);
+    const float kr = rsqrtf(block_sum<NT>(b, red) / HD + eps);
+    for (int d = tid; d < HD; d += NT) {
+      q[d] = rnd<T>(q[d] * qr * static_cast<float>(qw[d]));
+      k[d] = rnd<T>(k[d] * kr * static_cast<float>(kw[d]));
+    }
+    __syncthreads();
+  }
+  for (int d = tid; d < HALF; d += NT) {
+    const size_t r = (size_t)p * HD;
+    const float c1 = static_cast<float>(cs[r + d]), c2 = static_cast<float>(cs[r + HALF + d]);
+    const float s1 = static_cast<float>(sn[r + d]), s2 = static_cast<float>(sn[r + HALF + d]);
+    const float x1 = q[d], x2 = q[d + HALF], k1 = k[d], k2 = k[d + HALF];
+    q[d] = rnd<T>(x1 * c1 - x2 * s1); q[d + HALF] = rnd<T>(x2 * c2 + x1 * s2);
+    k[d] = rnd<T>(k1 * c1 - k2 * s1); k[d + HALF] = rnd<T>(k2 * c2 + k1 * s2);
+  }
+  __syncthreads();
+}
 """
 
 # inputs: R, Y, PW, NW, W; outputs: out [N], rout [K or 1]. 128 threads, RPW rows per warp.
@@ -124,7 +152,7 @@ _GEMV = r"""
 
 # inputs: qkv, qw, kw, cs, sn, pos, Kc, Vc, kpos; outputs: z [H*HD], knew, vnew [HKV*HD]. One block per q head.
 _ATTN = r"""
-  constexpr int NT = 1024, NWARP = NT / 32, PL = HD_ / 32, HALF = HD_ / 2;
+  constexpr int NT = 1024, NWARP = NT / 32, PL = HD_ / 32;
   __shared__ float q[HD_], kn[HD_], vn[HD_];
   __shared__ float red[32], wm[NWARP], wl[NWARP];
   __shared__ float wacc[NWARP][HD_];
@@ -138,26 +166,7 @@ _ATTN = r"""
     vn[d] = static_cast<float>(qkv[(H_ + HKV_) * HD_ + kvh * HD_ + d]);
   }
   __syncthreads();
-  if (QKN_) {
-    float a = 0.f, b = 0.f;
-    for (int d = tid; d < HD_; d += NT) { a += q[d] * q[d]; b += kn[d] * kn[d]; }
-    const float qr = rsqrtf(block_sum<NT>(a, red) / HD_ + EPS_);
-    const float kr = rsqrtf(block_sum<NT>(b, red) / HD_ + EPS_);
-    for (int d = tid; d < HD_; d += NT) {
-      q[d] = rnd<T_>(q[d] * qr * static_cast<float>(qw[d]));
-      kn[d] = rnd<T_>(kn[d] * kr * static_cast<float>(kw[d]));
-    }
-    __syncthreads();
-  }
-  for (int d = tid; d < HALF; d += NT) {
-    const size_t r = (size_t)p * HD_;
-    const float c1 = static_cast<float>(cs[r + d]), c2 = static_cast<float>(cs[r + HALF + d]);
-    const float s1 = static_cast<float>(sn[r + d]), s2 = static_cast<float>(sn[r + HALF + d]);
-    const float x1 = q[d], x2 = q[d + HALF], k1 = kn[d], k2 = kn[d + HALF];
-    q[d] = rnd<T_>(x1 * c1 - x2 * s1); q[d + HALF] = rnd<T_>(x2 * c2 + x1 * s2);
-    kn[d] = rnd<T_>(k1 * c1 - k2 * s1); kn[d + HALF] = rnd<T_>(k2 * c2 + k1 * s2);
-  }
-  __syncthreads();
+  qk_norm_rope<T_, HD_, NT, QKN_ != 0>(q, kn, qw, kw, cs, sn, p, red, EPS_);
   if (h % G_ == 0) {
     for (int d = tid; d < HD_; d += NT) {
       knew[kvh * HD_ + d] = static_cast<T_>(kn[d]);

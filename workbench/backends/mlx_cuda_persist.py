@@ -176,7 +176,7 @@ __device__ __noinline__ void attn_phase(const T* qkv, const TQ* qw, const TQ* kw
                            const T* Vc_in, const TK* kpos_in, int S, int WIN, bool ring, float scale, float capa, float eps, int p, int nsplit,
                            int chunk, float* OP, float* MP, float* LP, int* cnt, T* z, float* sq, float* sk,
                            float* sv, float* red, float* wm, float* wl, float* wacc, int* flag, float* cbuf) {
-  constexpr int NTB = 256, NWARP = 8, G = H / HKV, HALF = HD / 2, PL = HD / 32;
+  constexpr int NTB = 256, NWARP = 8, G = H / HKV, PL = HD / 32;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int slot = p % S;
   T* Kc = const_cast<T*>(Kc_in);          // the cache, written in place (module doc)
@@ -191,26 +191,7 @@ __device__ __noinline__ void attn_phase(const T* qkv, const TQ* qw, const TQ* kw
       sv[d] = ldc(qkv + (H + HKV) * HD + kvh * HD + d);
     }
     __syncthreads();
-    if (QKN) {
-      float a = 0.f, b = 0.f;
-      for (int d = tid; d < HD; d += NTB) { a += sq[d] * sq[d]; b += sk[d] * sk[d]; }
-      const float qr = rsqrtf(block_sum<NTB>(a, red) / HD + eps);
-      const float kr = rsqrtf(block_sum<NTB>(b, red) / HD + eps);
-      for (int d = tid; d < HD; d += NTB) {
-        sq[d] = rnd<T>(sq[d] * qr * static_cast<float>(qw[d]));
-        sk[d] = rnd<T>(sk[d] * kr * static_cast<float>(kw[d]));
-      }
-      __syncthreads();
-    }
-    for (int d = tid; d < HALF; d += NTB) {
-      const size_t r = (size_t)p * HD;
-      const float c1 = static_cast<float>(cs[r + d]), c2 = static_cast<float>(cs[r + HALF + d]);
-      const float s1 = static_cast<float>(sn[r + d]), s2 = static_cast<float>(sn[r + HALF + d]);
-      const float x1 = sq[d], x2 = sq[d + HALF], k1 = sk[d], k2 = sk[d + HALF];
-      sq[d] = rnd<T>(x1 * c1 - x2 * s1); sq[d + HALF] = rnd<T>(x2 * c2 + x1 * s2);
-      sk[d] = rnd<T>(k1 * c1 - k2 * s1); sk[d + HALF] = rnd<T>(k2 * c2 + k1 * s2);
-    }
-    __syncthreads();
+    qk_norm_rope<T, HD, NTB, QKN>(sq, sk, qw, kw, cs, sn, p, red, eps);
     const size_t base = (size_t)kvh * S * HD;
     if (h % G == 0 && slot >= start && slot < lim) {     // this chunk holds the new slot: write it
       for (int d = tid; d < HD; d += NTB) {
