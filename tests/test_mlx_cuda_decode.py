@@ -177,9 +177,10 @@ def test_persistent_step_matches_generic_on_cuda(g270m, dtype):
         assert max(np.abs(a - b).max() / np.abs(b).max() for a, b in zip(caps[2], caps[1])) < 1e-5
 
 
-def test_five_kernel_attention_source_compiles(tmp_path):
-    """The five-kernel step's attention kernel (which shares the q/k norm + RoPE device function with the one-launch
-    step) compiles for sm_90 with nvcc, in bfloat16 with q/k norms and in float32 without."""
+def test_five_kernel_sources_compile(tmp_path):
+    """The five-kernel step's attention and product kernels (which share the q/k norm + RoPE and the product-output
+    device functions with the one-launch step) compile for sm_90 with nvcc: attention in bfloat16 with q/k norms and
+    in float32 without, the product as gate/up with the norm prologue and as the soft-capped head."""
     import shutil
     import subprocess
 
@@ -200,5 +201,19 @@ def test_five_kernel_attention_source_compiles(tmp_path):
         f = tmp_path / f"attn_{qkn}.cu"
         f.write_text(src)
         r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-c", str(f), "-o", str(tmp_path / "a.o")],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    for T, pair, cap in (("__nv_bfloat16", 1, "0.0f"), ("float", 0, "30.0f")):
+        ins = [f"const {T}* R", f"const {T}* Y", f"const {T}* PW", f"const {T}* NW", f"const {T}* W"]
+        outs = [f"{T}* out", f"{T}* rout"]
+        consts = (f"  using T_ = {T};\n  constexpr int K_ = 640, N_ = 2048, RPW_ = 2, HAS_NORM_ = 1, HAS_Y_ = 1, "
+                  f"POST_ = 1, WRITE_R_ = 1, PAIR_ = {pair};\n")
+        src = ('#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cuda/std/limits>\n#include <cstdint>\n'
+               + mk._HEADER + f"#define EPS_ 1e-6f\n#define CAP_ {cap}\n"
+               + "namespace mlx::core::cu {\n__global__ void k(" + ", ".join(ins + outs) + ") {\n" + consts
+               + mk._GEMV + "\n}\n}\n")
+        f = tmp_path / f"gemv_{pair}.cu"
+        f.write_text(src)
+        r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-c", str(f), "-o", str(tmp_path / "g.o")],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]

@@ -55,6 +55,17 @@ __device__ __forceinline__ void load8(const float* p, float* f) {
   f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
 }
 __device__ __forceinline__ float tanh_f(float x) { return tanhf(x); }
+// a product row's output from its sums: PAIR, GELU(gate) * up (s, s2 the gate and up sums); cap > 0, the softcap
+template <typename T, bool PAIR> __device__ __forceinline__ float gemv_out(float s, float s2, float cap) {
+  float y = s;
+  if (PAIR) {
+    float g = rnd<T>(s), u = rnd<T>(s2);
+    g = rnd<T>(0.5f * g * (1.f + tanh_f(0.7978845608028654f * (g + 0.044715f * g * g * g))));
+    y = g * u;
+  }
+  if (cap > 0.f) y = tanh_f(rnd<T>(y) / cap) * cap;
+  return y;
+}
 // the new token's q (one head) and k (its kv head) in shared memory: RMSNorm with their weights (QKN), then RoPE
 // from row p of the tables, rounded as the plain path rounds; all NT threads of the block take part
 template <typename T, int HD, int NT, bool QKN, typename TQ, typename TC>
@@ -137,16 +148,7 @@ _GEMV = r"""
       s2 = warp_sum(s2);
     }
     s = warp_sum(s);
-    if (lane == 0) {
-      float y = s;
-      if (PAIR_) {
-        float g = rnd<T_>(s), u = rnd<T_>(s2);
-        g = rnd<T_>(0.5f * g * (1.f + tanh_f(0.7978845608028654f * (g + 0.044715f * g * g * g))));
-        y = g * u;
-      }
-      if (CAP_ > 0.f) y = tanh_f(rnd<T_>(y) / CAP_) * CAP_;
-      out[n] = static_cast<T_>(y);
-    }
+    if (lane == 0) out[n] = static_cast<T_>(gemv_out<T_, PAIR_ != 0>(s, s2, CAP_));
   }
 """
 

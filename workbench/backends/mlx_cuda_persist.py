@@ -153,13 +153,7 @@ __device__ __noinline__ void gemv_rows(const TW* W, int N, const float* xs, T* o
       if (PAIR) s2 = warp_sum(s2);
       const int n = n0 + j;
       if (n < N) {
-        float y = s;
-        if (PAIR) {
-          float g = rnd<T>(s), u = rnd<T>(s2);
-          g = rnd<T>(0.5f * g * (1.f + tanh_f(0.7978845608028654f * (g + 0.044715f * g * g * g))));
-          y = g * u;
-        }
-        if (cap > 0.f) y = tanh_f(rnd<T>(y) / cap) * cap;
+        const float y = gemv_out<T, PAIR>(s, s2, cap);
         if (lane == 0) out[n] = static_cast<T>(y);
         if (ARG) {
           const float yv = rnd<T>(y);
