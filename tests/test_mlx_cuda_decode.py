@@ -83,6 +83,20 @@ def _wide_gemma3(tmp_path, dtype="bfloat16"):
     return out
 
 
+def _nvcc_ok(tmp_path, name: str, src: str) -> None:
+    """Compile src for sm_90 with nvcc (skips where the CUDA toolkit is missing); fails with nvcc's messages."""
+    import shutil
+    import subprocess
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc (the CUDA toolkit) is not installed: the kernel source can't be compiled here")
+    f = tmp_path / f"{name}.cu"
+    f.write_text(src)
+    r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-c", str(f), "-o", str(tmp_path / f"{name}.o")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 def _translation_unit(step, tok, pos) -> str:
     """The CUDA source MLX's cuda_kernel builds for this step (its generated signature: a const pointer per input in
     the array's type, a pointer per output), for compiling where there is no GPU."""
@@ -104,26 +118,16 @@ def _translation_unit(step, tok, pos) -> str:
 def test_persistent_kernel_source_compiles(tmp_path, dtype):
     """The generated one-launch kernel (every layer's phases and the head) compiles for sm_90 with nvcc — a syntax
     or type error in the source shows here, not first on a GPU."""
-    import shutil
-    import subprocess
-
     import mlx.core as mx
 
     from workbench.backends import mlx_cuda_persist as mp
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc (the CUDA toolkit) is not installed: the kernel source can't be compiled here")
     m = wb.load(_wide_gemma3(tmp_path, dtype), backend="mlx:cpu", dtype=dtype)
     c = m.new_cache(max_len=48)
     m.forward(np.array([[5, 6, 7]]), cache=c, last_only=True)
     c.begin_static()
     st = mp.MLXCudaPersistentStep(m.decode_plan(c), blocks=132)
     st._stamps = dtype == "float32"          # (the profiling variant too)
-    src = tmp_path / "k.cu"
-    src.write_text(_translation_unit(st, mx.array([[5]], dtype=mx.int32), mx.array([3], dtype=mx.int32)))
-    r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-c", str(src), "-o", str(tmp_path / "k.o")],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    _nvcc_ok(tmp_path, "k", _translation_unit(st, mx.array([[5]], dtype=mx.int32), mx.array([3], dtype=mx.int32)))
     # every layer's five phases end in a grid barrier
     assert st._source()[1].count("grid_sync(bar, gen, errf);") == 5 * m.config.num_hidden_layers
 
@@ -181,13 +185,7 @@ def test_five_kernel_sources_compile(tmp_path):
     """The five-kernel step's attention and product kernels (which share the q/k norm + RoPE and the product-output
     device functions with the one-launch step) compile for sm_90 with nvcc: attention in bfloat16 with q/k norms and
     in float32 without, the product as gate/up with the norm prologue and as the soft-capped head."""
-    import shutil
-    import subprocess
-
     from workbench.backends import mlx_cuda_decode as mk
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc (the CUDA toolkit) is not installed: the kernel source can't be compiled here")
     for T, qkn in (("__nv_bfloat16", 1), ("float", 0)):
         ins = [f"const {T}* qkv", "const float* qw", "const float* kw", f"const {T}* cs", f"const {T}* sn",
                "const int32_t* pos", f"const {T}* Kc", f"const {T}* Vc", "const int32_t* kpos"]
@@ -198,11 +196,7 @@ def test_five_kernel_sources_compile(tmp_path):
                + mk._HEADER + "#define EPS_ 1e-6f\n#define CAP_ 0.0f\n#define SCALE_ 0.0625f\n"
                + "namespace mlx::core::cu {\n__global__ void k(" + ", ".join(ins + outs) + ") {\n" + consts
                + mk._ATTN + "\n}\n}\n")
-        f = tmp_path / f"attn_{qkn}.cu"
-        f.write_text(src)
-        r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-c", str(f), "-o", str(tmp_path / "a.o")],
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
+        _nvcc_ok(tmp_path, f"attn_{qkn}", src)
     for T, pair, cap in (("__nv_bfloat16", 1, "0.0f"), ("float", 0, "30.0f")):
         ins = [f"const {T}* R", f"const {T}* Y", f"const {T}* PW", f"const {T}* NW", f"const {T}* W"]
         outs = [f"{T}* out", f"{T}* rout"]
@@ -212,8 +206,4 @@ def test_five_kernel_sources_compile(tmp_path):
                + mk._HEADER + f"#define EPS_ 1e-6f\n#define CAP_ {cap}\n"
                + "namespace mlx::core::cu {\n__global__ void k(" + ", ".join(ins + outs) + ") {\n" + consts
                + mk._GEMV + "\n}\n}\n")
-        f = tmp_path / f"gemv_{pair}.cu"
-        f.write_text(src)
-        r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-c", str(f), "-o", str(tmp_path / "g.o")],
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
+        _nvcc_ok(tmp_path, f"gemv_{pair}", src)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import statistics
 import sys
 
 import torch
@@ -35,6 +34,9 @@ try:
     from triton.language.extra.cuda import gdc_wait as _wait
 except Exception:  # pragma: no cover
     _go = _wait = None
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from sampler_bench import graph_us as _graph_us  # noqa: E402  (the same CUDA-graph timer)
 
 OUT = pathlib.Path(os.environ.get("OUT", "out"))
 LINES = []
@@ -99,25 +101,8 @@ def _persist_gemv(W, XA, XB, BAR, P, N, NPROG, K: tl.constexpr, BN: tl.constexpr
 
 
 def graph_us(fn, P, reps=20):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        ts.append(e0.elapsed_time(e1) * 1000.0 / P)
-    return statistics.median(ts)
+    """µs a phase: one call of fn (P phases) replayed from a CUDA graph (sampler_bench's timer), median of reps."""
+    return _graph_us(fn, inner=1, reps=reps) / P
 
 
 def main(argv=None) -> int:
